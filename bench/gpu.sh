@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The one GPU script: builds fastvlp, runs the CUDA tests (the solver's also under
+# compute-sanitizer), then every GPU benchmark; results land in bench/results/<gpu>/.
+# Where $OUT is set (the device machine), logs and results are copied there too.
+#
+#   bash bench/gpu.sh              # everything
+#   SKIP_SANITIZER=1 bash bench/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-}
+LOG_DIR=${OUT:-bench/results}/logs
+mkdir -p "$LOG_DIR"
+failures=()
+
+step() {  # step NAME COMMAND...: run, log, remember failures, keep going
+  local name=$1; shift
+  echo "=== $name"
+  if "$@" >"$LOG_DIR/$name.log" 2>&1; then
+    tail -n 25 "$LOG_DIR/$name.log"
+  else
+    tail -n 60 "$LOG_DIR/$name.log"; failures+=("$name")
+  fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+step build $PYTHON -m pip install --no-build-isolation --no-deps -e .
+$PYTHON -c "import fastvlp, torch; print(fastvlp.build_info()); print('torch', torch.__version__)"
+step cuda-tests $PYTHON -m pytest -q -m cuda tests
+if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null 2>&1; then
+  step sanitizer-memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PYTHON -m pytest -q -x tests/test_lsap_cuda.py
+  step sanitizer-racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PYTHON -m pytest -q -x -k "small or ragged" tests/test_lsap_cuda.py
+fi
+step bench-lsap $PYTHON -m fastvlp bench lsap --device cuda
+if $PYTHON -c "import fastvlp.bench.attention" 2>/dev/null; then
+  step bench-attention $PYTHON -m fastvlp bench attention
+fi
+
+device=$($PYTHON -c "from fastvlp.bench.common import device_name; print(device_name('cuda'))")
+if [ -n "$OUT" ] && [ -d "bench/results/$device" ]; then
+  mkdir -p "$OUT/results" && cp bench/results/"$device"/*.json bench/results/"$device"/*.md "$OUT/results/" 2>/dev/null
+fi
+echo "results: bench/results/$device/"
+if [ ${#failures[@]} -gt 0 ]; then echo "FAILED: ${failures[*]}"; exit 1; fi

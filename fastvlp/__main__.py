@@ -1,0 +1,3 @@
+from fastvlp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,269 @@
+"""Batched linear assignment against its peers, on the shapes of DETR-style set losses.
+
+CPU contenders (float32, each call on a fresh batch from a pool):
+scipy called per problem; lapx's ``lapjvr_batch`` with 1 and 2 threads; ``lap.lapjv``
+(lapx's copy) with ``extend_cost``, looped; the square-only ``lapjv`` looped over
+problems padded to square; fastvlp with 1 and 2 threads, and with every core where there are more.
+
+CUDA contenders (when a GPU is present): fastvlp's CUDA solver (device time, results
+left on the GPU), ``torch-linear-assignment``, ``torch-lap-cuda`` (padded to square),
+and DETR's path (``.cpu()`` then scipy per problem); plus one matcher call and the six
+matcher calls of a six-layer DETR step, fastvlp against DETR's host path.
+
+A peer that is not installed, or rejects a shape, is reported with the reason.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from fastvlp.bench.common import (
+    device_name, result_row, time_cuda_calls, time_host_calls, unavailable_row, write_results,
+)
+
+# (batch, rows, cols): queries x targets, as the matcher sees them.
+SHAPES: Tuple[Tuple[int, int, int], ...] = ((32, 100, 20), (64, 100, 50), (32, 100, 100), (32, 300, 100), (32, 900, 50))
+
+
+def shape_label(shape: Tuple[int, int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}x{shape[2]}"
+
+
+def make_pool(shape: Tuple[int, int, int], size: int, seed: int = 0) -> List[np.ndarray]:
+    """``size`` distinct float32 batches, so that no call can reuse another's input."""
+    generator = np.random.default_rng(seed)
+    return [generator.random(shape, dtype=np.float32) for _ in range(size)]
+
+
+def _solve_scipy_loop(batch: np.ndarray) -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    for matrix in batch:
+        linear_sum_assignment(matrix)
+
+
+def _cpu_contenders(max_threads: int) -> Dict[str, Optional[Callable[[np.ndarray], object]] | str]:
+    """name -> callable on a numpy batch, or the reason it is unavailable."""
+    from fastvlp.ops.lsap import batched_linear_sum_assignment
+
+    contenders: Dict[str, object] = {"scipy-loop": _solve_scipy_loop}
+    try:
+        import lap
+
+        for threads in (1, 2):
+            contenders[f"lapx-lapjvr_batch-{threads}t"] = (
+                lambda batch, threads=threads: lap.lapjvr_batch(batch, extend_cost=True, return_cost=False, n_threads=threads)
+            )
+        contenders["lap-lapjv-extend-loop"] = lambda batch: [lap.lapjv(m, extend_cost=True, return_cost=False) for m in batch]
+    except ImportError as error:
+        for name in ("lapx-lapjvr_batch-1t", "lapx-lapjvr_batch-2t", "lap-lapjv-extend-loop"):
+            contenders[name] = f"missing: {error}"
+    try:
+        from lapjv import lapjv as square_lapjv
+
+        def padded_loop(batch: np.ndarray) -> None:
+            side = max(batch.shape[1], batch.shape[2])
+            for matrix in batch:
+                # A constant pad keeps the optimum of the real rows and columns.
+                square = np.zeros((side, side), dtype=matrix.dtype)
+                square[: matrix.shape[0], : matrix.shape[1]] = matrix
+                square_lapjv(square)
+
+        contenders["lapjv-square-padded-loop"] = padded_loop
+    except ImportError as error:
+        contenders["lapjv-square-padded-loop"] = f"missing: {error}"
+    for threads in sorted({1, 2, max_threads}):
+        contenders[f"fastvlp-{threads}t"] = (
+            lambda batch, threads=threads: batched_linear_sum_assignment(torch.from_numpy(batch), num_threads=threads)
+        )
+    return contenders
+
+
+def _check_fastvlp_matches_scipy(batch: np.ndarray) -> bool:
+    """Total cost of every problem equals scipy's: a benchmark of a wrong solver is worthless."""
+    from scipy.optimize import linear_sum_assignment
+
+    from fastvlp.ops.lsap import batched_linear_sum_assignment
+
+    assignment = batched_linear_sum_assignment(torch.from_numpy(batch)).numpy()
+    for matrix, columns in zip(batch.astype(np.float64), assignment):
+        rows = np.flatnonzero(columns >= 0)
+        expected_rows, expected_cols = linear_sum_assignment(matrix)
+        if not np.isclose(matrix[rows, columns[rows]].sum(), matrix[expected_rows, expected_cols].sum(), rtol=1e-6):
+            return False
+    return True
+
+
+def run_cpu(shapes: Sequence[Tuple[int, int, int]] = SHAPES, repeats: int = 15, warmup: int = 3,
+            max_threads: Optional[int] = None, progress: bool = True) -> List[Dict[str, object]]:
+    max_threads = max_threads or os.cpu_count() or 1
+    rows: List[Dict[str, object]] = []
+    for shape in shapes:
+        pool = make_pool(shape, repeats + warmup)
+        label = shape_label(shape)
+        agrees = _check_fastvlp_matches_scipy(pool[0])
+        for name, contender in _cpu_contenders(max_threads).items():
+            if isinstance(contender, str):
+                rows.append(unavailable_row("lsap-cpu", name, label, contender))
+                continue
+            raw = time_host_calls(lambda index: contender(pool[index % len(pool)]), repeats, warmup)
+            extra = {"device": "cpu", "dtype": "float32"}
+            if name.startswith("fastvlp"):
+                extra["optimal"] = agrees
+            rows.append(result_row("lsap-cpu", name, label, raw, **extra))
+            if progress:
+                print(f"  {label:>12} {name:<26} {rows[-1]['median_ms']:9.3f} ms")
+    return rows
+
+
+def _cuda_pool(shape, size, device, seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [torch.rand(shape, generator=generator, device=device) for _ in range(size)]
+
+
+def _gpu_contenders() -> Dict[str, object]:
+    from fastvlp.ops.lsap import batched_linear_sum_assignment
+
+    contenders: Dict[str, object] = {
+        "fastvlp-cuda": lambda cost: batched_linear_sum_assignment(cost, check_finite=False),
+        "detr-host-scipy-loop": lambda cost: _solve_scipy_loop(cost.cpu().numpy()),
+    }
+    try:
+        from torch_linear_assignment import batch_linear_assignment
+
+        contenders["torch-linear-assignment"] = batch_linear_assignment
+    except ImportError as error:
+        contenders["torch-linear-assignment"] = f"missing: {error}"
+    try:
+        from torch_lap_cuda import solve_lap
+
+        def padded(cost: torch.Tensor):
+            side = max(cost.shape[1], cost.shape[2])
+            square = cost.new_zeros((cost.shape[0], side, side))
+            square[:, : cost.shape[1], : cost.shape[2]] = cost
+            return solve_lap(square)
+
+        contenders["torch-lap-cuda-square-padded"] = padded
+    except ImportError as error:
+        contenders["torch-lap-cuda-square-padded"] = f"missing: {error}"
+    return contenders
+
+
+def run_cuda(shapes: Sequence[Tuple[int, int, int]] = SHAPES, repeats: int = 30, warmup: int = 5,
+             progress: bool = True) -> List[Dict[str, object]]:
+    device = torch.device("cuda")
+    rows: List[Dict[str, object]] = []
+    for shape in shapes:
+        pool = _cuda_pool(shape, repeats + warmup, device)
+        label = shape_label(shape)
+        for name, contender in _gpu_contenders().items():
+            if isinstance(contender, str):
+                rows.append(unavailable_row("lsap-cuda", name, label, contender))
+                continue
+            try:
+                raw = time_cuda_calls(lambda index: contender(pool[index % len(pool)]), repeats, warmup)
+            except Exception as error:  # a peer that rejects the shape is reported, not dropped
+                rows.append(unavailable_row("lsap-cuda", name, label, f"rejected: {error}"))
+                continue
+            rows.append(result_row("lsap-cuda", name, label, raw, device="cuda", dtype="float32"))
+            if progress:
+                print(f"  {label:>12} {name:<30} {rows[-1]['median_ms']:9.3f} ms")
+    rows.extend(run_matcher_cuda(repeats=repeats, warmup=warmup, progress=progress))
+    return rows
+
+
+def _detr_outputs(batch: int, queries: int, classes: int, max_targets: int, layers: int, device, seed: int):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    counts = torch.randint(0, max_targets + 1, (batch,), generator=generator).tolist()
+    targets = [
+        {"labels": torch.randint(0, classes, (count,), generator=generator).to(device),
+         "boxes": torch.cat([torch.rand(count, 2, generator=generator) * 0.6 + 0.2,
+                             torch.rand(count, 2, generator=generator) * 0.3 + 0.05], dim=1).to(device)}
+        for count in counts
+    ]
+    layer_outputs = [
+        {"pred_logits": torch.randn(batch, queries, classes + 1, device=device),
+         "pred_boxes": torch.rand(batch, queries, 4, device=device) * 0.5 + 0.25}
+        for _ in range(layers)
+    ]
+    return layer_outputs, targets
+
+
+def run_matcher_cuda(batch: int = 32, queries: int = 100, classes: int = 1601, max_targets: int = 50,
+                     repeats: int = 30, warmup: int = 5, progress: bool = True) -> List[Dict[str, object]]:
+    """One matcher call, and the six calls of a six-layer step (final + five auxiliary)."""
+    from fastvlp.nn.matcher import HungarianMatcher
+
+    device = torch.device("cuda")
+    rows = []
+    pools = [_detr_outputs(batch, queries, classes, max_targets, 6, device, seed) for seed in range(4)]
+    for backend, check_finite in (("fastvlp", False), ("scipy", True)):
+        matcher = HungarianMatcher(1, 5, 2, backend=backend, check_finite=check_finite)
+        contender = f"matcher-{backend}" if backend == "fastvlp" else "matcher-detr-host-scipy"
+        for layers, name in ((1, "matcher-call"), (6, "matcher-six-layer-step")):
+            def call(index, layers=layers):
+                outputs, targets = pools[index % len(pools)]
+                for layer in outputs[:layers]:
+                    matcher(layer, targets)
+
+            raw = time_cuda_calls(call, repeats, warmup)
+            shape = f"B{batch}xQ{queries}xT<={max_targets}"
+            rows.append(result_row(name, contender, shape, raw, device="cuda", layers=layers))
+            if progress:
+                print(f"  {name:<24} {contender:<26} {rows[-1]['median_ms']:9.3f} ms")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastvlp bench lsap", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="cpu: CPU contenders only; cuda: GPU contenders only; all: both where a GPU exists")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+
+    if args.device in ("cpu", "all"):
+        print(f"lsap on the CPU ({device_name('cpu')}), float32, medians of {args.repeats}:")
+        rows = run_cpu(repeats=args.repeats, warmup=args.warmup)
+        path = write_results("lsap", rows, device_name("cpu"), args.out_dir, extra={"threads": os.cpu_count()})
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+        print(speedup_summary(rows))
+    if args.device in ("cuda", "all"):
+        if not torch.cuda.is_available():
+            if args.device == "cuda":
+                parser.error("--device cuda needs a CUDA GPU")
+            print("no CUDA GPU: skipped the CUDA contenders")
+            return 0
+        print(f"lsap on {device_name('cuda')}:")
+        rows = run_cuda(repeats=max(args.repeats, 30), warmup=max(args.warmup, 5))
+        path = write_results("lsap", rows, device_name("cuda"), args.out_dir)
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+def speedup_summary(rows: Sequence[Dict[str, object]]) -> str:
+    """fastvlp's speed-ups over scipy and lapx, shape by shape, from one run's rows."""
+    by_shape: Dict[str, Dict[str, float]] = {}
+    for row in rows:
+        if row["median_ms"] is not None:
+            by_shape.setdefault(row["shape"], {})[row["contender"]] = row["median_ms"]
+    lines = ["shape          vs scipy(1t)  vs lapx 1t  vs lapx 2t"]
+    for shape, times in by_shape.items():
+        one, two = times.get("fastvlp-1t"), times.get("fastvlp-2t")
+        def ratio(peer, ours):
+            return f"{times[peer] / ours:9.2f}x" if peer in times and ours else "        -"
+        lines.append(f"{shape:<14} {ratio('scipy-loop', one)}  {ratio('lapx-lapjvr_batch-1t', one)}"
+                     f"  {ratio('lapx-lapjvr_batch-2t', two)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

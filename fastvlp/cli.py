@@ -1,0 +1,59 @@
+"""The ``fastvlp`` command line: ``fastvlp bench ...`` and ``fastvlp data ...``."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, Optional, Sequence
+
+USAGE = """usage: fastvlp <command> [<args>]
+
+commands:
+  bench lsap        batched linear assignment against scipy, lapx, lap, lapjv (and the GPU peers)
+  bench attention   fused attention against nn.MultiheadAttention, SDPA, FlexAttention, xformers (GPU)
+  data synth        write the embedded synthetic data set in the published formats
+
+`fastvlp <command> <subcommand> --help` describes each one.
+"""
+
+
+def _bench_lsap(argv):
+    from fastvlp.bench.lsap import main
+
+    return main(argv)
+
+
+def _bench_attention(argv):
+    from fastvlp.bench.attention import main
+
+    return main(argv)
+
+
+def _data_synth(argv):
+    from fastvlp.data.synth.cli import main
+
+    return main(argv)
+
+
+COMMANDS: Dict[str, Dict[str, Callable[[Sequence[str]], int]]] = {
+    "bench": {"lsap": _bench_lsap, "attention": _bench_attention},
+    "data": {"synth": _data_synth},
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    group = COMMANDS.get(argv[0])
+    if group is None:
+        print(f"fastvlp: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if len(argv) < 2 or argv[1] not in group:
+        choices = ", ".join(group)
+        print(f"fastvlp {argv[0]}: expected one of: {choices}", file=sys.stderr)
+        return 2
+    return int(group[argv[1]](argv[2:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""VQA questions about a scene, with the answers chosen before the scene is drawn.
+
+`plan_questions` deals the answers from shuffled decks (every colour, every count 1..4, every
+(yes/no kind, answer) pair equally often), so no answer dominates the data set or a question type. Each
+image gets four questions: the colour of the one object of its kind, a count, the colour of a second
+single object, and a yes/no question (existence or a left/above relation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastvlp.data.synth.palette import COLOUR_NAMES, SHAPES, number_word, with_article
+from fastvlp.data.synth.scene import MAX_COUNTED, MIN_COUNTED, Scene, ScenePlan, is_above, is_left_of
+
+ANSWERS_PER_QUESTION = 10
+_YES_NO_DECK = (("existence", "yes"), ("existence", "no"), ("relation", "yes"), ("relation", "no"))
+
+
+@dataclass(frozen=True)
+class SynthQuestion:
+    question: str
+    question_type: str  # VQA's question prefix, e.g. "what color is the"
+    answer_type: str  # "yes/no", "number" or "other", as in VQA v2
+    answer: str
+
+
+@dataclass(frozen=True)
+class QuestionPlan:
+    scene: ScenePlan
+    yes_no_kind: str  # "existence" or "relation"
+    yes_no_answer: str  # "yes" or "no"
+
+
+class _Deck:
+    """Deals values from repeatedly shuffled copies of a list: balanced counts, random order."""
+
+    def __init__(self, rng: np.random.Generator, values: tuple) -> None:
+        self._rng, self._values, self._pending = rng, values, []
+
+    def deal(self):
+        if not self._pending:
+            self._pending = [self._values[i] for i in self._rng.permutation(len(self._values))]
+        return self._pending.pop()
+
+
+def plan_questions(rng: np.random.Generator, num_images: int) -> list[QuestionPlan]:
+    """Balanced answer plans for `num_images` images."""
+    if num_images < 0:
+        raise ValueError(f"num_images: expected >= 0, got {num_images}")
+    colours = _Deck(rng, COLOUR_NAMES)
+    counts = _Deck(rng, tuple(range(MIN_COUNTED, MAX_COUNTED + 1)))
+    yes_no = _Deck(rng, _YES_NO_DECK)
+    plans = []
+    for _ in range(num_images):
+        kind, answer = yes_no.deal()
+        plans.append(QuestionPlan(ScenePlan(colours.deal(), counts.deal()), kind, answer))
+    return plans
+
+
+def _existence(rng: np.random.Generator, scene: Scene, answer: str) -> SynthQuestion:
+    if answer == "yes":
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        colour, shape = obj.colour, obj.shape
+    else:
+        absent = [(c, s) for s in SHAPES for c in COLOUR_NAMES if scene.count(s, c) == 0]
+        colour, shape = absent[int(rng.integers(len(absent)))]
+    return SynthQuestion(f"Is there {with_article(f'{colour} {shape}')}?", "is there a", "yes/no", answer)
+
+
+def _relation(rng: np.random.Generator, scene: Scene, answer: str) -> SynthQuestion:
+    a, b = scene.only(scene.named_shape), scene.only(scene.partner_shape)
+    options = []
+    if is_left_of(a, b) or is_left_of(b, a):
+        first, second = (a, b) if is_left_of(a, b) else (b, a)
+        options.append(("to the left of", first, second))
+    if is_above(a, b) or is_above(b, a):
+        first, second = (a, b) if is_above(a, b) else (b, a)
+        options.append(("above", first, second))
+    # Non-overlapping boxes are separated along at least one axis, so `options` is never empty.
+    relation, first, second = options[int(rng.integers(len(options)))]
+    if answer == "no":
+        first, second = second, first
+    return SynthQuestion(f"Is the {first.shape} {relation} the {second.shape}?", "is the", "yes/no", answer)
+
+
+def ask_questions(rng: np.random.Generator, scene: Scene, plan: QuestionPlan) -> list[SynthQuestion]:
+    """The four questions of an image built from `plan`; every answer is read off the scene."""
+    named = scene.only(scene.named_shape)
+    partner = scene.only(scene.partner_shape)
+    counted = scene.count(scene.counted_shape)
+    count_forms = ("How many {}s are there?", "How many {}s are in the picture?", "How many {}s can you see?")
+    questions = [
+        SynthQuestion(f"What color is the {named.shape}?", "what color is the", "other", named.colour),
+        SynthQuestion(
+            count_forms[int(rng.integers(len(count_forms)))].format(scene.counted_shape),
+            "how many",
+            "number",
+            str(counted),
+        ),
+        SynthQuestion(f"What color is the {partner.shape}?", "what color is the", "other", partner.colour),
+    ]
+    make = _existence if plan.yes_no_kind == "existence" else _relation
+    questions.append(make(rng, scene, plan.yes_no_answer))
+    return questions
+
+
+def _noisy_answer(rng: np.random.Generator, answer: str, answer_type: str) -> str:
+    if answer_type == "yes/no":
+        return "no" if answer == "yes" else "yes"
+    if answer_type == "number":
+        value = int(answer)
+        if rng.random() < 0.5:
+            return number_word(value)  # the same answer, written out
+        return str(value + 1 if value == 0 or rng.random() < 0.5 else value - 1)
+    if rng.random() < 0.4:
+        return f"{'dark' if rng.random() < 0.5 else 'light'} {answer}"
+    others = [c for c in COLOUR_NAMES if c != answer]
+    return others[int(rng.integers(len(others)))]
+
+
+def annotator_answers(rng: np.random.Generator, answer: str, answer_type: str) -> list[dict]:
+    """Ten VQA-style answers: mostly `answer`, with up to three plausible deviations."""
+    num_noisy = int(rng.choice((0, 0, 0, 1, 1, 1, 2, 2, 3)))
+    noisy = set(int(i) for i in rng.choice(ANSWERS_PER_QUESTION, size=num_noisy, replace=False))
+    answers = []
+    for i in range(ANSWERS_PER_QUESTION):
+        if i in noisy:
+            text, confidence = _noisy_answer(rng, answer, answer_type), str(rng.choice(("maybe", "no", "yes")))
+        else:
+            text, confidence = answer, ("yes" if rng.random() < 0.9 else "maybe")
+        answers.append({"answer": text, "answer_confidence": confidence, "answer_id": i + 1})
+    return answers

@@ -1,0 +1,172 @@
+"""Image transforms with boxes carried along: DETR's scale augmentation (short side drawn from a set, long
+side capped), optional horizontal flip, ImageNet normalisation, boxes out as normalised (cx, cy, w, h)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAPER_SHORT_SIDES = tuple(range(480, 801, 32))
+TINY_SHORT_SIDES = (128, 144, 160, 176, 192)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Training short sides, the long-side cap and the evaluation short side."""
+
+    short_sides: tuple[int, ...] = PAPER_SHORT_SIDES
+    max_size: int = 1333
+    eval_short_side: int = 800
+
+    def __post_init__(self) -> None:
+        if not self.short_sides or any(not isinstance(s, int) or s < 1 for s in self.short_sides):
+            raise ValueError(f"short_sides: expected positive ints, got {self.short_sides!r}")
+        if not isinstance(self.max_size, int) or self.max_size < max(self.short_sides):
+            raise ValueError(f"max_size: expected an int >= the largest short side, got {self.max_size!r}")
+        if not isinstance(self.eval_short_side, int) or not 1 <= self.eval_short_side <= self.max_size:
+            raise ValueError(f"eval_short_side: expected an int in 1..max_size, got {self.eval_short_side!r}")
+
+
+SCALE_PRESETS = {
+    "paper": ScaleConfig(),
+    "tiny": ScaleConfig(short_sides=TINY_SHORT_SIDES, max_size=256, eval_short_side=160),
+}
+
+
+@dataclass
+class TransformedImage:
+    image: torch.Tensor  # [3, H, W] float32, normalised
+    boxes: torch.Tensor  # [N, 4] float32 (cx, cy, w, h) divided by (W, H, W, H)
+    size: tuple[int, int]  # (H, W) after resizing
+    original_size: tuple[int, int]  # (H, W) before
+    flipped: bool
+
+
+def resized_size(height: int, width: int, short_side: int, max_size: int | None) -> tuple[int, int]:
+    """(H, W) with the short side `short_side`, scaled down further if the long side would pass `max_size`."""
+    if min(height, width) < 1:
+        raise ValueError(f"height, width: expected positive sizes, got {height}x{width}")
+    scale = short_side / min(height, width)
+    if max_size is not None and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def xyxy_to_normalised_cxcywh(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    out = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    return out / torch.tensor([width, height, width, height], dtype=out.dtype)
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """'left' <-> 'right' (keeping the case of the first letter), for text that goes with a flipped image."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+
+    def swap(match: re.Match) -> str:
+        word = "right" if match.group(0).lower() == "left" else "left"
+        return word.capitalize() if match.group(0)[0].isupper() else word
+
+    return _LEFT_RIGHT.sub(swap, text)
+
+
+class ImageTransform:
+    """Resize (short side drawn uniformly from `short_sides`), optionally flip, normalise; boxes follow.
+
+    Call with a PIL image (or a uint8 [3, H, W] tensor) and optional boxes [N, 4] as absolute (x0, y0, x1, y1)
+    pixels of the input; boxes are clipped to the image. Randomness comes from torch's generator
+    (`generator`, else the global one), so DataLoader worker seeding applies.
+    """
+
+    def __init__(
+        self,
+        short_sides: Sequence[int],
+        max_size: int | None,
+        horizontal_flip: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        short_sides = tuple(short_sides)
+        if not short_sides or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in short_sides):
+            raise ValueError(f"short_sides: expected positive ints, got {short_sides!r}")
+        if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
+            raise ValueError(f"max_size: expected a positive int or None, got {max_size!r}")
+        self.short_sides, self.max_size, self.horizontal_flip = short_sides, max_size, bool(horizontal_flip)
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(
+        self, image, boxes: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> TransformedImage:
+        if isinstance(image, Image.Image):
+            pixels = F.pil_to_tensor(image.convert("RGB"))
+        elif (
+            isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3 and image.dtype == torch.uint8
+        ):
+            pixels = image
+        else:
+            raise TypeError("image: expected a PIL image or a uint8 tensor [3, H, W]")
+        height, width = pixels.shape[-2:]
+        if boxes is None:
+            boxes = torch.zeros(0, 4)
+        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(
+                f"boxes: expected a tensor [N, 4] of (x0, y0, x1, y1), got {getattr(boxes, 'shape', boxes)}"
+            )
+        boxes = boxes.to(torch.float32)
+
+        pick = int(torch.randint(len(self.short_sides), (1,), generator=generator))
+        new_h, new_w = resized_size(height, width, self.short_sides[pick], self.max_size)
+        pixels = F.resize(pixels, [new_h, new_w], antialias=True)
+        scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
+        boxes = boxes * scale
+        boxes = torch.stack(
+            [
+                boxes[:, 0].clamp(0, new_w),
+                boxes[:, 1].clamp(0, new_h),
+                boxes[:, 2].clamp(0, new_w),
+                boxes[:, 3].clamp(0, new_h),
+            ],
+            dim=1,
+        )
+
+        flipped = self.horizontal_flip and bool(torch.rand((), generator=generator) < 0.5)
+        if flipped:
+            pixels = F.horizontal_flip(pixels)
+            boxes = torch.stack([new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], dim=1)
+
+        tensor = F.normalize(F.to_dtype(pixels, torch.float32, scale=True), self.mean, self.std)
+        return TransformedImage(
+            tensor, xyxy_to_normalised_cxcywh(boxes, new_h, new_w), (new_h, new_w), (height, width), flipped
+        )
+
+
+def train_transform(config: ScaleConfig | str = "paper", horizontal_flip: bool = False) -> ImageTransform:
+    """Scale augmentation of `config` (a ScaleConfig or a preset name: 'paper', 'tiny'). Flips are off by
+    default because captions speak of left and right; with flips on, pass the text through
+    `swap_left_right` when `flipped` is True."""
+    config = _config(config)
+    return ImageTransform(config.short_sides, config.max_size, horizontal_flip=horizontal_flip)
+
+
+def eval_transform(config: ScaleConfig | str = "paper") -> ImageTransform:
+    """A fixed short side (`config.eval_short_side`) under the same long-side cap, no flip."""
+    config = _config(config)
+    return ImageTransform((config.eval_short_side,), config.max_size)
+
+
+def _config(config: ScaleConfig | str) -> ScaleConfig:
+    if isinstance(config, ScaleConfig):
+        return config
+    if isinstance(config, str) and config in SCALE_PRESETS:
+        return SCALE_PRESETS[config]
+    raise ValueError(f"config: expected a ScaleConfig or one of {sorted(SCALE_PRESETS)}, got {config!r}")

@@ -1,0 +1,131 @@
+"""``torch.library`` registration of fused attention, so autograd and
+``torch.compile(fullgraph=True)`` see one opaque operator per direction.
+
+``fastvlp::attention_forward`` returns ``(out, lse)``; ``fastvlp::attention_backward``
+returns ``(dq, dk, dv)``. Both take a ``backend`` string ("triton" or "reference"),
+chosen beforehand by :func:`fastvlp.ops.fmha.dispatch.select_backend`. Dropout is
+described by a seed tensor (see ``dropout_rng.py``), never by a stored mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dropout_rng import dropout_keep_mask_torch
+from .reference import attention_reference
+from .reference_backward import attention_backward_reference
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_outputs(q: torch.Tensor, v: torch.Tensor):
+    batch, query_length, heads, _ = q.shape
+    out = q.new_empty(batch, query_length, heads, v.shape[-1])
+    lse = torch.empty(batch, heads, query_length, dtype=_lse_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+def _reference_keep(seed, q, k, dropout_p):
+    if dropout_p <= 0.0:
+        return None
+    batch, query_length, heads, _ = q.shape
+    return dropout_keep_mask_torch(seed, batch, heads, query_length, k.shape[1], dropout_p)
+
+
+@torch.library.custom_op("fastvlp::attention_forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    dropout_seed: Optional[torch.Tensor],
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+    backend: str,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _empty_outputs(q, v)
+    if out.numel() == 0 or k.shape[1] == 0:
+        # No keys at all: every row is fully masked.
+        return out.zero_(), lse.fill_(float("-inf"))
+    if backend == "triton":
+        from .forward_kernel import attention_forward_triton
+
+        return attention_forward_triton(
+            q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, allow_tf32, out, lse
+        )
+    keep = _reference_keep(dropout_seed, q, k, dropout_p)
+    ref_out, ref_lse = attention_reference(
+        q, k, v, key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
+        scale=scale, dropout_keep=keep, return_lse=True,
+    )
+    out.copy_(ref_out)
+    lse.copy_(ref_lse)
+    return out, lse
+
+
+@attention_forward.register_fake
+def _(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32):
+    return _empty_outputs(q, v)
+
+
+@torch.library.custom_op("fastvlp::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    dropout_seed: Optional[torch.Tensor],
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+    backend: str,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if backend == "triton":
+        from .backward_kernels import attention_backward_triton
+
+        return attention_backward_triton(
+            grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, allow_tf32
+        )
+    keep = _reference_keep(dropout_seed, q, k, dropout_p)
+    grads = attention_backward_reference(
+        grad_out, q, k, v, out, lse, key_padding_mask=key_padding_mask, causal=causal,
+        dropout_p=dropout_p, dropout_keep=keep, scale=scale,
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+        k, memory_format=torch.contiguous_format
+    ), torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32 = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, dropout_seed)
+    ctx.options = (causal, dropout_p, scale, backend, allow_tf32)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, dropout_seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = torch.ops.fastvlp.attention_backward(
+        grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, *ctx.options
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)

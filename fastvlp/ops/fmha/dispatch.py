@@ -1,0 +1,206 @@
+"""Public entry point of fused attention: validation, backend choice, the op call."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import custom_op  # noqa: F401  (registers torch.ops.fastvlp.attention_*)
+from .dropout_rng import draw_dropout_seed
+
+BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which implementation a call runs (``"triton"`` or ``"reference"``), and for
+    every backend not chosen, why not."""
+
+    backend: str
+    reasons: dict = field(default_factory=dict)
+
+
+def _triton_available() -> Optional[str]:
+    """None if Triton imports, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton kernels defined from now on run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_unsupported(q: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take this call, or None if they can."""
+    if q.dtype == torch.float64:
+        return "float64 inputs are computed by the reference (the kernels take float16, bfloat16 and float32)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not supported by the kernels (float16, bfloat16, float32)"
+    if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} exceeds the kernels' maximum of {MAX_KERNEL_HEAD_DIM}"
+    missing = _triton_available()
+    if missing:
+        return missing
+    if q.device.type == "cuda":
+        return None
+    if q.device.type != "cpu":
+        return f"device type {q.device.type!r} has no Triton kernels here"
+    if not interpreter_enabled():
+        return (
+            "CPU tensors run the kernels only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before fastvlp's kernels are imported"
+        )
+    from .kernel_config import kernels_interpreted
+
+    if not kernels_interpreted():
+        return (
+            "TRITON_INTERPRET=1 was set after fastvlp's kernels were compiled for the GPU; set it before "
+            "importing fastvlp.ops.fmha kernels (e.g. at process start)"
+        )
+    if q.dtype == torch.bfloat16:
+        return "bfloat16 dot products are wrong in Triton's CPU interpreter; use float16/float32 or a GPU"
+    return None
+
+
+def select_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> BackendChoice:
+    """Say which implementation :func:`attention` would run for these arguments.
+
+    ``"auto"`` takes the Triton kernels for CUDA tensors they support and the
+    reference otherwise (CPU tensors, float64, head_dim > 128, no Triton).
+    ``"triton"`` forces the kernels (in Triton's interpreter for CPU tensors) and
+    raises ``RuntimeError`` with the reason when they cannot run the call.
+    ``"reference"`` forces the plain PyTorch implementation.
+    """
+    _validate(q, k, v, key_padding_mask, causal, dropout_p, None, backend, False)
+    return _select(q, backend)
+
+
+def _select(q: torch.Tensor, backend: str) -> BackendChoice:
+    if backend == "reference":
+        return BackendChoice("reference", {"triton": "backend='reference' was requested"})
+    problem = _triton_unsupported(q)
+    if backend == "triton":
+        if problem:
+            raise RuntimeError(f"backend='triton' cannot run this call: {problem}")
+        return BackendChoice("triton", {"reference": "backend='triton' was requested"})
+    if problem is None and q.device.type != "cuda":
+        problem = "auto runs CPU tensors on the reference (pass backend='triton' for the interpreter)"
+    if problem:
+        return BackendChoice("reference", {"triton": problem})
+    return BackendChoice(
+        "triton", {"reference": "the Triton kernels support this call and never materialise the score matrix"}
+    )
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor [batch, length, heads, head_dim], got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+
+
+def _validate(q, k, v, key_padding_mask, causal, dropout_p, scale, backend, allow_tf32) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+        if t.shape[0] != q.shape[0] or t.shape[2] != q.shape[2] or t.shape[3] != q.shape[3]:
+            raise ValueError(
+                f"{name}: expected shape [{q.shape[0]}, Lk, {q.shape[2]}, {q.shape[3]}] matching q's batch, heads "
+                f"and head_dim, got {tuple(t.shape)}"
+            )
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"v: expected the same length as k ({k.shape[1]}), got {v.shape[1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q: head_dim must be positive")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask: expected a bool tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = ignore), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[1]):
+            raise ValueError(
+                f"key_padding_mask: expected shape [batch, Lk] = [{k.shape[0]}, {k.shape[1]}], "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask: expected device {q.device} like q, got {key_padding_mask.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= dropout_p < 1, got {dropout_p}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite number, got {scale}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32: expected bool, got {type(allow_tf32).__name__}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """Softmax attention ``softmax(scale * q k^T) v`` on ``[B, L, H, D]`` tensors.
+
+    Args:
+        q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, H, D]``. Any strides (views of a packed
+            QKV projection are read in place). float16, bfloat16, float32 or float64.
+        key_padding_mask: bool ``[B, Lk]``, True = ignore that key (anywhere in the row).
+        causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (aligned bottom-right).
+        dropout_p: probability of dropping an attention probability; applied whenever
+            it is > 0 (pass 0.0 in evaluation). Reproducible under ``torch.manual_seed``.
+        scale: score scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``; see :func:`select_backend`.
+        allow_tf32: let float32 inputs use TF32 tensor cores in the kernels (faster,
+            about 1e-3 relative error); otherwise float32 is computed to float32 accuracy.
+
+    Returns:
+        ``[B, Lq, H, D]`` in q's dtype. Queries with no visible key give zeros (and zero
+        gradients). Differentiable with respect to q, k and v.
+    """
+    _validate(q, k, v, key_padding_mask, causal, dropout_p, scale, backend, allow_tf32)
+    choice = _select(q, backend)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    dropout_seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
+    out, _ = torch.ops.fastvlp.attention_forward(
+        q, k, v, key_padding_mask, dropout_seed, causal, float(dropout_p), float(scale), choice.backend, allow_tf32
+    )
+    return out

@@ -1,0 +1,105 @@
+"""Launch configuration shared by the attention kernels: length buckets for the
+autotune key, the candidate block shapes, and interpreter detection.
+
+Sequence lengths are runtime (``do_not_specialize``) arguments and the autotune
+key sees only their bucket, so a stream of varying lengths compiles and tunes a
+small bounded set of variants rather than one per length.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+# Read when the kernels are defined: triton.jit picks the interpreter at decoration time.
+INTERPRETED = (
+    bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
+    else os.environ.get("TRITON_INTERPRET", "0") == "1"
+)
+
+MIN_BUCKET = 16
+MAX_BUCKET = 16384
+
+
+def length_bucket(length: int) -> int:
+    """Next power of two of ``length``, clipped to [16, 16384]: the autotune key."""
+    return min(max(triton.next_power_of_2(max(int(length), 1)), MIN_BUCKET), MAX_BUCKET)
+
+
+def head_dim_block(head_dim: int) -> int:
+    """Head dims are padded (with masked loads) to a power of two of at least 16, the
+    smallest tile a tensor-core dot accepts."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype, allow_tf32: bool) -> str:
+    """``ieee`` keeps float32 dots float32-accurate; ``tf32`` trades that for tensor
+    cores (and is Triton's default, which half-precision operands ignore)."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels were defined under ``TRITON_INTERPRET=1`` (they run on CPU)."""
+    from .forward_kernel import attention_forward_kernel
+
+    return type(attention_forward_kernel.fn).__name__ == "InterpretedFunction"
+
+
+def _config(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Interpreter: one small config (no tuning), so that tests with odd lengths cross
+# several blocks and stay fast.
+_INTERPRETER_CONFIGS = [_config(32, 32, 1, 1)]
+
+# H100 candidates. Head dim 32 is bound by the exponentials, so wide query tiles
+# (fewer rescales per key) and 4 warps; long key loops want 3 pipeline stages.
+_FORWARD_CONFIGS = [
+    _config(128, 64, 4, 3),
+    _config(128, 32, 4, 3),
+    _config(64, 64, 4, 3),
+    _config(64, 32, 4, 2),
+    _config(128, 64, 8, 3),
+    _config(128, 128, 8, 2),
+]
+
+# Backward kernels: BLOCK_M is the tile along queries, BLOCK_N along keys in both
+# the dK/dV kernel (outer loop over keys) and the dQ kernel (outer loop over queries).
+_BACKWARD_CONFIGS = [
+    _config(64, 64, 4, 2),
+    _config(32, 64, 4, 2),
+    _config(64, 128, 8, 2),
+    _config(128, 64, 8, 2),
+    _config(32, 32, 4, 1),
+]
+
+
+def forward_configs():
+    return _INTERPRETER_CONFIGS if INTERPRETED else _FORWARD_CONFIGS
+
+
+def backward_configs():
+    return _INTERPRETER_CONFIGS if INTERPRETED else _BACKWARD_CONFIGS
+
+
+def prune_by_length(configs, named_args, **kwargs):
+    """Drop tiles much larger than the sequences (short decoder calls are launch
+    bound, and a 128-row tile over 40 queries is mostly padding). float32 with
+    ``ieee`` dots runs on CUDA cores, where big tiles only spill and compile slowly,
+    so it keeps the two smallest tiles."""
+
+    def argument(name):
+        return named_args[name] if name in named_args else kwargs[name]
+
+    query_bucket, key_bucket = argument("LQ_BUCKET"), argument("LK_BUCKET")
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] <= max(query_bucket, 32) and c.kwargs["BLOCK_N"] <= max(key_bucket, 32)
+    ]
+    by_area = sorted(kept or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    if argument("DOT_PRECISION") == "ieee":
+        return by_area[:2]
+    return kept or by_area[:1]

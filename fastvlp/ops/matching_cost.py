@@ -1,0 +1,67 @@
+"""DETR's matching cost, built for a whole batch at once on padded targets."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from fastvlp.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+def pad_targets(
+    labels: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack ragged per-image targets into ``[B, T]`` labels and ``[B, T, 4]`` cxcywh boxes,
+    padded to the largest ``T`` in the batch (not the sum), and the ``[B]`` target counts.
+
+    Padding boxes are ``(0.5, 0.5, 0.5, 0.5)``, a valid box, so that no NaN is computed
+    even outside the extent the solver reads.
+    """
+    counts = torch.tensor([len(item) for item in labels], dtype=torch.int64)
+    if len(labels) == 0:
+        return (torch.zeros((0, 0), dtype=torch.int64, device=device),
+                torch.zeros((0, 0, 4), device=device), counts.to(device))
+    padded_labels = pad_sequence([item.to(device, torch.int64) for item in labels], batch_first=True)
+    padded_boxes = pad_sequence(
+        [item.to(device).reshape(-1, 4) for item in boxes], batch_first=True, padding_value=0.5
+    )
+    return padded_labels, padded_boxes, counts.to(device)
+
+
+def matching_cost(
+    pred_logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    target_labels: torch.Tensor,
+    target_boxes: torch.Tensor,
+    cost_class: float = 1.0,
+    cost_bbox: float = 1.0,
+    cost_giou: float = 1.0,
+) -> torch.Tensor:
+    """``[B, Q, T]`` float32 cost between predictions and (padded) targets.
+
+    ``cost_class * -p(label) + cost_bbox * L1(cxcywh) + cost_giou * -GIoU``, as DETR
+    defines it, computed in float32 even under autocast: a bf16 cost would reorder
+    near-tied matches from one step to the next.
+    """
+    if pred_logits.dim() != 3:
+        raise ValueError(f"pred_logits must be [B, Q, C], got {list(pred_logits.shape)}")
+    if pred_boxes.shape != (*pred_logits.shape[:2], 4):
+        raise ValueError(f"pred_boxes must be [B, Q, 4] matching pred_logits, got {list(pred_boxes.shape)}")
+    if target_labels.dim() != 2 or target_boxes.shape != (*target_labels.shape, 4):
+        raise ValueError(
+            f"target_labels must be [B, T] and target_boxes [B, T, 4], got {list(target_labels.shape)} "
+            f"and {list(target_boxes.shape)}"
+        )
+    with torch.autocast(device_type=pred_logits.device.type, enabled=False):
+        probabilities = pred_logits.float().softmax(-1)
+        index = target_labels[:, None, :].expand(-1, probabilities.shape[1], -1)
+        class_cost = -probabilities.gather(2, index)
+        predicted = pred_boxes.float()
+        targets = target_boxes.float()
+        bbox_cost = torch.cdist(predicted, targets, p=1) if targets.shape[1] else predicted.new_zeros(class_cost.shape)
+        # Validating boxes reads the data: free on the CPU, a host sync on CUDA.
+        giou_cost = -generalized_box_iou(
+            box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(targets), check_degenerate=predicted.device.type == "cpu"
+        )
+        return cost_bbox * bbox_cost + cost_class * class_cost + cost_giou * giou_cost

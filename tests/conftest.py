@@ -1,0 +1,24 @@
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be chosen
+# before triton is first imported by any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

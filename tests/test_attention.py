@@ -1,0 +1,427 @@
+"""Fused attention (fastvlp.ops.fmha) against the float64 reference.
+
+Without a GPU the Triton kernels run in Triton's interpreter, which must be
+switched on before the kernels are defined, hence the environment line first.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from fastvlp.ops.fmha.dispatch import BackendChoice, attention, select_backend  # noqa: E402
+from fastvlp.ops.fmha.dropout_rng import draw_dropout_seed, dropout_keep_mask_torch  # noqa: E402
+from fastvlp.ops.fmha.reference import attention_reference  # noqa: E402
+from fastvlp.ops.fmha.reference_backward import attention_backward_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+def _kernels_runnable():
+    if DEVICE == "cuda":
+        return True
+    from fastvlp.ops.fmha.kernel_config import kernels_interpreted
+
+    return kernels_interpreted()
+
+
+pytestmark = pytest.mark.skipif(
+    not _kernels_runnable(),
+    reason="fastvlp's Triton kernels were imported before TRITON_INTERPRET=1 was set; run this file on its own",
+)
+
+
+def _inputs(batch, query_length, key_length, heads, head_dim, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(length):
+        return torch.randn(batch, length, heads, head_dim, generator=generator).to(DEVICE, dtype)
+
+    return draw(query_length), draw(key_length), draw(key_length)
+
+
+def _padding(kind, batch, key_length, seed=1):
+    """Bool [B, Lk] (True = ignore) of the named pattern."""
+    if kind is None:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, key_length, dtype=torch.bool)
+    if kind == "interleaved":
+        # 2-D image padding flattened: the last columns of every row are padding.
+        width = 9
+        columns = torch.arange(key_length) % width
+        for b in range(batch):
+            mask[b] = columns >= width - 2 - b
+    elif kind == "tail":
+        for b in range(batch):
+            mask[b, key_length - 5 - 11 * b:] = True
+    elif kind == "random":
+        mask = torch.rand(batch, key_length, generator=generator) < 0.4
+    elif kind == "one_row_empty":
+        mask = torch.rand(batch, key_length, generator=generator) < 0.3
+        mask[-1] = True
+    return mask.to(DEVICE)
+
+
+def _relative_error(actual, expected):
+    scale = expected.abs().max().clamp_min(1e-6)
+    return ((actual.double() - expected).abs().max() / scale).item()
+
+
+def _run(q, k, v, backend="triton", **kwargs):
+    """Output and (dq, dk, dv) for a fixed random output gradient."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, backend=backend, **kwargs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads
+
+
+def _run_reference(q, k, v, **kwargs):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = attention_reference(q, k, v, **kwargs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device, torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads
+
+
+def _assert_matches(q, k, v, check_backward=True, **kwargs):
+    tolerance = TOLERANCE[q.dtype]
+    if check_backward:
+        out, grads = _run(q, k, v, **kwargs)
+        expected_out, expected_grads = _run_reference(q, k, v, **kwargs)
+    else:
+        out = attention(q, k, v, backend="triton", **kwargs)
+        expected_out = attention_reference(q.double(), k.double(), v.double(), **kwargs)
+    assert out.dtype == q.dtype and out.shape == expected_out.shape
+    assert torch.isfinite(out).all()
+    assert _relative_error(out, expected_out) < tolerance
+    if check_backward:
+        for name, grad, expected in zip("qkv", grads, expected_grads):
+            assert torch.isfinite(grad).all(), name
+            assert _relative_error(grad, expected) < tolerance, name
+        return out, grads
+    return out, None
+
+
+CASES = {
+    # name: (Lq, Lk, padding, causal)
+    "odd_lengths": (37, 53, None, False),
+    "interleaved_padding": (29, 45, "interleaved", False),
+    "tail_padding": (21, 50, "tail", False),
+    "empty_batch_row": (19, 34, "one_row_empty", False),
+    "causal_short_queries": (37, 101, None, True),
+    "causal_more_queries_than_keys": (40, 24, "random", True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_match_reference(case, dtype):
+    query_length, key_length, padding, causal = CASES[case]
+    q, k, v = _inputs(2, query_length, key_length, 2, 32, dtype)
+    mask = _padding(padding, 2, key_length)
+    out, grads = _assert_matches(q, k, v, key_padding_mask=mask, causal=causal)
+
+    # Queries that see no key give exact zeros and zero gradients.
+    visible = torch.ones(2, query_length, key_length, dtype=torch.bool, device=DEVICE)
+    if mask is not None:
+        visible &= ~mask[:, None, :]
+    if causal:
+        rows = torch.arange(query_length, device=DEVICE)[:, None]
+        visible &= torch.arange(key_length, device=DEVICE)[None, :] <= rows + key_length - query_length
+    empty_rows = ~visible.any(-1)  # [B, Lq]
+    if case in ("empty_batch_row", "causal_more_queries_than_keys"):
+        assert empty_rows.any()
+    assert (out[empty_rows] == 0).all()
+    assert (grads[0][empty_rows] == 0).all()
+    if mask is not None:
+        # Padded keys receive no gradient.
+        assert (grads[1][mask] == 0).all() and (grads[2][mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("head_dim", [16, 48, 64, 128])
+def test_head_dims_forward(head_dim, dtype):
+    q, k, v = _inputs(1, 23, 41, 2, head_dim, dtype, seed=head_dim)
+    _assert_matches(q, k, v, key_padding_mask=_padding("random", 1, 41), check_backward=False)
+
+
+@pytest.mark.parametrize("head_dim", [16, 80])
+def test_head_dims_backward(head_dim):
+    q, k, v = _inputs(1, 19, 35, 2, head_dim, torch.float32, seed=head_dim)
+    _assert_matches(q, k, v, key_padding_mask=_padding("random", 1, 35), causal=True)
+
+
+def test_large_scores_and_ties():
+    # Scores of several hundred stress the running max; repeated keys create exact ties.
+    q, k, v = _inputs(1, 20, 33, 1, 32, torch.float32, seed=3)
+    q = q * 12.0
+    k[:, 10:20] = k[:, 0:1]
+    _assert_matches(q, k, v)
+
+
+def test_explicit_scale():
+    q, k, v = _inputs(1, 18, 27, 2, 32, torch.float32, seed=4)
+    _assert_matches(q, k, v, scale=0.37, causal=True)
+
+
+def test_lse_matches_reference():
+    q, k, v = _inputs(2, 30, 20, 2, 32, torch.float32, seed=6)
+    mask = _padding("one_row_empty", 2, 20)
+    out, lse = torch.ops.fastvlp.attention_forward(q, k, v, mask, None, True, 0.0, 32**-0.5, "triton", False)
+    _, expected = attention_reference(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=True,
+                                      return_lse=True)
+    finite = torch.isfinite(expected)
+    assert (~finite).any()
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] == float("-inf")).all()
+    torch.testing.assert_close(lse[finite].double(), expected[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_strided_views_of_packed_projections():
+    """q, k, v as slices of packed [B, L, 3, H, D] / [B, L, 2, H, D] projections."""
+    batch, query_length, key_length, heads, head_dim = 2, 26, 39, 2, 32
+    generator = torch.Generator().manual_seed(8)
+    packed_qkv = torch.randn(batch, query_length, 3, heads, head_dim, generator=generator).to(DEVICE)
+    packed_kv = torch.randn(batch, key_length, 2, heads, head_dim, generator=generator).to(DEVICE)
+    mask = _padding("interleaved", batch, query_length)
+    q, k, v = packed_qkv.unbind(2)
+    assert not q.is_contiguous()
+    _assert_matches(q, k, v, key_padding_mask=mask)
+
+    # Gradients flow back into the packed tensor, matching the contiguous computation.
+    packed = packed_qkv.clone().requires_grad_()
+    out = attention(*packed.unbind(2), key_padding_mask=mask, backend="triton")
+    grad_out = torch.randn(out.shape, generator=generator).to(DEVICE)
+    (grad_packed,) = torch.autograd.grad(out, packed, grad_out)
+    qd, kd, vd = (t.double().requires_grad_() for t in packed_qkv.unbind(2))
+    expected = torch.autograd.grad(attention_reference(qd, kd, vd, key_padding_mask=mask), (qd, kd, vd),
+                                   grad_out.double())
+    assert _relative_error(grad_packed, torch.stack(expected, 2)) < TOLERANCE[torch.float32]
+
+    # Cross-attention with k, v from a packed KV projection and a transposed q.
+    q_t = torch.randn(batch, heads, query_length, head_dim, generator=generator).to(DEVICE).transpose(1, 2)
+    _assert_matches(q_t, *packed_kv.unbind(2), causal=True)
+
+
+def test_backward_is_deterministic():
+    q, k, v = _inputs(1, 33, 47, 2, 32, torch.float16, seed=9)
+    mask = _padding("random", 1, 47)
+    torch.manual_seed(0)
+    _, first = _run(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    torch.manual_seed(0)
+    _, second = _run(q, k, v, key_padding_mask=mask, dropout_p=0.2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_dropout_is_reproducible_and_seeded():
+    q, k, v = _inputs(2, 25, 31, 2, 32, torch.float32, seed=10)
+    outputs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outputs.append(attention(q, k, v, dropout_p=0.3, backend="triton"))
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.allclose(outputs[0], outputs[2])
+    no_dropout = attention(q, k, v, backend="triton")
+    assert not torch.allclose(outputs[0], no_dropout)
+
+
+def test_dropout_keep_mask_kernel_matches_torch_replica():
+    from fastvlp.ops.fmha.triton_rng import dropout_keep_mask
+
+    torch.manual_seed(11)
+    seed = draw_dropout_seed(DEVICE)
+    keep = dropout_keep_mask(seed, 2, 3, 37, 51, 0.25)
+    assert keep.dtype == torch.bool and keep.shape == (2, 3, 37, 51)
+    assert torch.equal(keep, dropout_keep_mask_torch(seed, 2, 3, 37, 51, 0.25))
+    assert abs(keep.double().mean().item() - 0.75) < 0.02
+    # Different (batch, head) pairs and rows draw different masks.
+    assert not torch.equal(keep[0, 0], keep[1, 2])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_forward_backward_match_reference_with_kernel_mask(causal):
+    from fastvlp.ops.fmha.triton_rng import dropout_keep_mask
+
+    batch, query_length, key_length, heads, p = 2, 27, 38, 2, 0.3
+    q, k, v = _inputs(batch, query_length, key_length, heads, 32, torch.float32, seed=12)
+    mask = _padding("interleaved", batch, key_length)
+    torch.manual_seed(13)
+    out, grads = _run(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p)
+    torch.manual_seed(13)  # attention draws its seed first: replay it
+    keep = dropout_keep_mask(draw_dropout_seed(DEVICE), batch, heads, query_length, key_length, p)
+    expected_out, expected_grads = _run_reference(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p,
+                                                  dropout_keep=keep)
+    assert _relative_error(out, expected_out) < TOLERANCE[torch.float32]
+    for grad, expected in zip(grads, expected_grads):
+        assert _relative_error(grad, expected) < TOLERANCE[torch.float32]
+
+    # The reference backend uses the same generator, so it draws the same mask.
+    torch.manual_seed(13)
+    reference_out, reference_grads = _run(q, k, v, backend="reference", key_padding_mask=mask, causal=causal,
+                                          dropout_p=p)
+    assert _relative_error(reference_out, expected_out) < 1e-6
+    for grad, expected in zip(reference_grads, expected_grads):
+        assert _relative_error(grad, expected) < 1e-6
+
+
+def test_closed_form_backward_matches_autograd_float64():
+    q, k, v = _inputs(2, 9, 13, 2, 8, torch.float64, seed=14)
+    mask = _padding("one_row_empty", 2, 13)
+    out, grads = _run_reference(q, k, v, key_padding_mask=mask, causal=True)
+    _, lse = attention_reference(q, k, v, key_padding_mask=mask, causal=True, return_lse=True)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.float64)
+    closed = attention_backward_reference(grad_out, q, k, v, out, lse, key_padding_mask=mask, causal=True,
+                                          scale=8**-0.5)
+    for a, b in zip(closed, grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_float64_gradcheck_through_the_op():
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 4, 6, 2, 3, torch.float64, seed=15))
+    mask = torch.tensor([[False, True, False, False, True, False]], device=DEVICE)
+    assert select_backend(q, k, v).backend == "reference"
+    torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, key_padding_mask=mask, causal=True), (q, k, v))
+
+
+def test_empty_inputs():
+    q, k, v = _inputs(2, 5, 0, 2, 16, torch.float32)
+    for backend in ("triton", "reference"):
+        out, grads = _run(q, k, v, backend=backend)
+        assert out.shape == (2, 5, 2, 16) and (out == 0).all()
+        assert all((g == 0).all() for g in grads)
+    q, k, v = _inputs(0, 5, 7, 2, 16, torch.float32)
+    assert attention(q, k, v, backend="triton").shape == (0, 5, 2, 16)
+    q, k, v = _inputs(2, 0, 7, 2, 16, torch.float32)
+    out, grads = _run(q, k, v, backend="triton")
+    assert out.shape == (2, 0, 2, 16) and (grads[1] == 0).all()
+
+
+def test_select_backend_reasons():
+    q, k, v = _inputs(1, 4, 4, 1, 16, torch.float32)
+    forced = select_backend(q, k, v, backend="triton")
+    assert isinstance(forced, BackendChoice) and forced.backend == "triton"
+    assert "requested" in forced.reasons["reference"]
+    chosen = select_backend(q, k, v, backend="reference")
+    assert chosen.backend == "reference" and "requested" in chosen.reasons["triton"]
+    automatic = select_backend(q, k, v)
+    if DEVICE == "cpu":
+        assert automatic.backend == "reference" and "CPU" in automatic.reasons["triton"]
+    else:
+        assert automatic.backend == "triton" and "reference" in automatic.reasons
+    double = select_backend(*(t.double() for t in (q, k, v)))
+    assert double.backend == "reference" and "float64" in double.reasons["triton"]
+    wide = torch.randn(1, 4, 1, 256, device=DEVICE)
+    assert "head_dim 256" in select_backend(wide, wide, wide).reasons["triton"]
+    with pytest.raises(RuntimeError, match="head_dim 256"):
+        select_backend(wide, wide, wide, backend="triton")
+    if DEVICE == "cpu":
+        half = q.to(torch.bfloat16)
+        with pytest.raises(RuntimeError, match="interpreter"):
+            attention(half, half, half, backend="triton")
+
+
+def test_float64_auto_matches_reference_exactly():
+    q, k, v = _inputs(1, 7, 9, 2, 8, torch.float64, seed=16)
+    torch.testing.assert_close(attention(q, k, v, causal=True), attention_reference(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(q=[1.0]), "q: expected a torch.Tensor"),
+        (dict(k=torch.randn(1, 4, 2)), "k: expected a 4-D"),
+        (dict(v=torch.randn(1, 4, 2, 8)), "v: expected the same length"),
+        (dict(k=torch.randn(1, 5, 2, 4)), "k: expected shape"),
+        (dict(v=torch.randn(1, 5, 2, 8, dtype=torch.float64)), "v: expected dtype"),
+        (dict(q=torch.ones(1, 3, 2, 8, dtype=torch.int64)), "q: expected a floating-point"),
+        (dict(key_padding_mask=torch.zeros(1, 5)), "key_padding_mask: expected dtype torch.bool"),
+        (dict(key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), r"key_padding_mask: expected shape"),
+        (dict(causal=1), "causal: expected bool"),
+        (dict(dropout_p=1.0), "dropout_p: expected 0 <= dropout_p < 1"),
+        (dict(dropout_p="0.1"), "dropout_p: expected a float"),
+        (dict(scale=float("nan")), "scale: expected a finite"),
+        (dict(backend="cuda"), "backend: expected one of"),
+        (dict(allow_tf32=None), "allow_tf32: expected bool"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(change, message):
+    arguments = dict(q=torch.randn(1, 3, 2, 8), k=torch.randn(1, 5, 2, 8), v=torch.randn(1, 5, 2, 8))
+    arguments.update(change)
+    q, k, v = arguments.pop("q"), arguments.pop("k"), arguments.pop("v")
+    with pytest.raises((TypeError, ValueError), match=message):
+        attention(q, k, v, **arguments)
+
+
+def _op_arguments(backend, dropout_p=0.0):
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 9, 13, 2, 16, torch.float32, seed=17))
+    mask = _padding("random", 2, 13)
+    seed = draw_dropout_seed(DEVICE) if dropout_p else None
+    return (q, k, v, mask, seed, True, dropout_p, 0.25, backend, False)
+
+
+@pytest.mark.parametrize("backend, dropout_p", [("reference", 0.0), ("reference", 0.2), ("triton", 0.2)])
+def test_opcheck(backend, dropout_p):
+    arguments = _op_arguments(backend, dropout_p)
+    torch.library.opcheck(torch.ops.fastvlp.attention_forward.default, arguments)
+    q, k, v = (t.detach() for t in arguments[:3])
+    out, lse = torch.ops.fastvlp.attention_forward(q, k, v, *arguments[3:])
+    backward_arguments = (torch.randn_like(out), q, k, v, out, lse, *arguments[3:])
+    torch.library.opcheck(torch.ops.fastvlp.attention_backward.default, backward_arguments)
+
+
+class _TinyAttention(torch.nn.Module):
+    def __init__(self, width=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.proj = torch.nn.Linear(width, width)
+
+    def forward(self, x, key_padding_mask):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
+        out = attention(q, k, v, key_padding_mask=key_padding_mask, causal=True)
+        return self.proj(out.reshape(batch, length, width))
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(18)
+    module = _TinyAttention().to(DEVICE)
+    x = torch.randn(2, 11, 16, device=DEVICE)
+    mask = _padding("tail", 2, 11)
+    mask[:, 0] = False
+    expected = module(x, mask)
+    expected.sum().backward()
+    expected_grad = module.qkv.weight.grad.clone()
+    module.zero_grad()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x, mask)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(module.qkv.weight.grad, expected_grad)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU error path")
+def test_triton_backend_on_cpu_without_interpreter_names_the_fix():
+    code = (
+        "import torch\n"
+        "from fastvlp.ops.fmha.dispatch import attention\n"
+        "x = torch.randn(1, 4, 1, 16)\n"
+        "try:\n"
+        "    attention(x, x, x, backend='triton')\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert "TRITON_INTERPRET=1" in result.stdout, result.stderr

@@ -1,0 +1,217 @@
+"""fastvlp.ops.batched_linear_sum_assignment and linear_sum_assignment against scipy."""
+import numpy as np
+import pytest
+import torch
+from lsap_checks import assert_optimal
+from scipy.optimize import linear_sum_assignment as scipy_lsap
+
+from fastvlp.ops import batched_linear_sum_assignment, batched_linear_sum_assignment_reference, linear_sum_assignment
+
+SHAPES = [(5, 7, 7), (4, 10, 3), (4, 3, 10), (3, 1, 9), (3, 9, 1), (2, 100, 20), (2, 20, 100), (2, 60, 60)]
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_random_matches_scipy(shape, num_threads, generator):
+    cost = torch.rand(shape, generator=generator, dtype=torch.float64) * 10 - 3
+    assert_optimal(cost, batched_linear_sum_assignment(cost, num_threads=num_threads))
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 8), (6, 12, 5), (6, 5, 12)])
+def test_tie_heavy_matches_scipy(shape, generator):
+    cost = torch.randint(0, 3, shape, generator=generator).float()
+    assert_optimal(cost, batched_linear_sum_assignment(cost))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6), (2, 4, 9), (2, 9, 4)])
+def test_constant_matrix(shape):
+    cost = torch.full(shape, 2.5)
+    assignment = batched_linear_sum_assignment(cost)
+    assert_optimal(cost, assignment)
+    if shape[1] == shape[2]:  # scipy gives the identity on a square constant matrix
+        assert torch.equal(assignment, torch.arange(shape[1]).expand(shape[0], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_dtype(dtype, generator):
+    cost = (torch.rand(4, 30, 12, generator=generator) * 4).to(dtype)
+    assert_optimal(cost, batched_linear_sum_assignment(cost))
+
+
+def test_non_contiguous_and_expanded(generator):
+    base = torch.rand(3, 12, 17, generator=generator, dtype=torch.float64)
+    transposed = base.transpose(1, 2)
+    assert not transposed.is_contiguous()
+    assert_optimal(transposed, batched_linear_sum_assignment(transposed))
+    sliced = base[:, ::2, 1::2]
+    assert_optimal(sliced, batched_linear_sum_assignment(sliced))
+    expanded = base[:1].expand(4, -1, -1)
+    result = batched_linear_sum_assignment(expanded)
+    assert_optimal(expanded, result)
+    assert all(torch.equal(result[0], row) for row in result)
+
+
+def test_maximize(generator):
+    cost = torch.rand(5, 9, 13, generator=generator, dtype=torch.float64)
+    assert_optimal(cost, batched_linear_sum_assignment(cost, maximize=True), maximize=True)
+    # maximize negates first: -inf is then a forbidden pair
+    cost[:, 0, 0] = float("-inf")
+    result = batched_linear_sum_assignment(cost, maximize=True)
+    assert (result[:, 0] != 0).all()
+    assert_optimal(cost.clamp(min=-1e6), result, maximize=True)
+
+
+def test_forbidden_pairs_feasible(generator):
+    cost = torch.rand(6, 8, 8, generator=generator, dtype=torch.float64)
+    forbidden = torch.rand(6, 8, 8, generator=generator) < 0.5
+    # keep a permutation allowed in each problem so that it stays feasible
+    perm = torch.stack([torch.randperm(8, generator=generator) for _ in range(6)])
+    forbidden[torch.arange(6)[:, None], torch.arange(8)[None, :], perm] = False
+    cost[forbidden] = float("inf")
+    result = batched_linear_sum_assignment(cost)
+    assert_optimal(cost, result)
+    chosen = cost.gather(2, result.unsqueeze(-1))
+    assert torch.isfinite(chosen).all()
+
+
+def test_infeasible_names_first_bad_problem(generator):
+    cost = torch.rand(5, 4, 4, generator=generator)
+    cost[3, :, 0] = float("inf")
+    cost[3, :, 1] = float("inf")
+    cost[3, :, 2] = float("inf")  # 4 rows, 1 allowed column
+    cost[4, :, :3] = float("inf")
+    with pytest.raises(ValueError, match=r"cost matrix is infeasible \(problem 3\)"):
+        batched_linear_sum_assignment(cost)
+    result = batched_linear_sum_assignment(cost, check_finite=False)
+    assert (result[3] == -1).all() and (result[4] == -1).all()
+    assert_optimal(cost[:3], result[:3])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_invalid_entries(bad, generator):
+    cost = torch.rand(4, 6, 5, generator=generator)
+    cost[2, 1, 3] = bad
+    cost[3, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"matrix contains invalid numeric entries \(problem 2\)"):
+        batched_linear_sum_assignment(cost)
+    result = batched_linear_sum_assignment(cost, check_finite=False)
+    assert (result[2:] == -1).all()
+    assert_optimal(cost[:2], result[:2])
+
+
+def test_plus_inf_invalid_when_maximizing(generator):
+    cost = torch.rand(2, 3, 3, generator=generator)
+    cost[1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"invalid numeric entries \(problem 1\)"):
+        batched_linear_sum_assignment(cost, maximize=True)
+
+
+def test_ragged_extents(generator):
+    cost = torch.rand(6, 10, 8, generator=generator, dtype=torch.float64)
+    # entries outside each problem's extent must be ignored, even NaN
+    num_rows = torch.tensor([10, 0, 4, 7, 10, 3])
+    num_cols = torch.tensor([8, 5, 0, 8, 2, 8], dtype=torch.int32)
+    for index in range(6):
+        cost[index, int(num_rows[index]):, :] = float("nan")
+        cost[index, :, int(num_cols[index]):] = float("nan")
+    result = batched_linear_sum_assignment(cost, num_rows=num_rows, num_cols=num_cols)
+    assert (result[1] == -1).all() and (result[2] == -1).all()
+    assert_optimal(cost, result, num_rows, num_cols)
+    reference = batched_linear_sum_assignment_reference(cost, num_rows, num_cols)
+    assert_optimal(cost, reference, num_rows, num_cols)
+
+
+def test_empty_batch_and_shapes():
+    assert batched_linear_sum_assignment(torch.rand(0, 4, 4)).shape == (0, 4)
+    assert batched_linear_sum_assignment(torch.rand(3, 0, 4)).shape == (3, 0)
+    result = batched_linear_sum_assignment(torch.rand(3, 4, 0))
+    assert result.shape == (3, 4) and (result == -1).all()
+
+
+def test_num_threads_above_cores(generator):
+    cost = torch.rand(16, 30, 20, generator=generator, dtype=torch.float64)
+    assert torch.equal(batched_linear_sum_assignment(cost, num_threads=1), batched_linear_sum_assignment(cost, num_threads=9))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"cost": [[1.0]]}, TypeError, "cost must be a torch.Tensor"),
+        ({"cost": torch.rand(3, 3)}, ValueError, r"cost must have shape \[B, N, M\]"),
+        ({"cost": torch.ones(2, 3, 3, dtype=torch.int64)}, TypeError, "cost must be float16"),
+        ({"cost": torch.rand(2, 3, 3), "num_rows": torch.tensor([1, 2, 3])}, ValueError, "num_rows must have shape"),
+        ({"cost": torch.rand(2, 3, 3), "num_cols": torch.tensor([1.0, 2.0])}, TypeError, "num_cols must be an integer"),
+        ({"cost": torch.rand(2, 3, 3), "num_cols": torch.tensor([1, 4])}, ValueError, r"num_cols must lie in \[0, 3\]"),
+        ({"cost": torch.rand(2, 3, 3), "num_rows": torch.tensor([-1, 2])}, ValueError, "num_rows must lie"),
+        ({"cost": torch.rand(2, 3, 3), "num_threads": 0}, ValueError, "num_threads must be a positive integer"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        batched_linear_sum_assignment(**kwargs)
+
+
+# --- the scipy drop-in -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (3, 8), (8, 3), (1, 1)])
+def test_drop_in_matches_scipy_exactly(shape):
+    matrix = np.random.default_rng().random(shape)
+    rows, cols = linear_sum_assignment(matrix)
+    expected_rows, expected_cols = scipy_lsap(matrix)
+    assert isinstance(rows, np.ndarray) and rows.dtype == expected_rows.dtype
+    np.testing.assert_array_equal(rows, np.sort(rows))
+    np.testing.assert_allclose(matrix[rows, cols].sum(), matrix[expected_rows, expected_cols].sum(), rtol=1e-12)
+
+
+def test_drop_in_kinds():
+    matrix = np.random.default_rng().random((4, 6)).astype(np.float32)
+    from_list = linear_sum_assignment(matrix.tolist())
+    assert isinstance(from_list[0], np.ndarray)
+    tensor_rows, tensor_cols = linear_sum_assignment(torch.from_numpy(matrix))
+    assert isinstance(tensor_rows, torch.Tensor) and tensor_rows.dtype == torch.int64
+    np.testing.assert_array_equal(tensor_rows.numpy(), linear_sum_assignment(matrix)[0])
+    np.testing.assert_array_equal(tensor_cols.numpy(), linear_sum_assignment(matrix)[1])
+    int_rows, _ = linear_sum_assignment(torch.tensor([[3, 1], [1, 3]]))
+    assert int_rows.tolist() == [0, 1]
+
+
+def test_drop_in_errors():
+    with pytest.raises(ValueError, match="expected a matrix"):
+        linear_sum_assignment(torch.rand(3))
+    with pytest.raises(ValueError, match="^matrix contains invalid numeric entries$"):
+        linear_sum_assignment(torch.tensor([[float("nan"), 1.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="^cost matrix is infeasible$"):
+        linear_sum_assignment(np.array([[np.inf, np.inf], [1.0, 2.0]]))
+    with pytest.raises(TypeError, match="Cannot cast array data"):
+        linear_sum_assignment(np.array([[1 + 2j]]))
+    negative_strides = np.random.default_rng().random((5, 4))[::-1, ::-1]
+    rows, cols = linear_sum_assignment(negative_strides)
+    expected = scipy_lsap(negative_strides)
+    assert np.isclose(negative_strides[rows, cols].sum(), negative_strides[expected].sum())
+
+
+# --- torch.library registration ----------------------------------------------------------------
+
+
+def test_opcheck(generator):
+    cost = torch.rand(3, 7, 5, generator=generator)
+    torch.library.opcheck(torch.ops.fastvlp.batched_linear_sum_assignment.default, (cost, None, None, False, 1, True))
+    extents = (torch.tensor([7, 2, 0]), torch.tensor([5, 5, 3]))
+    torch.library.opcheck(torch.ops.fastvlp.batched_linear_sum_assignment.default, (cost, *extents, True, 2, True))
+
+
+def test_compiled_loss_fullgraph(generator):
+    def matched_cost(cost):
+        assignment = batched_linear_sum_assignment(cost)
+        chosen = cost.gather(2, assignment.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (chosen * (assignment >= 0)).sum()
+
+    cost = torch.rand(4, 9, 6, generator=generator)
+    compiled = torch.compile(matched_cost, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(cost), matched_cost(cost))
