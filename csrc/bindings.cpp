@@ -70,7 +70,9 @@ void check_extents(uintptr_t ptr, int64_t batch, int64_t extent, const char* nam
   }
 }
 
-void lsap_cpu(uintptr_t cost_ptr, const std::string& dtype, int64_t batch, int64_t rows, int64_t cols,
+// Returns the index of the first problem whose status is not ok, or -1, so that callers
+// need not scan the status array themselves.
+int64_t lsap_cpu(uintptr_t cost_ptr, const std::string& dtype, int64_t batch, int64_t rows, int64_t cols,
               int64_t stride_batch, int64_t stride_row, int64_t stride_col, uintptr_t num_rows_ptr,
               uintptr_t num_cols_ptr, bool maximize, uintptr_t out_ptr, uintptr_t status_ptr, int64_t num_threads) {
   fastvlp::lsap::BatchRequest r;
@@ -105,8 +107,14 @@ void lsap_cpu(uintptr_t cost_ptr, const std::string& dtype, int64_t batch, int64
   r.assignment = reinterpret_cast<int64_t*>(out_ptr);
   r.status = reinterpret_cast<int32_t*>(status_ptr);
   r.num_threads = num_threads;
-  py::gil_scoped_release release;
-  fastvlp::lsap::solve_batch(r);
+  {
+    py::gil_scoped_release release;
+    fastvlp::lsap::solve_batch(r);
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    if (r.status[b] != 0) return b;
+  }
+  return -1;
 }
 
 #if defined(FASTVLP_WITH_CUDA)
@@ -189,7 +197,8 @@ PYBIND11_MODULE(_C, m) {
         "for the full extent); strides are in elements. Writes out (int64 [batch, rows], contiguous): the "
         "column of each row or -1, and status (int32 [batch]): 0 ok, 1 invalid entries (NaN, or -inf "
         "after the maximize sign flip), 2 infeasible (+inf marks a forbidden pair). Releases the GIL and "
-        "uses min(num_threads, batch) native threads.");
+        "uses min(num_threads, batch) native threads. Returns the index of the first problem whose status "
+        "is not 0, or -1.");
 
   m.def("lsap_cpu_isas", &fastvlp::lsap::available_cpu_isas,
         "The CPU builds of the assignment solver this machine can run (always 'baseline').");

@@ -1,0 +1,47 @@
+"""E2E-VLP: configuration and presets, the model and its parts, pre-training inputs and outputs."""
+from fastvlp.models.backbone import Backbone, VisualTokens
+from fastvlp.models.config import E2EVLPConfig
+from fastvlp.models.e2e_vlp import E2EVLP, token_cross_entropy
+from fastvlp.models.heads import MLP, DetectionHeads, ImageTextMatchingHead, TokenPredictionHead
+from fastvlp.models.masking import IGNORE_INDEX, mask_tokens
+from fastvlp.models.outputs import DetectionOutput, EncoderOutput, PretrainingOutput
+from fastvlp.models.presets import (
+    PAPER_PARAMETER_COUNTS,
+    PRESETS,
+    count_parameters,
+    get_preset,
+    list_presets,
+    preset_parameter_counts,
+)
+from fastvlp.models.pretraining_batch import PretrainingBatch, make_pretraining_batch, mismatch_texts
+from fastvlp.models.text_embeddings import TextEmbeddings
+from fastvlp.models.transformer import TransformerDecoder, TransformerEncoder
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MLP",
+    "PAPER_PARAMETER_COUNTS",
+    "PRESETS",
+    "Backbone",
+    "DetectionHeads",
+    "DetectionOutput",
+    "E2EVLP",
+    "E2EVLPConfig",
+    "EncoderOutput",
+    "ImageTextMatchingHead",
+    "PretrainingBatch",
+    "PretrainingOutput",
+    "TextEmbeddings",
+    "TokenPredictionHead",
+    "TransformerDecoder",
+    "TransformerEncoder",
+    "VisualTokens",
+    "count_parameters",
+    "get_preset",
+    "list_presets",
+    "make_pretraining_batch",
+    "mask_tokens",
+    "mismatch_texts",
+    "preset_parameter_counts",
+    "token_cross_entropy",
+]

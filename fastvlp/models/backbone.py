@@ -1,0 +1,115 @@
+"""The visual backbone: a torchvision ResNet's C5 map, a 1x1 projection to ``d_model`` and the pixel mask
+downsampled with it, flattened into image tokens with their 2-D sine position encodings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from fastvlp.nn.position_encoding import PositionEmbeddingSine
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Modules frozen by `frozen_stages = k`: the stem and layer1 .. layer<k> (k = 0: none).
+_STAGES = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",))
+
+
+@dataclass
+class VisualTokens:
+    """Image tokens, batch-first: ``features`` ``[B, HW, d]``, ``padding_mask`` bool ``[B, HW]`` (True =
+    padding), ``pos`` ``[B, HW, d]`` (float32), and the feature map's ``(H, W)``."""
+
+    features: Tensor
+    padding_mask: Tensor
+    pos: Tensor
+    spatial_shape: tuple
+
+
+def check_images(images: Tensor, pixel_mask: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images: expected a float tensor [B, 3, H, W], got {getattr(images, 'shape', type(images))}")
+    if not isinstance(pixel_mask, Tensor) or pixel_mask.dtype != torch.bool:
+        raise ValueError("pixel_mask: expected a bool tensor [B, H, W] (True = padding)")
+    if pixel_mask.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"pixel_mask: expected shape {[images.shape[0], *images.shape[2:]]}, got {list(pixel_mask.shape)}")
+
+
+class Backbone(nn.Module):
+    """ResNet body up to ``layer4`` (stride 32), a 1x1 convolution to ``d_model``, the sine encoding.
+
+    Padded pixels are zeroed before the ResNet, so what a batch's padding holds never reaches the
+    features (its extent does, through the convolutions' receptive fields, as in DETR). The weights
+    start random; :meth:`load_backbone_weights` reads a torchvision ResNet checkpoint from a path.
+    """
+
+    def __init__(self, name: str = "resnet50", d_model: int = 256, frozen_batch_norm: bool = True, frozen_stages: int = 0):
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"name: expected one of {RESNETS}, got {name!r}")
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= len(_STAGES):
+            raise ValueError(f"frozen_stages: expected an int in 0..{len(_STAGES)} (0: none; k: the stem and layer1..layer<k>), got {frozen_stages!r}")
+        norm_layer = FrozenBatchNorm2d if frozen_batch_norm else nn.BatchNorm2d
+        resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+        self.num_channels = resnet.fc.in_features
+        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "c5"})
+        self.input_proj = nn.Conv2d(self.num_channels, d_model, kernel_size=1)
+        self.position_encoding = PositionEmbeddingSine(d_model // 2, normalize=True)
+        self.name, self.frozen_stages = name, frozen_stages
+        self._freeze_stages()
+
+    def _freeze_stages(self) -> None:
+        for stage in _STAGES[: self.frozen_stages]:
+            for module_name in stage:
+                for parameter in getattr(self.body, module_name).parameters():
+                    parameter.requires_grad_(False)
+
+    def load_backbone_weights(self, source: Union[str, Path, Mapping[str, Tensor]]) -> None:
+        """Load a torchvision ResNet state dict (the ``fc`` classifier is ignored) from a ``.pth``/``.pt``
+        file, a ``.safetensors`` file, or a mapping. Raises ``ValueError`` naming missing or unexpected keys."""
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"source: no such backbone weight file: {path}")
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        elif isinstance(source, Mapping):
+            state = source
+        else:
+            raise TypeError(f"source: expected a path or a state dict, got {type(source).__name__}")
+        state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        # FrozenBatchNorm2d has no num_batches_tracked buffer; torchvision checkpoints do.
+        expected = set(self.body.state_dict())
+        state = {key: value for key, value in state.items() if key in expected or not key.endswith("num_batches_tracked")}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"source: not a {self.name} state dict (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+            )
+        self.body.load_state_dict(state, strict=True)
+
+    def forward(self, images: Tensor, pixel_mask: Tensor) -> VisualTokens:
+        """``images`` ``[B, 3, H, W]``, ``pixel_mask`` bool ``[B, H, W]`` (True = padding) -> :class:`VisualTokens`."""
+        check_images(images, pixel_mask)
+        images = images.masked_fill(pixel_mask[:, None], 0.0)
+        feature_map = self.input_proj(self.body(images)["c5"])
+        height, width = feature_map.shape[-2:]
+        mask = F.interpolate(pixel_mask[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(torch.bool)
+        pos = self.position_encoding(mask)
+        return VisualTokens(
+            features=feature_map.flatten(2).transpose(1, 2),
+            padding_mask=mask.flatten(1),
+            pos=pos.flatten(2).transpose(1, 2),
+            spatial_shape=(height, width),
+        )

@@ -1,0 +1,97 @@
+"""The ResNet backbone: stride-32 tokens, the downsampled mask, padding, frozen BN, local weights."""
+import pytest
+import torch
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+from fastvlp.models.backbone import Backbone
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return Backbone("resnet18", d_model=16, frozen_batch_norm=True).eval()
+
+
+def test_tokens_mask_and_positions(backbone):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 96, 160, generator=generator)
+    pixel_mask = torch.zeros(2, 96, 160, dtype=torch.bool)
+    pixel_mask[1, 50:, :] = True
+    pixel_mask[1, :, 90:] = True
+    tokens = backbone(images, pixel_mask)
+    assert tokens.spatial_shape == (3, 5)
+    assert tokens.features.shape == (2, 15, 16) and tokens.pos.shape == (2, 15, 16)
+    # Nearest downsampling by 32 reads pixel (32 i, 32 j).
+    expected_mask = pixel_mask[:, ::32, ::32]
+    assert torch.equal(tokens.padding_mask, expected_mask.flatten(1))
+    assert tokens.padding_mask[1].sum() == 15 - 2 * 3  # rows 0-1 and columns 0-2 of image 1 are valid
+    expected_pos = backbone.position_encoding(expected_mask).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens.pos, expected_pos)
+    # The features are the 1x1 projection of the ResNet's C5 map.
+    c5 = backbone.body(images.masked_fill(pixel_mask[:, None], 0))["c5"]
+    torch.testing.assert_close(tokens.features, backbone.input_proj(c5).flatten(2).transpose(1, 2))
+
+
+def test_padded_pixels_never_reach_the_features(backbone):
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 64, 96, generator=generator)
+    pixel_mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    pixel_mask[0, :, 60:] = True
+    noisy = torch.where(pixel_mask[:, None], torch.randn(images.shape, generator=generator) * 100, images)
+    torch.testing.assert_close(backbone(noisy, pixel_mask).features, backbone(images, pixel_mask).features)
+
+
+def test_batch_norm_kinds_and_frozen_stages():
+    frozen = Backbone("resnet18", 8, frozen_batch_norm=True, frozen_stages=2)
+    assert isinstance(frozen.body.bn1, FrozenBatchNorm2d)
+    assert not any(p.requires_grad for name, p in frozen.body.named_parameters() if name.startswith(("conv1", "layer1", "layer2")))
+    assert all(p.requires_grad for name, p in frozen.body.named_parameters() if name.startswith(("layer3", "layer4")))
+    trainable = Backbone("resnet18", 8, frozen_batch_norm=False)
+    assert isinstance(trainable.body.bn1, torch.nn.BatchNorm2d) and all(p.requires_grad for p in trainable.parameters())
+    with pytest.raises(ValueError, match="name"):
+        Backbone("vgg16")
+    with pytest.raises(ValueError, match="frozen_stages"):
+        Backbone("resnet18", frozen_stages=5)
+
+
+@pytest.mark.parametrize("frozen_batch_norm", [True, False])
+def test_loads_torchvision_weights_from_a_path(tmp_path, frozen_batch_norm):
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():  # distinctive batch-norm statistics, so that a skipped buffer shows
+        for module in source.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    backbone = Backbone("resnet18", 8, frozen_batch_norm=frozen_batch_norm)
+    backbone.load_backbone_weights(path)
+    loaded = backbone.body.state_dict()
+    for key, value in source.state_dict().items():
+        if key.startswith("fc.") or (frozen_batch_norm and key.endswith("num_batches_tracked")):
+            continue
+        assert torch.equal(loaded[key], value), key
+    # The body computes what torchvision's ResNet computes before its pooling.
+    source.eval()
+    backbone.eval()
+    image = torch.randn(1, 3, 64, 64)
+    expected = torch.nn.Sequential(*list(source.children())[:-2])(image)
+    torch.testing.assert_close(backbone.body(image)["c5"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rejects_weights_of_another_network(tmp_path):
+    backbone = Backbone("resnet18", 8)
+    with pytest.raises(ValueError, match="missing"):
+        backbone.load_backbone_weights({"conv1.weight": torch.zeros(64, 3, 7, 7)})
+    with pytest.raises(FileNotFoundError):
+        backbone.load_backbone_weights(tmp_path / "absent.pth")
