@@ -1,6 +1,7 @@
 // fastvlp._C: the compiled kernels, bound on raw pointers and element strides
 // so the extension never links libtorch (fast builds, no torch ABI coupling).
 // The Python layer (fastvlp/ops) checks tensors and passes data_ptr() values.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -117,6 +118,46 @@ int64_t lsap_cpu(uintptr_t cost_ptr, const std::string& dtype, int64_t batch, in
   return -1;
 }
 
+// The scipy drop-in's path: one 2-D numpy matrix of float16/32/64, solved on the calling
+// thread. Taking the array itself saves the microseconds that pointer extraction costs in
+// Python, which matter when each call solves a small matrix. Returns (status, assignment).
+py::tuple lsap_cpu_matrix(const py::array& cost, bool maximize) {
+  if (cost.ndim() != 2) fail("cost must be a 2-D array, got " + std::to_string(cost.ndim()) + " dimensions");
+  const py::dtype dtype = cost.dtype();
+  const int64_t itemsize = dtype.itemsize();
+  if (dtype.kind() != 'f' || dtype.byteorder() == '>') fail("cost must be a native-endian float array");
+  fastvlp::lsap::BatchRequest r;
+  r.type = itemsize == 2 ? ElementType::kFloat16
+         : itemsize == 4 ? ElementType::kFloat32
+         : itemsize == 8 ? ElementType::kFloat64
+                         : (fail("cost must be float16, float32 or float64"), ElementType::kFloat64);
+  const int64_t rows = cost.shape(0), cols = cost.shape(1);
+  const int64_t stride_row = cost.strides(0), stride_col = cost.strides(1);
+  if (stride_row < 0 || stride_col < 0 || stride_row % itemsize || stride_col % itemsize) {
+    fail("cost strides must be non-negative multiples of the element size");
+  }
+  py::array_t<int64_t> assignment(rows);
+  int32_t status = 0;
+  r.costs = cost.data();
+  r.batch = 1;
+  r.rows = rows;
+  r.cols = cols;
+  r.stride_batch = 0;
+  r.stride_row = stride_row / itemsize;
+  r.stride_col = stride_col / itemsize;
+  r.num_rows = nullptr;
+  r.num_cols = nullptr;
+  r.maximize = maximize;
+  r.assignment = assignment.mutable_data();
+  r.status = &status;
+  r.num_threads = 1;
+  if (rows > 0) {
+    py::gil_scoped_release release;
+    fastvlp::lsap::solve_batch(r);
+  }
+  return py::make_tuple(status, assignment);
+}
+
 #if defined(FASTVLP_WITH_CUDA)
 void lsap_cuda(uintptr_t cost_ptr, const std::string& dtype, int64_t batch, int64_t rows, int64_t cols,
                int64_t stride_batch, int64_t stride_row, int64_t stride_col, uintptr_t num_rows_ptr,
@@ -200,6 +241,10 @@ PYBIND11_MODULE(_C, m) {
         "uses min(num_threads, batch) native threads. Returns the index of the first problem whose status "
         "is not 0, or -1.");
 
+  m.def("lsap_cpu_matrix", &lsap_cpu_matrix, py::arg("cost"), py::arg("maximize"),
+        "One problem given as a 2-D float16/32/64 numpy array (non-negative strides), solved on the calling "
+        "thread. Returns (status, assignment): the status code of lsap_cpu and the int64 column of each row "
+        "or -1.");
   m.def("lsap_cpu_isas", &fastvlp::lsap::available_cpu_isas,
         "The CPU builds of the assignment solver this machine can run (always 'baseline').");
   m.def("lsap_cpu_isa", &fastvlp::lsap::active_cpu_isa, "The CPU build lsap_cpu uses now.");

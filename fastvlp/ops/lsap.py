@@ -170,27 +170,15 @@ def _as_float_numpy(matrix: np.ndarray) -> np.ndarray:
     return matrix.astype(np.float64)
 
 
-def _address(array: np.ndarray) -> int:
-    # __array_interface__ is several times cheaper than ndarray.ctypes.data.
-    return array.__array_interface__["data"][0]
-
-
 def _solve_numpy(matrix: np.ndarray, maximize: bool) -> Tuple[np.ndarray, np.ndarray]:
     rows, cols = matrix.shape
     if rows == 0 or cols == 0:
         return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.intp)
-    itemsize = matrix.itemsize
-    if any(stride < 0 or stride % itemsize for stride in matrix.strides):
+    if any(stride < 0 or stride % matrix.itemsize for stride in matrix.strides):
         matrix = np.ascontiguousarray(matrix)
-    assignment = np.empty(rows, dtype=np.intp)
-    status = np.empty(1, dtype=np.int32)
-    first_bad = require_extension().lsap_cpu(
-        _address(matrix), _NUMPY_NATIVE[matrix.dtype], 1, rows, cols, rows * cols,
-        matrix.strides[0] // itemsize, matrix.strides[1] // itemsize, 0, 0, bool(maximize),
-        _address(assignment), _address(status), 1,
-    )
-    if first_bad != -1:
-        raise ValueError(_STATUS_MESSAGES.get(int(status[0]), f"solver failed with status {int(status[0])}"))
+    status, assignment = require_extension().lsap_cpu_matrix(matrix, bool(maximize))
+    if status:
+        raise ValueError(_STATUS_MESSAGES.get(status, f"solver failed with status {status}"))
     if rows <= cols:  # every row is assigned
         return np.arange(rows, dtype=np.intp), assignment
     row_ind = np.flatnonzero(assignment >= 0)
