@@ -32,9 +32,18 @@ if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null 2>&1;
   step sanitizer-racecheck compute-sanitizer --tool racecheck --error-exitcode 1 $PYTHON -m pytest -q -x -k "small or ragged" tests/test_lsap_cuda.py
 fi
 step bench-lsap $PYTHON -m fastvlp bench lsap --device cuda
-if $PYTHON -c "import fastvlp.bench.attention" 2>/dev/null; then
-  step bench-attention $PYTHON -m fastvlp bench attention
-fi
+step bench-attention $PYTHON -m fastvlp bench attention
+# The paper's 6-r50 model on 800x1333-class images: batch 32, or the largest batch both backends fit.
+for batch in 32 16 8 4; do
+  if $PYTHON -m fastvlp.bench.train_step --preset e2e-vlp-6-r50 --image-size 800x1216 --batch-size $batch \
+       --amp --repeats 10 >"$LOG_DIR/bench-train-step-b$batch.log" 2>&1; then
+    tail -n 8 "$LOG_DIR/bench-train-step-b$batch.log"; break
+  fi
+  if ! grep -q "OutOfMemoryError" "$LOG_DIR/bench-train-step-b$batch.log"; then
+    tail -n 40 "$LOG_DIR/bench-train-step-b$batch.log"; failures+=("bench-train-step"); break
+  fi
+  echo "batch $batch does not fit: trying a smaller one"
+done
 
 device=$($PYTHON -c "from fastvlp.bench.common import device_name; print(device_name('cuda'))")
 if [ -n "$OUT" ] && [ -d "bench/results/$device" ]; then

@@ -425,3 +425,15 @@ def test_triton_backend_on_cpu_without_interpreter_names_the_fix():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert "TRITON_INTERPRET=1" in result.stdout, result.stderr
+
+
+def test_varying_lengths_map_to_few_autotune_buckets():
+    """Multi-scale training changes the image-token count every batch: the autotune key
+    must see a small bounded set of buckets, not every length."""
+    from fastvlp.ops.fmha.kernel_config import MAX_BUCKET, MIN_BUCKET, length_bucket
+
+    lengths = range(1, 20001)
+    buckets = {length_bucket(length) for length in lengths}
+    assert len(buckets) <= 11
+    assert all(MIN_BUCKET <= bucket <= MAX_BUCKET for bucket in buckets)
+    assert all(length_bucket(length) >= min(length, MAX_BUCKET) for length in lengths)

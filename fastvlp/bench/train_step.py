@@ -1,0 +1,196 @@
+"""One E2E-VLP pre-training step, fastvlp backends against torch/scipy, with the same weights and batches.
+
+Each contender is timed twice over the same batches: plainly (the step time, images/s and peak memory) and
+with synchronising hooks around the matcher (the forward, backward, matcher and optimiser parts, which the
+hooks' synchronisation perturbs a little on a GPU). The batches are random pixels, tokens and boxes of the
+requested size: what a step costs does not depend on what the pixels show.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from fastvlp.bench.common import device_name, result_row, summarize, write_results
+
+# Token ids 0..4 play [PAD], [UNK], [CLS], [SEP], [MASK]; the rest are words.
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+SPECIAL_IDS = (0, 1, 2, 3, 4)
+
+
+def _token_batch(batch: int, max_length: int, vocab_size: int, generator: torch.Generator):
+    lengths = torch.randint(max(4, max_length // 2), max_length + 1, (batch,), generator=generator)
+    ids = torch.randint(len(SPECIAL_IDS), vocab_size, (batch, max_length), generator=generator)
+    positions = torch.arange(max_length)
+    ids[:, 0] = CLS
+    ids[torch.arange(batch), lengths - 1] = SEP
+    mask = positions[None, :] < lengths[:, None]
+    return ids.masked_fill(~mask, PAD), mask
+
+
+def synthetic_batch(config, batch: int, height: int, width: int, generator: torch.Generator, device):
+    """A pre-training batch of random content with padded images of at most ``height x width``
+    (each image keeps 75 to 100% of each side, so the pixel mask is exercised)."""
+    from fastvlp.models import make_pretraining_batch
+
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    pixel_mask = torch.ones(batch, height, width, dtype=torch.bool)
+    for index in range(batch):
+        valid_h = int(height * (0.75 + 0.25 * torch.rand((), generator=generator)))
+        valid_w = int(width * (0.75 + 0.25 * torch.rand((), generator=generator)))
+        pixel_mask[index, :valid_h, :valid_w] = False
+    images = images.masked_fill(pixel_mask[:, None], 0.0)
+    input_ids, text_mask = _token_batch(batch, config.max_text_len, config.vocab_size, generator)
+    caption_ids, caption_mask = _token_batch(batch, config.max_text_len, config.vocab_size, generator)
+    targets = []
+    for _ in range(batch):
+        count = int(torch.randint(1, 21, (), generator=generator))
+        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
+        attributes = torch.rand(count, config.num_attributes, generator=generator) < 2.0 / max(config.num_attributes, 1)
+        targets.append({"labels": torch.randint(0, config.num_classes, (count,), generator=generator),
+                        "boxes": torch.cat([centers, sizes], dim=1), "attributes": attributes})
+    pretraining = make_pretraining_batch(
+        images, pixel_mask, input_ids, text_mask, special_token_ids=SPECIAL_IDS, mask_token_id=MASK,
+        vocab_size=config.vocab_size, caption_ids=caption_ids, caption_attention_mask=caption_mask,
+        targets=targets, generator=generator,
+    )
+    return pretraining.to(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _timed_matcher(model, device, spent: List[float]):
+    """Adds the matcher's wall time (synchronised) of every call to ``spent``."""
+    matcher = model.criterion.matcher
+    starts: List[float] = []
+
+    def before(module, args):
+        _synchronize(device)
+        starts.append(time.perf_counter())
+
+    def after(module, args, output):
+        _synchronize(device)
+        spent.append((time.perf_counter() - starts.pop()) * 1e3)
+
+    handles = [matcher.register_forward_pre_hook(before), matcher.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, float]] = None):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        output = model(batch)
+    if marks is not None:
+        _synchronize(device)
+        marks["forward"] = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    if marks is not None:
+        _synchronize(device)
+        marks["backward"] = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), model.config.clip_max_norm)
+    optimizer.step()
+    _synchronize(device)
+
+
+def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device) -> Dict[str, object]:
+    optimizer = torch.optim.AdamW(model.parameter_groups(), lr=model.config.lr, weight_decay=model.config.weight_decay)
+    model.train()
+    for index in range(warmup):
+        _step(model, optimizer, batches[index % len(batches)], amp, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    totals = []
+    for index in range(repeats):
+        start = time.perf_counter()
+        _step(model, optimizer, batches[index % len(batches)], amp, device)
+        totals.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+    parts: Dict[str, List[float]] = {"forward": [], "backward": [], "optimizer": [], "matcher": []}
+    for index in range(repeats):
+        matcher_ms: List[float] = []
+        marks: Dict[str, float] = {}
+        with _timed_matcher(model, device, matcher_ms):
+            _synchronize(device)
+            start = time.perf_counter()
+            _step(model, optimizer, batches[index % len(batches)], amp, device, marks)
+            end = time.perf_counter()
+        parts["forward"].append((marks["forward"] - start) * 1e3)
+        parts["backward"].append((marks["backward"] - marks["forward"]) * 1e3)
+        parts["optimizer"].append((end - marks["backward"]) * 1e3)
+        parts["matcher"].append(sum(matcher_ms))
+    return {"raw_ms": totals, "peak_memory_mb": peak,
+            "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()},
+            "backends": model.backend_report()}
+
+
+def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeats: int = 5, warmup: int = 2,
+        device: str = "cpu", amp: bool = False, seed: int = 0) -> List[Dict[str, object]]:
+    from fastvlp.models import E2EVLP, get_preset
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    config = get_preset(preset, attention_backend="fastvlp", matcher_backend="fastvlp")
+    fast = E2EVLP(config).to(device)
+    baseline = E2EVLP(config.replace(attention_backend="torch", matcher_backend="scipy")).to(device)
+    baseline.load_state_dict(copy.deepcopy(fast.state_dict()))
+    generator = torch.Generator().manual_seed(seed)
+    batches = [synthetic_batch(config, batch_size, *image_size, generator, device) for _ in range(2)]
+    rows = []
+    shape = f"{preset} B{batch_size} {image_size[0]}x{image_size[1]}"
+    for contender, model in (("fastvlp", fast), ("torch-scipy", baseline)):
+        measured = time_contender(model, batches, repeats, warmup, amp, device)
+        row = result_row("train-step", contender, shape, measured.pop("raw_ms"), device=device.type, amp=amp,
+                         batch_size=batch_size, **measured)
+        row["images_per_s"] = batch_size / (row["median_ms"] / 1e3)
+        rows.append(row)
+        print(f"  {contender:<12} {row['median_ms']:9.1f} ms/step  {row['images_per_s']:7.1f} images/s  "
+              + "  ".join(f"{name} {value:.1f}" for name, value in row["stages"].items()))
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastvlp bench train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", default="128x128", help="HxW of the padded batch")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for both contenders")
+    parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
+    args = parser.parse_args(argv)
+    try:
+        height, width = (int(side) for side in args.image_size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--image-size must look like 800x1333, got {args.image_size!r}")
+    if args.batch_size < 1 or args.repeats < 1:
+        parser.error("--batch-size and --repeats must be >= 1")
+    print(f"training step, {args.preset}, batch {args.batch_size}, {height}x{width}, on {device_name(args.device)}:")
+    rows = run(args.preset, args.batch_size, (height, width), args.repeats, args.warmup, args.device, args.amp)
+    speedup = rows[1]["median_ms"] / rows[0]["median_ms"]
+    print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x")
+    path = write_results("train_step", rows, device_name(args.device), args.out_dir,
+                         extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp},
+                         table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "images_per_s",
+                                        "peak_memory_mb", "stages"))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
