@@ -1,4 +1,4 @@
-"""The ``fastvlp`` command line: ``fastvlp bench ...`` and ``fastvlp data ...``."""
+"""The ``fastvlp`` command line: ``fastvlp bench ...``, ``fastvlp data ...``, ``fastvlp pretrain``, ``fastvlp demo``."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,11 @@ USAGE = """usage: fastvlp <command> [<args>]
 commands:
   bench lsap        batched linear assignment against scipy, lapx, lap, lapjv (and the GPU peers)
   bench attention   fused attention against nn.MultiheadAttention, SDPA, FlexAttention, xformers (GPU)
+  bench train       one pre-training step, fastvlp backends against torch/scipy
+  bench e2e         time per query, E2E-VLP against the two-stage region-feature pipeline
   data synth        write the embedded synthetic data set in the published formats
+  pretrain          pre-train E2E-VLP on coco + vg (single process or under torchrun)
+  demo              synthesise data and pre-train the tiny preset for a few hundred steps
 
 `fastvlp <command> <subcommand> --help` describes each one.
 """
@@ -27,6 +31,30 @@ def _bench_attention(argv):
     return main(argv)
 
 
+def _bench_train(argv):
+    from fastvlp.bench.train_step import main
+
+    return main(argv)
+
+
+def _bench_e2e(argv):
+    from fastvlp.bench.e2e import main
+
+    return main(argv)
+
+
+def _pretrain(argv):
+    from fastvlp.train.pretrain_cli import main
+
+    return main(argv)
+
+
+def _demo(argv):
+    from fastvlp.train.demo import main
+
+    return main(argv)
+
+
 def _data_synth(argv):
     from fastvlp.data.synth.cli import main
 
@@ -34,9 +62,11 @@ def _data_synth(argv):
 
 
 COMMANDS: Dict[str, Dict[str, Callable[[Sequence[str]], int]]] = {
-    "bench": {"lsap": _bench_lsap, "attention": _bench_attention},
+    "bench": {"lsap": _bench_lsap, "attention": _bench_attention, "train": _bench_train, "e2e": _bench_e2e},
     "data": {"synth": _data_synth},
 }
+# Commands without subcommands.
+SINGLE_COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {"pretrain": _pretrain, "demo": _demo}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -44,6 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] in SINGLE_COMMANDS:
+        return int(SINGLE_COMMANDS[argv[0]](argv[1:]) or 0)
     group = COMMANDS.get(argv[0])
     if group is None:
         print(f"fastvlp: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)

@@ -23,7 +23,7 @@ from fastvlp.data.readers import read_nlvr2, read_vqa
 from fastvlp.data.records import VqaRecord
 from fastvlp.data.skips import MISSING_IMAGE, UNREADABLE_IMAGE
 from fastvlp.data.synth import write_synthetic_dataset
-from fastvlp.data.transforms import ImageTransform, train_transform
+from fastvlp.data.transforms import SCALE_PRESETS, TINY_SHORT_SIDES, ImageTransform, train_transform
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_vqa_and_nlvr2_datasets(synth_dir, tmp_path):
         for mask in batch[key].mask:
             h, w = int((~mask).any(dim=1).sum()), int((~mask).any(dim=0).sum())
             assert (~mask).sum() == h * w  # the valid pixels form the top-left rectangle
-            assert min(h, w) in (128, 144, 160, 176, 192) or max(h, w) == 256
+            assert min(h, w) in TINY_SHORT_SIDES or max(h, w) == SCALE_PRESETS["tiny"].max_size
     with pytest.raises(ValueError, match="flip"):
         Nlvr2Dataset(pairs, ImageTransform((128,), 256, horizontal_flip=True))
     with pytest.raises(TypeError, match="transform"):

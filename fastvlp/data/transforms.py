@@ -14,7 +14,8 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_SHORT_SIDES = tuple(range(480, 801, 32))
-TINY_SHORT_SIDES = (128, 144, 160, 176, 192)
+# Small enough for a CPU pre-training step of the tiny model in about half a second at batch 8.
+TINY_SHORT_SIDES = (96, 112, 128)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ScaleConfig:
 
 SCALE_PRESETS = {
     "paper": ScaleConfig(),
-    "tiny": ScaleConfig(short_sides=TINY_SHORT_SIDES, max_size=256, eval_short_side=160),
+    "tiny": ScaleConfig(short_sides=TINY_SHORT_SIDES, max_size=160, eval_short_side=112),
 }
 
 

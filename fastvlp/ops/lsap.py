@@ -60,9 +60,11 @@ def _solve(cost, num_rows, num_cols, maximize, num_threads):
         raise RuntimeError("fastvlp._C was built without the CUDA solver; reinstall with a CUDA toolkit on the PATH")
     with torch.cuda.device(cost.device):
         workspace_bytes = extension.lsap_cuda_workspace_bytes(batch, rows, cols)
-        workspace = torch.empty((max(workspace_bytes, 1),), dtype=torch.uint8, device=cost.device)
+        # Shared memory holds the solver's state for the model's shapes; larger ones need a workspace.
+        workspace = torch.empty((workspace_bytes,), dtype=torch.uint8, device=cost.device) if workspace_bytes else None
         stream = torch.cuda.current_stream(cost.device).cuda_stream
-        extension.lsap_cuda(*common, workspace.data_ptr(), workspace_bytes, stream, cost.device.index)
+        extension.lsap_cuda(*common, 0 if workspace is None else workspace.data_ptr(), workspace_bytes, stream,
+                            cost.device.index)
     return assignment, status, None
 
 

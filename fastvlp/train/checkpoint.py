@@ -1,0 +1,167 @@
+"""Training checkpoints: ``RUN/checkpoints/step-<N>/``, written atomically, the newest ``keep_last`` kept.
+
+A checkpoint holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (tied weights stored once),
+the label spaces (``objects_vocab.txt``, ``attributes_vocab.txt``, ``category_map.json``),
+``trainer_state.json`` (step, sampler position, counters), and optimizer, scheduler and RNG states as
+safetensors + JSON pairs. Nothing in it needs unpickling.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from fastvlp.train.state_files import load_state, save_state
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step}"
+
+
+def list_checkpoints(run_dir: Path) -> List[Path]:
+    """The complete checkpoints of a run, oldest first. Temporary directories (a write that did not finish)
+    are not listed: a checkpoint only gets its ``step-<N>`` name by the final rename."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None], keep_last: Optional[int] = None) -> Path:
+    """Create ``step-<step>`` atomically: ``write_files(tmp_dir)`` fills a temporary directory, every file
+    is fsynced, then the directory is renamed into place (replacing an older checkpoint of the same step).
+    With ``keep_last``, older checkpoints beyond the newest ``keep_last`` are deleted afterwards."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: expected a non-negative int, got {step!r}")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last: expected a positive int or None, got {keep_last!r}")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(run_dir, step)
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        write_files(tmp)
+        for path in tmp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(tmp)
+        if final.exists():
+            old = root / f".old-step-{step}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync_directory(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        for path in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+@dataclass
+class TrainingState:
+    """What a pre-training checkpoint restores, beyond the model weights."""
+
+    trainer: Dict[str, Any]
+    optimizer: Dict[str, Any]
+    scheduler: Dict[str, Any]
+    rng: Dict[str, Any]
+
+
+def save_training_files(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainer_state: Dict[str, Any],
+    rng_states: Dict[str, Any],
+) -> None:
+    """Write the model, optimizer, scheduler, trainer and RNG states into ``directory``."""
+    directory = Path(directory)
+    save_model(model, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(model.config.to_json(), encoding="utf-8")
+    save_state(optimizer.state_dict(), directory, "optimizer")
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    (directory / "scheduler.json").write_text(json.dumps(scheduler_state, indent=1), encoding="utf-8")
+    save_state(rng_states, directory, "rng")
+    (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def load_training_files(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+) -> TrainingState:
+    """Load the weights into ``model`` (strictly) and, when given, the optimizer and scheduler states;
+    returns every state read. The scheduler's schedule itself is rebuilt by the caller."""
+    directory = Path(directory)
+    if not (directory / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"directory: {directory} is not a complete checkpoint (no {TRAINER_STATE})")
+    missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=True)
+    optimizer_state = load_state(directory, "optimizer")
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
+    scheduler_state = json.loads((directory / "scheduler.json").read_text(encoding="utf-8"))
+    if scheduler is not None:
+        current = scheduler.state_dict()
+        scheduler.load_state_dict({**scheduler_state, "lr_lambdas": current.get("lr_lambdas", [None])})
+    trainer = json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))
+    return TrainingState(trainer, optimizer_state, scheduler_state, load_state(directory, "rng"))
+
+
+def capture_rng_states() -> Dict[str, Any]:
+    """This process's torch RNG states as uint8 tensors (CPU, and every CUDA device when present)."""
+    states: Dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = list(torch.cuda.get_rng_state_all())
+    return states
+
+
+def restore_rng_states(states: Dict[str, Any]) -> None:
+    if "cpu" not in states:
+        raise ValueError("states: expected a 'cpu' RNG state")
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        cuda_states = list(states["cuda"])
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)

@@ -1,0 +1,212 @@
+"""Pre-training data: the coco + vg corpus with its tokenizer and label spaces, samples that are a pure
+function of (seed, epoch, index), and the collation of samples into a :class:`PretrainingBatch`."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from fastvlp.data.collate import nested_tensor_from_images
+from fastvlp.data.datasets.image_records import ImageRecordDataset
+from fastvlp.data.datasets.skipped import SkippedSample
+from fastvlp.data.exclusion import filter_excluded, read_excluded_images
+from fastvlp.data.label_space import LabelSpace
+from fastvlp.data.pretraining import read_pretraining_images
+from fastvlp.data.records import ImageRecord
+from fastvlp.data.skips import NO_ANNOTATIONS
+from fastvlp.data.tokenizer import WordPieceTokenizer
+from fastvlp.data.transforms import ImageTransform
+from fastvlp.models.pretraining_batch import PretrainingBatch, make_pretraining_batch
+
+logger = logging.getLogger(__name__)
+
+OBJECTS_VOCAB = "objects_vocab.txt"
+ATTRIBUTES_VOCAB = "attributes_vocab.txt"
+CATEGORY_MAP = "category_map.json"
+TOKENIZER = "tokenizer.json"
+
+
+@dataclass
+class PretrainingCorpus:
+    """The records to train on, and what reading them left out."""
+
+    records: List[ImageRecord]
+    skipped_while_indexing: int  # records rejected by the readers, or without captions
+    skip_summary: str
+    excluded: int = 0
+    categories: tuple = ()
+
+
+def read_corpus(data_dir: Path, exclude_images: Optional[Path] = None) -> PretrainingCorpus:
+    """COCO (train split) + Visual Genome under ``data_dir``, minus the images listed in ``exclude_images``
+    (matched by file name, COCO id, and a VG image's COCO id). Records without any caption are skipped
+    and counted: every task but detection needs text."""
+    result = read_pretraining_images(data_dir)
+    skips = result.skips
+    records = list(result.records)
+    excluded = 0
+    if exclude_images is not None:
+        listed = read_excluded_images(exclude_images)
+        coco = [r for r in records if r.source == "coco"]
+        others = [r for r in records if r.source != "coco"]
+        coco, left_coco = filter_excluded(coco, listed, "image_id")
+        others, left_others = filter_excluded(others, listed, "coco_id")
+        records, excluded = coco + others, left_coco + left_others
+        logger.info("--exclude-images: %d images left out of pre-training", excluded)
+    captioned = []
+    for record in records:
+        if record.captions:
+            captioned.append(record)
+        else:
+            skips.add(NO_ANNOTATIONS, f"{record.source}:{record.image_id} (no captions)")
+    skips.report(logger, "pre-training records")
+    if not captioned:
+        raise ValueError(f"data_dir: no captioned image to pre-train on under {data_dir}")
+    return PretrainingCorpus(captioned, skips.total, skips.summary(), excluded, tuple(result.categories))
+
+
+def build_label_spaces(data_dir: Path, corpus: PretrainingCorpus):
+    """(object classes, attribute space or None, COCO category id -> class). VG's objects_vocab.txt and
+    attributes_vocab.txt when present, else built from the annotations; COCO categories mapped by name."""
+    vg = Path(data_dir) / "vg"
+    if (vg / OBJECTS_VOCAB).is_file():
+        classes = LabelSpace.from_vocab_file(vg / OBJECTS_VOCAB)
+    else:
+        classes = LabelSpace.from_names(o.name for r in corpus.records if r.source != "coco" for o in r.objects)
+    if (vg / ATTRIBUTES_VOCAB).is_file():
+        attributes = LabelSpace.from_vocab_file(vg / ATTRIBUTES_VOCAB)
+    else:
+        attributes = LabelSpace.from_names(a for r in corpus.records for o in r.objects for a in o.attributes)
+    classes, category_map = classes.with_coco_categories(corpus.categories)
+    if len(classes) == 0:
+        raise ValueError(f"data_dir: no object class found under {data_dir} (no objects_vocab.txt and no objects)")
+    return classes, (attributes if len(attributes) else None), category_map
+
+
+def save_label_spaces(directory: Path, classes: LabelSpace, attributes: Optional[LabelSpace], category_map: Dict[int, int]) -> None:
+    directory = Path(directory)
+    classes.save(directory / OBJECTS_VOCAB)
+    if attributes is not None:
+        attributes.save(directory / ATTRIBUTES_VOCAB)
+    (directory / CATEGORY_MAP).write_text(json.dumps({str(k): v for k, v in sorted(category_map.items())}), encoding="utf-8")
+
+
+def load_label_spaces(directory: Path):
+    directory = Path(directory)
+    classes = LabelSpace.from_vocab_file(directory / OBJECTS_VOCAB)
+    attributes = LabelSpace.from_vocab_file(directory / ATTRIBUTES_VOCAB) if (directory / ATTRIBUTES_VOCAB).is_file() else None
+    category_map = {int(k): v for k, v in json.loads((directory / CATEGORY_MAP).read_text(encoding="utf-8")).items()}
+    return classes, attributes, category_map
+
+
+def build_tokenizer(corpus: PretrainingCorpus, vocab: Optional[Path], vocab_size: int = 8000) -> WordPieceTokenizer:
+    """BERT's vocab.txt when given, else a WordPiece vocabulary trained on the training captions."""
+    if vocab is not None:
+        return WordPieceTokenizer.from_vocab_file(vocab)
+    # Note: `tokenizers`' WordPiece trainer breaks ties differently from process to process, so two runs
+    # over the same captions may get different vocabularies; a resumed run reads the one saved with the run.
+    return WordPieceTokenizer.train_on_texts((c for r in corpus.records for c in r.captions), vocab_size=vocab_size)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+class PretrainingSamples(Dataset):
+    """Item ``(epoch, index)``: the transformed image ``index`` with its detection target, a text and a
+    caption drawn from its captions. All randomness (scale, choice of captions) is seeded by
+    ``(seed, epoch, index)``, so a sample does not depend on worker processes or on what ran before,
+    and the caller's global RNG is left untouched.
+
+    An image that does not decode is replaced by the next readable index (so that every batch and every
+    rank keeps its size) and reported in the sample's ``skipped`` list as ``(index, reason, path)``."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: ImageTransform, classes: LabelSpace,
+                 attributes: Optional[LabelSpace], category_map: Dict[int, int], seed: int = 0) -> None:
+        self.inner = ImageRecordDataset(records, transform, classes, attributes, category_map)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key) -> Dict[str, Any]:
+        epoch, index = key
+        skipped = []
+        for attempt in range(len(self.inner)):
+            current = (index + attempt) % len(self.inner)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_sample_seed(self.seed, epoch, current))
+                sample = self.inner[current]
+                if isinstance(sample, SkippedSample):
+                    skipped.append((current, sample.reason, sample.path))
+                    continue
+                captions = sample["captions"]
+                picks = torch.randint(len(captions), (2,)).tolist()
+            record = self.inner.records[current]
+            has_objects = len(record.objects) > 0
+            return {
+                "image": sample["image"],
+                "text": captions[picks[0]],
+                "caption": captions[picks[1]],
+                "target": {
+                    "labels": sample["labels"],
+                    "boxes": sample["boxes"],
+                    **({"attributes": sample["attributes"]} if sample["attributes"].shape[1] else {}),
+                } if has_objects else None,
+                "image_key": f"{record.source}:{record.image_id}",
+                "skipped": skipped,
+            }
+        raise RuntimeError("PretrainingSamples: no image of the corpus could be read")
+
+
+def collate_pretraining_samples(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Images padded into one tensor with a pixel mask; the rest as lists."""
+    images = nested_tensor_from_images([s["image"] for s in samples])
+    return {
+        "images": images.tensors,
+        "pixel_mask": images.mask,
+        "texts": [s["text"] for s in samples],
+        "captions": [s["caption"] for s in samples],
+        "targets": [s["target"] for s in samples],
+        "image_keys": [s["image_key"] for s in samples],
+        "skipped": [entry for s in samples for entry in s["skipped"]],
+    }
+
+
+@dataclass
+class BatchBuilder:
+    """Tokenises a collated batch and builds the MLM/ITM inputs with :func:`make_pretraining_batch`."""
+
+    tokenizer: WordPieceTokenizer
+    mlm_probability: float = 0.15
+    itm_negative_ratio: float = 0.5
+    special_ids: List[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        t = self.tokenizer
+        self.special_ids = [t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id]
+
+    def __call__(self, collated: Dict[str, Any], generator: torch.Generator) -> PretrainingBatch:
+        text = self.tokenizer.encode_batch(collated["texts"])
+        caption = self.tokenizer.encode_batch(collated["captions"])
+        return make_pretraining_batch(
+            collated["images"],
+            collated["pixel_mask"],
+            text.input_ids,
+            text.attention_mask,
+            special_token_ids=self.special_ids,
+            mask_token_id=self.tokenizer.mask_id,
+            vocab_size=self.tokenizer.vocab_size,
+            caption_ids=caption.input_ids,
+            caption_attention_mask=caption.attention_mask,
+            targets=collated["targets"],
+            image_ids=collated["image_keys"],
+            generator=generator,
+            mlm_probability=self.mlm_probability,
+            itm_negative_ratio=self.itm_negative_ratio,
+        )

@@ -1,0 +1,42 @@
+"""A 2-process DDP pre-training run with gloo on the CPU, launched with torchrun as a user would."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from train_helpers import SMALL_MODEL, write_corpus
+
+from fastvlp.train.checkpoint import list_checkpoints
+from fastvlp.train.metrics_log import read_metrics
+
+
+def test_two_process_gloo_run_finishes_and_checkpoints(tmp_path):
+    data = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "fastvlp", "pretrain", "--preset", "tiny", "--data", str(data), "--out", str(out),
+        "--max-steps", "2", "--batch-size", "2", "--device", "cpu", "--no-progress",
+        "--vocab", str(tmp_path / "vocab.txt"),
+    ] + [f"--set={name}={value}" for name, value in SMALL_MODEL.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Run from another directory: the command must not depend on the working directory.
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its workers, nothing else
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
+    checkpoints = list_checkpoints(out)
+    assert [p.name for p in checkpoints] == ["step-2"]
+    trainer = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert trainer["world_size"] == 2 and trainer["step"] == 2
+    rng = json.loads((checkpoints[0] / "rng.json").read_text())
+    assert set(rng["__dict__"]) == {"s:rank0", "s:rank1"}
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[-1]["samples_seen"] == 2 * 2 * 2  # 2 steps x 2 processes x batch 2
