@@ -130,3 +130,23 @@ def test_invalid_inputs(vocab_file, tmp_path):
         WordPieceTokenizer.from_vocab_file(tmp_path / "no_specials.txt")
     with pytest.raises(ValueError, match="vocab_size"):
         WordPieceTokenizer.train_on_texts(["a b"], vocab_size=3)
+
+
+def test_trained_vocabulary_is_the_same_in_every_process():
+    """Two separately started runs on the same captions must get the same token ids."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys; from fastvlp.data.tokenizer import WordPieceTokenizer\n"
+        "texts = ['a red circle left of two blue squares', 'three green triangles above the purple circle',"
+        " 'the small yellow square', 'two large red triangles']\n"
+        "print(json.dumps(sorted(WordPieceTokenizer.train_on_texts(texts, vocab_size=60).backend.get_vocab().items())))"
+    )
+    vocabularies = [
+        json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+        for _ in range(2)
+    ]
+    assert vocabularies[0] == vocabularies[1]
+    assert ["[PAD]", 0] in vocabularies[0] and len(vocabularies[0]) == 60

@@ -4,12 +4,13 @@ pre-tokeniser, a WordPiece model from a local vocab.txt or trained on the traini
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -73,31 +74,39 @@ class WordPieceTokenizer:
     def train_on_texts(
         cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1, max_length: int = MAX_LENGTH
     ) -> WordPieceTokenizer:
-        """Learn a WordPiece vocabulary of at most `vocab_size` tokens (special tokens first: [PAD] is 0) from
-        `texts`, for data without a BERT vocabulary."""
+        """A WordPiece vocabulary from `texts`, for data without a BERT vocabulary: the special tokens first
+        ([PAD] is 0), then every character (alone and as ##continuation), then the most frequent words, up
+        to `vocab_size` tokens when the characters leave room. The same texts always give the same ids."""
         if isinstance(texts, str):
             raise TypeError("texts: expected an iterable of str, got a single str")
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size: expected an int > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
         if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
             raise ValueError(f"min_frequency: expected a positive int, got {min_frequency!r}")
-        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+        # tokenizers' WordPieceTrainer breaks ties between merges in hash order, so two runs on the same
+        # captions get different vocabularies. This vocabulary is deterministic instead: BERT's normaliser
+        # and pre-tokeniser split the words, the most frequent whole words (ties alphabetical) fill the
+        # vocabulary, and every character seen, alone and as a ##continuation, keeps unseen words spellable.
+        probe = Tokenizer(models.WordPiece({UNK: 0}, unk_token=UNK))
+        _configure(probe)
+        counts: Counter = Counter()
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}]: expected a str, got {type(text).__name__}")
+            normalised = probe.normalizer.normalize_str(text)
+            counts.update(word for word, _ in probe.pre_tokenizer.pre_tokenize_str(normalised))
+        characters = sorted({character for word in counts for character in word})
+        tokens = list(SPECIAL_TOKENS) + characters + [f"##{character}" for character in characters]
+        known = set(tokens)
+        for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            if len(tokens) >= vocab_size:
+                break
+            if count >= min_frequency and word not in known:
+                tokens.append(word)
+                known.add(word)
+        vocab = {token: index for index, token in enumerate(tokens)}
+        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
         _configure(tokenizer)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
-            continuing_subword_prefix="##",
-            show_progress=False,
-        )
-
-        def checked():
-            for i, text in enumerate(texts):
-                if not isinstance(text, str):
-                    raise TypeError(f"texts[{i}]: expected a str, got {type(text).__name__}")
-                yield text
-
-        tokenizer.train_from_iterator(checked(), trainer)
         return cls(tokenizer, max_length)
 
     def save(self, path: str | Path) -> None:
