@@ -1,7 +1,9 @@
 """E2E-VLP: configuration and presets, the model and its parts, pre-training inputs and outputs."""
 from fastvlp.models.backbone import Backbone, VisualTokens
+from fastvlp.models.caption_cache import IncrementalCaptionDecoder
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP, token_cross_entropy
+from fastvlp.models.generation import generate_captions, gnmt_length_penalty
 from fastvlp.models.heads import MLP, DetectionHeads, ImageTextMatchingHead, TokenPredictionHead
 from fastvlp.models.masking import IGNORE_INDEX, mask_tokens
 from fastvlp.models.outputs import DetectionOutput, EncoderOutput, PretrainingOutput
@@ -29,6 +31,7 @@ __all__ = [
     "E2EVLPConfig",
     "EncoderOutput",
     "ImageTextMatchingHead",
+    "IncrementalCaptionDecoder",
     "PretrainingBatch",
     "PretrainingOutput",
     "TextEmbeddings",
@@ -37,6 +40,8 @@ __all__ = [
     "TransformerEncoder",
     "VisualTokens",
     "count_parameters",
+    "generate_captions",
+    "gnmt_length_penalty",
     "get_preset",
     "list_presets",
     "make_pretraining_batch",

@@ -1,0 +1,66 @@
+"""Official result-file formats and classification accuracy."""
+import json
+
+import pytest
+import torch
+
+from fastvlp.eval.classification import classification_accuracy
+from fastvlp.eval.result_files import (
+    cxcywh_to_coco_xywh,
+    detection_results,
+    write_caption_results,
+    write_detection_results,
+    write_vqa_results,
+)
+
+
+def test_writers_round_trip(tmp_path):
+    write_vqa_results(tmp_path / "vqa.json", {torch.tensor(7): "yes", 9: "2"})
+    assert json.loads((tmp_path / "vqa.json").read_text()) == [
+        {"question_id": 7, "answer": "yes"}, {"question_id": 9, "answer": "2"},
+    ]
+    write_caption_results(tmp_path / "sub" / "captions.json", {42: "a dog"})
+    assert json.loads((tmp_path / "sub" / "captions.json").read_text()) == [{"image_id": 42, "caption": "a dog"}]
+    records = detection_results(
+        5, torch.tensor([[0.5, 0.5, 0.2, 0.4]]), torch.tensor([0.75]), torch.tensor([1]), (100, 200), category_ids=[3, 18]
+    )
+    write_detection_results(tmp_path / "det.json", records)
+    (written,) = json.loads((tmp_path / "det.json").read_text())
+    assert written["image_id"] == 5 and written["category_id"] == 18
+    assert written["bbox"] == pytest.approx([80.0, 30.0, 40.0, 40.0]) and written["score"] == pytest.approx(0.75)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.json", "sub", "vqa.json"]  # no temporary files left
+
+
+def test_box_conversion_against_loop():
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.rand(6, 4, generator=generator, dtype=torch.float64)
+    height, width = 375, 500
+    converted = cxcywh_to_coco_xywh(boxes, (height, width))
+    for box, out in zip(boxes.tolist(), converted.tolist()):
+        cx, cy, w, h = box
+        assert out == pytest.approx([(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height], abs=1e-12)
+    assert cxcywh_to_coco_xywh(torch.zeros(0, 4), (10, 10)).shape == (0, 4)
+
+
+def test_classification_accuracy():
+    logits = torch.tensor([[0.1, 0.9], [2.0, -1.0], [0.3, 0.2], [-1.0, 1.0]])
+    assert classification_accuracy(logits, torch.tensor([1, 0, 1, 1])) == pytest.approx(0.75)
+    assert classification_accuracy([True, False, True], [True, True, True]) == pytest.approx(2 / 3)
+
+
+def test_invalid_inputs(tmp_path):
+    with pytest.raises(TypeError, match="answers"):
+        write_vqa_results(tmp_path / "x.json", {1: 2})
+    with pytest.raises(ValueError, match="boxes"):
+        cxcywh_to_coco_xywh(torch.zeros(3, 5), (10, 10))
+    with pytest.raises(ValueError, match="image_size"):
+        cxcywh_to_coco_xywh(torch.zeros(3, 4), (0, 10))
+    with pytest.raises(ValueError, match="labels"):
+        detection_results(1, torch.rand(1, 4), torch.rand(1), torch.tensor([4]), (10, 10), category_ids=[1, 2])
+    with pytest.raises(ValueError, match="detections"):
+        write_detection_results(tmp_path / "d.json", [{"image_id": 1}])
+    with pytest.raises(ValueError, match="predictions"):
+        classification_accuracy(torch.tensor([1, 0]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="predictions"):
+        classification_accuracy(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
