@@ -1,0 +1,1 @@
+"""Two-stage baselines that the end-to-end model is compared against."""
