@@ -45,9 +45,12 @@ for batch in 32 16 8 4; do
   echo "batch $batch does not fit: trying a smaller one"
 done
 
+step bench-e2e $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
+  --batch-size 1 --repeats 20 --amp --compile
+
 device=$($PYTHON -c "from fastvlp.bench.common import device_name; print(device_name('cuda'))")
 if [ -n "$OUT" ] && [ -d "bench/results/$device" ]; then
-  mkdir -p "$OUT/results" && cp bench/results/"$device"/*.json bench/results/"$device"/*.md "$OUT/results/" 2>/dev/null
+  mkdir -p "$OUT/results" && cp bench/results/"$device"/* "$OUT/results/" 2>/dev/null
 fi
 echo "results: bench/results/$device/"
 if [ ${#failures[@]} -gt 0 ]; then echo "FAILED: ${failures[*]}"; exit 1; fi

@@ -9,6 +9,7 @@ USAGE = """usage: fastvlp <command> [<args>]
 commands:
   bench lsap        batched linear assignment against scipy, lapx, lap, lapjv (and the GPU peers)
   bench attention   fused attention against nn.MultiheadAttention, SDPA, FlexAttention, xformers (GPU)
+  bench kernels     the solver and attention benchmarks together
   bench train       one pre-training step, fastvlp backends against torch/scipy
   bench e2e         time per query, E2E-VLP against the two-stage region-feature pipeline
   data synth        write the embedded synthetic data set in the published formats
@@ -27,6 +28,12 @@ def _bench_lsap(argv):
 
 def _bench_attention(argv):
     from fastvlp.bench.attention import main
+
+    return main(argv)
+
+
+def _bench_kernels(argv):
+    from fastvlp.bench.kernels import main
 
     return main(argv)
 
@@ -62,7 +69,7 @@ def _data_synth(argv):
 
 
 COMMANDS: Dict[str, Dict[str, Callable[[Sequence[str]], int]]] = {
-    "bench": {"lsap": _bench_lsap, "attention": _bench_attention, "train": _bench_train, "e2e": _bench_e2e},
+    "bench": {"lsap": _bench_lsap, "attention": _bench_attention, "kernels": _bench_kernels, "train": _bench_train, "e2e": _bench_e2e},
     "data": {"synth": _data_synth},
 }
 # Commands without subcommands.

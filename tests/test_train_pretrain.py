@@ -58,8 +58,9 @@ def test_metrics_and_checkpoint_contents(straight):
         parts = record["loss_mlm"] + record["loss_itm"] + (record["loss_det"] or 0.0) + record["loss_cap"]
         assert record["loss"] == pytest.approx(parts, rel=1e-5)
     assert records[0]["backends"]["attention"] == "reference" and records[0]["backends"]["matcher"] == "fastvlp"
-    # warm-up of 1 step (10% of 4 is rounded up to 1), then linear decay; the tiny preset's lr_backbone is 1e-4
-    assert [r["lr"] for r in records] == pytest.approx([1e-4, 1e-4, 1e-4 * 2 / 3, 1e-4 / 3])
+    # warm-up of 1 step (10% of 4 is rounded up to 1), then linear decay; the tiny preset's lr and
+    # lr_backbone are both 5e-4
+    assert [r["lr"] for r in records] == pytest.approx([5e-4, 5e-4, 5e-4 * 2 / 3, 5e-4 / 3])
     assert [r["lr_backbone"] for r in records] == [r["lr"] for r in records]
     names = {p.name for p in straight.checkpoint.iterdir()}
     assert {"config.json", "tokenizer.json", "model.safetensors", "objects_vocab.txt", "attributes_vocab.txt",
