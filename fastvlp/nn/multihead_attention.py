@@ -11,7 +11,7 @@ Which call takes which path:
   as many queries as keys: ``attn_mask`` is then taken to be the causal mask, as torch's ``is_causal``
   hint says), ``key_padding_mask`` absent or bool, no ``bias_k``/``bias_v``, no ``add_zero_attn``,
   ``dropout < 1``, dense inputs whose dtype and device match the parameters. The in-projection is a single
-  GEMM when ``query is key is value`` (two when only ``key is value``), q/k/v are strided views of its
+  GEMM when ``query is key is value`` (two when only ``key is value`` or only ``query is key``), q/k/v are strided views of its
   output, and :func:`fastvlp.ops.fmha.dispatch.attention` does the attention without materialising
   the ``L x S`` matrix. Dropout runs inside the op, so its random draws differ from torch's.
 * **Fallback**: every other call, notably the default ``need_weights=True``, float (additive) masks,
@@ -359,6 +359,11 @@ class MultiheadAttention(nn.Module):
             if query is key and key is value:
                 packed = F.linear(query, weight, bias).unflatten(-1, (3, heads, head_dim))
                 return packed.unbind(-3)
+            if query is key:  # DETR's self-attention: q = k = x + pos, v = x
+                packed = F.linear(query, weight[: 2 * embed], None if bias is None else bias[: 2 * embed])
+                q, k = packed.unflatten(-1, (2, heads, head_dim)).unbind(-3)
+                v = F.linear(value, weight[2 * embed :], None if bias is None else bias[2 * embed :])
+                return q, k, v.unflatten(-1, (heads, head_dim))
             q = F.linear(query, weight[:embed], None if bias is None else bias[:embed])
             q = q.unflatten(-1, (heads, head_dim))
             if key is value:
