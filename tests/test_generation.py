@@ -13,12 +13,7 @@ from fastvlp.models.outputs import EncoderOutput
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(vocab_size=12, max_text_len=8, seed=0, eos_bias=1.5, backend="fastvlp"):

@@ -7,12 +7,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from fastvlp.models.backbone import Backbone
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

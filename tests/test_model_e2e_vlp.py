@@ -57,13 +57,7 @@ def synthetic_batch(seed=0, batch=4):
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests are small: one intra-op thread avoids OpenMP oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
