@@ -1,8 +1,9 @@
 """The ``fastvlp`` command line: ``fastvlp bench ...``, ``fastvlp data ...``, ``fastvlp pretrain``, ``fastvlp demo``."""
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 USAGE = """usage: fastvlp <command> [<args>]
 
@@ -20,60 +21,23 @@ commands:
 """
 
 
-def _bench_lsap(argv):
-    from fastvlp.bench.lsap import main
-
-    return main(argv)
-
-
-def _bench_attention(argv):
-    from fastvlp.bench.attention import main
-
-    return main(argv)
-
-
-def _bench_kernels(argv):
-    from fastvlp.bench.kernels import main
-
-    return main(argv)
-
-
-def _bench_train(argv):
-    from fastvlp.bench.train_step import main
-
-    return main(argv)
-
-
-def _bench_e2e(argv):
-    from fastvlp.bench.e2e import main
-
-    return main(argv)
-
-
-def _pretrain(argv):
-    from fastvlp.train.pretrain_cli import main
-
-    return main(argv)
-
-
-def _demo(argv):
-    from fastvlp.train.demo import main
-
-    return main(argv)
-
-
-def _data_synth(argv):
-    from fastvlp.data.synth.cli import main
-
-    return main(argv)
-
-
-COMMANDS: Dict[str, Dict[str, Callable[[Sequence[str]], int]]] = {
-    "bench": {"lsap": _bench_lsap, "attention": _bench_attention, "kernels": _bench_kernels, "train": _bench_train, "e2e": _bench_e2e},
-    "data": {"synth": _data_synth},
+# Each command's module is imported only when it runs, so `fastvlp --help` stays fast.
+COMMANDS: Dict[str, Dict[str, str]] = {
+    "bench": {
+        "lsap": "fastvlp.bench.lsap",
+        "attention": "fastvlp.bench.attention",
+        "kernels": "fastvlp.bench.kernels",
+        "train": "fastvlp.bench.train_step",
+        "e2e": "fastvlp.bench.e2e",
+    },
+    "data": {"synth": "fastvlp.data.synth.cli"},
 }
 # Commands without subcommands.
-SINGLE_COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {"pretrain": _pretrain, "demo": _demo}
+SINGLE_COMMANDS: Dict[str, str] = {"pretrain": "fastvlp.train.pretrain_cli", "demo": "fastvlp.train.demo"}
+
+
+def _run(module_name: str, argv: Sequence[str]) -> int:
+    return int(importlib.import_module(module_name).main(list(argv)) or 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -82,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(USAGE)
         return 0
     if argv[0] in SINGLE_COMMANDS:
-        return int(SINGLE_COMMANDS[argv[0]](argv[1:]) or 0)
+        return _run(SINGLE_COMMANDS[argv[0]], argv[1:])
     group = COMMANDS.get(argv[0])
     if group is None:
         print(f"fastvlp: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
@@ -91,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         choices = ", ".join(group)
         print(f"fastvlp {argv[0]}: expected one of: {choices}", file=sys.stderr)
         return 2
-    return int(group[argv[1]](argv[2:]) or 0)
+    return _run(group[argv[1]], argv[2:])
 
 
 if __name__ == "__main__":

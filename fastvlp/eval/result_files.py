@@ -45,28 +45,26 @@ def _id(name: str, value) -> Union[int, str]:
     return value
 
 
+def _text_results(mapping, argument: str, id_key: str, text_key: str, article: str, noun: str) -> List[Dict]:
+    """``{id: text}`` -> ``[{id_key: id, text_key: text}]``, checking both sides of every pair."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{argument}: expected {article} {{{id_key}: {text_key}}} mapping")
+    records = []
+    for key, text in mapping.items():
+        if not isinstance(text, str):
+            raise TypeError(f"{argument}: {noun} {key!r}: expected str, got {type(text).__name__}")
+        records.append({id_key: _id(id_key, key), text_key: text})
+    return records
+
+
 def vqa_results(answers: Mapping[object, str]) -> List[Dict]:
     """``{question_id: answer}`` -> the VQA result list."""
-    if not isinstance(answers, Mapping):
-        raise TypeError("answers: expected a {question_id: answer} mapping")
-    records = []
-    for question_id, answer in answers.items():
-        if not isinstance(answer, str):
-            raise TypeError(f"answers: question {question_id!r}: expected str, got {type(answer).__name__}")
-        records.append({"question_id": _id("question_id", question_id), "answer": answer})
-    return records
+    return _text_results(answers, "answers", "question_id", "answer", "a", "question")
 
 
 def caption_results(captions: Mapping[object, str]) -> List[Dict]:
     """``{image_id: caption}`` -> the COCO caption result list."""
-    if not isinstance(captions, Mapping):
-        raise TypeError("captions: expected an {image_id: caption} mapping")
-    records = []
-    for image_id, caption in captions.items():
-        if not isinstance(caption, str):
-            raise TypeError(f"captions: image {image_id!r}: expected str, got {type(caption).__name__}")
-        records.append({"image_id": _id("image_id", image_id), "caption": caption})
-    return records
+    return _text_results(captions, "captions", "image_id", "caption", "an", "image")
 
 
 def cxcywh_to_coco_xywh(boxes: Tensor, image_size: Sequence[float]) -> Tensor:
