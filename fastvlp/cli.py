@@ -1,4 +1,4 @@
-"""The ``fastvlp`` command line: ``fastvlp bench ...``, ``fastvlp data ...``, ``fastvlp pretrain``, ``fastvlp demo``."""
+"""The ``fastvlp`` command line: ``bench``, ``data``, ``pretrain``, ``finetune``, ``evaluate``, ``predict``, ``demo``."""
 from __future__ import annotations
 
 import importlib
@@ -13,9 +13,13 @@ commands:
   bench kernels     the solver and attention benchmarks together
   bench train       one pre-training step, fastvlp backends against torch/scipy
   bench e2e         time per query, E2E-VLP against the two-stage region-feature pipeline
+  bench generation  caption generation (beam 4, with and without the cache) and VQA inference
   data synth        write the embedded synthetic data set in the published formats
   pretrain          pre-train E2E-VLP on coco + vg (single process or under torchrun)
-  demo              synthesise data and pre-train the tiny preset for a few hundred steps
+  finetune          fine-tune on vqa, nlvr2, caption, retrieval or detection
+  evaluate          a fine-tuned checkpoint's metrics on a split
+  predict           one prediction from a fine-tuned checkpoint, as JSON
+  demo              synthesise data, pre-train tiny, fine-tune and evaluate VQA and captioning
 
 `fastvlp <command> <subcommand> --help` describes each one.
 """
@@ -29,11 +33,18 @@ COMMANDS: Dict[str, Dict[str, str]] = {
         "kernels": "fastvlp.bench.kernels",
         "train": "fastvlp.bench.train_step",
         "e2e": "fastvlp.bench.e2e",
+        "generation": "fastvlp.bench.generation",
     },
     "data": {"synth": "fastvlp.data.synth.cli"},
 }
 # Commands without subcommands.
-SINGLE_COMMANDS: Dict[str, str] = {"pretrain": "fastvlp.train.pretrain_cli", "demo": "fastvlp.train.demo"}
+SINGLE_COMMANDS: Dict[str, str] = {
+    "pretrain": "fastvlp.train.pretrain_cli",
+    "finetune": "fastvlp.train.finetune_cli",
+    "evaluate": "fastvlp.eval.evaluate_cli",
+    "predict": "fastvlp.predict_cli",
+    "demo": "fastvlp.train.demo",
+}
 
 
 def _run(module_name: str, argv: Sequence[str]) -> int:

@@ -90,3 +90,17 @@ def test_rejects_weights_of_another_network(tmp_path):
         backbone.load_backbone_weights({"conv1.weight": torch.zeros(64, 3, 7, 7)})
     with pytest.raises(FileNotFoundError):
         backbone.load_backbone_weights(tmp_path / "absent.pth")
+
+
+def test_resnet10_is_torchvision_resnet_with_one_block_a_stage():
+    backbone = Backbone("resnet10", 8, frozen_batch_norm=False)
+    body = backbone.body
+    assert [len(getattr(body, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert backbone.num_channels == 512
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 70, 90)
+    mask = torch.zeros(2, 70, 90, dtype=torch.bool)
+    mask[1, :, 60:] = True
+    tokens = backbone(images, mask)
+    assert tokens.spatial_shape == (3, 3) and tokens.features.shape == (2, 9, 8)
+    assert tokens.padding_mask[1].any() and not tokens.padding_mask[0].any()

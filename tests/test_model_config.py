@@ -65,7 +65,7 @@ def test_presets():
         assert config.frozen_batch_norm and config.num_queries == 100
         assert (config.lr, config.lr_backbone, config.weight_decay) == (1e-4, 1e-5, 1e-4)
     tiny = get_preset("tiny", vocab_size=500)
-    assert tiny.backbone == "resnet18" and not tiny.frozen_batch_norm and tiny.vocab_size == 500
+    assert tiny.backbone == "resnet10" and not tiny.frozen_batch_norm and tiny.vocab_size == 500 and tiny.dropout == 0.0
     assert tiny.lr_backbone == tiny.lr
     with pytest.raises(ValueError, match="name"):
         get_preset("e2e-vlp-24-r50")
@@ -75,7 +75,10 @@ def expected_count(config):
     """Parameter count assembled from its parts' formulas (torchvision's ResNet counted separately)."""
     with torch.device("meta"):
         norm = FrozenBatchNorm2d if config.frozen_batch_norm else torch.nn.BatchNorm2d
-        resnet = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=norm)
+        if config.backbone == "resnet10":
+            resnet = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm)
+        else:
+            resnet = getattr(torchvision.models, config.backbone)(weights=None, norm_layer=norm)
     d, f, v = config.d_model, config.ffn_dim, config.vocab_size
     body = sum(p.numel() for name, p in resnet.named_parameters() if not name.startswith("fc."))
     backbone = body + resnet.fc.in_features * d + d

@@ -11,11 +11,12 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
 from fastvlp.nn.position_encoding import PositionEmbeddingSine
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Modules frozen by `frozen_stages = k`: the stem and layer1 .. layer<k> (k = 0: none).
 _STAGES = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",))
 
@@ -55,7 +56,12 @@ class Backbone(nn.Module):
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= len(_STAGES):
             raise ValueError(f"frozen_stages: expected an int in 0..{len(_STAGES)} (0: none; k: the stem and layer1..layer<k>), got {frozen_stages!r}")
         norm_layer = FrozenBatchNorm2d if frozen_batch_norm else nn.BatchNorm2d
-        resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+        if name == "resnet10":
+            # torchvision's ResNet with one basic block a stage: ResNet-18's layout at half its depth, for
+            # the tiny preset, which trains from random weights on 2 CPU cores.
+            resnet = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
+        else:
+            resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
         self.num_channels = resnet.fc.in_features
         self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "c5"})
         self.input_proj = nn.Conv2d(self.num_channels, d_model, kernel_size=1)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Mapping
 from fastvlp.nn.matcher import MATCHER_BACKENDS
 from fastvlp.nn.transformer_layers import ATTENTION_BACKENDS
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ATTRIBUTE_LOSSES = ("softmax", "bce")
 
 _POSITIVE_INTS = (

@@ -295,7 +295,10 @@ class E2EVLP(nn.Module):
         path, e.g. ``"triton"``, ``"reference"``, ``"torch.nn.MultiheadAttention"``), ``attention_by_role``
         (per role, from the last call of each role; empty before any forward), ``matcher``
         (``"fastvlp"`` or ``"scipy"``) and ``matcher_device`` (where the last matching ran, or None)."""
-        by_role = {**self.encoder.attention_paths(), **self.decoder.attention_paths()}
+        by_role = {}
+        for module in (self.encoder, self.decoder):  # a fine-tuning model may have dropped the decoder
+            if module is not None:
+                by_role.update(module.attention_paths())
         paths = sorted(set(by_role.values()))
         if not paths:
             summary = "not run yet"

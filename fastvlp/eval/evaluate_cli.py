@@ -1,0 +1,68 @@
+"""``fastvlp evaluate``: a fine-tuned checkpoint's metrics on a split, as a table and a JSON file."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+TASKS = ("vqa", "nlvr2", "caption", "retrieval", "detection")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastvlp evaluate",
+        description="Evaluate a fine-tuned checkpoint. Default splits: vqa and detection val, nlvr2 dev, "
+                    "caption and retrieval the Karpathy test split.",
+    )
+    parser.add_argument("--task", required=True, choices=TASKS, help="must match the checkpoint's task.json")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoints/step-N of a fine-tuning run")
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--split", default=None)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=None, help="write {task, split, num_examples, metrics} here")
+    parser.add_argument("--predictions", type=Path, default=None, help="write the predictions in the official format")
+    return parser
+
+
+def format_table(result) -> str:
+    rows = [(name, value) for name, value in result.metrics.items()]
+    width = max([len(name) for name, _ in rows] + [6])
+    lines = [f"{result.task} on {result.split}: {result.num_examples} examples", f"{'metric':<{width}}  value"]
+    lines += [f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fastvlp.inference import Predictor
+    from fastvlp.train.finetune import read_task_file
+
+    try:
+        saved_task = read_task_file(args.checkpoint).get("task")
+        if saved_task != args.task:
+            raise ValueError(f"--task: {args.task}, but {args.checkpoint} was fine-tuned for {saved_task}")
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+        result = predictor.evaluate(args.data, args.split, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"fastvlp evaluate: {error}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.skipped:
+        print(f"skipped records: {json.dumps(result.skipped)}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        print(f"metrics:     {args.out}")
+    if args.predictions is not None:
+        if result.predictions is None:
+            print(f"fastvlp evaluate: {args.task} has no official prediction format; nothing written", file=sys.stderr)
+        else:
+            args.predictions.parent.mkdir(parents=True, exist_ok=True)
+            args.predictions.write_text(json.dumps(result.predictions), encoding="utf-8")
+            print(f"predictions: {args.predictions}")
+    return 0

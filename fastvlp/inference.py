@@ -1,0 +1,98 @@
+"""Inference from a fine-tuned checkpoint directory, without the command line.
+
+    from fastvlp.inference import Predictor
+
+    predictor = Predictor.from_checkpoint("runs/vqa/checkpoints/step-300")
+    predictor.predict("photo.jpg", text="what colour is the circle?")  # {"answers": [...]}
+    predictor.evaluate("data/", split="val").metrics                    # {"accuracy": ...}
+
+The task (``task.json``), configuration, tokenizer and weights all come from the checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from PIL import Image
+from safetensors.torch import load_model
+
+from fastvlp.data.images import load_rgb_image
+from fastvlp.data.tokenizer import WordPieceTokenizer
+from fastvlp.data.transforms import eval_transform
+from fastvlp.models.config import E2EVLPConfig
+from fastvlp.train.finetune import CONFIG_FILE, default_scale, read_task_file
+from fastvlp.train.pretrain_data import TOKENIZER
+from fastvlp.train.tasks import get_task
+from fastvlp.train.tasks.base import EvaluationResult
+
+ImageLike = Union[str, Path, Image.Image]
+
+
+def default_device() -> torch.device:
+    """CUDA when there is a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """A fine-tuned model with its task, tokenizer and image transform, ready for :meth:`predict` and
+    :meth:`evaluate`. Build it with :meth:`from_checkpoint`."""
+
+    def __init__(self, task, model, tokenizer: WordPieceTokenizer, scale: str, device: torch.device) -> None:
+        self.task, self.model, self.tokenizer, self.scale, self.device = task, model, tokenizer, scale, device
+        self.transform = eval_transform(scale)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
+                        attention_backend: Optional[str] = None) -> "Predictor":
+        """Load ``checkpoint`` (a ``checkpoints/step-N`` directory of ``fastvlp finetune``) on ``device``
+        (default: CUDA when available, else the CPU)."""
+        checkpoint = Path(checkpoint)
+        for name in (CONFIG_FILE, TOKENIZER, "model.safetensors"):
+            if not (checkpoint / name).is_file():
+                raise FileNotFoundError(f"checkpoint: {checkpoint} has no {name}")
+        saved = read_task_file(checkpoint)
+        task = get_task(saved.get("task"))
+        config = E2EVLPConfig.from_json((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+        if attention_backend is not None:
+            config = config.replace(attention_backend=attention_backend)
+        state = {k: v for k, v in saved.items() if k not in ("task", "preset", "pretraining_rates")}
+        model = task.build_model(config, state)
+        load_model(model, str(checkpoint / "model.safetensors"), strict=True)
+        device = torch.device(device) if device is not None else default_device()
+        model.to(device).eval()
+        tokenizer = WordPieceTokenizer.load(checkpoint / TOKENIZER)
+        return cls(task, model, tokenizer, default_scale(saved.get("preset")), device)
+
+    def _image(self, image: ImageLike, argument: str):
+        if isinstance(image, (str, Path)):
+            image = load_rgb_image(Path(image))
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{argument}: expected a path or a PIL image, got {type(image).__name__}")
+        out = self.transform(image.convert("RGB"))
+        return out.image, tuple(out.original_size)
+
+    def predict(self, image: ImageLike, *, image2: Optional[ImageLike] = None, text: Optional[str] = None,
+                top_k: int = 5) -> Dict[str, Any]:
+        """The task's prediction for one example (see ``fastvlp predict --help`` for each task's output)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"text: expected a str, got {type(text).__name__}")
+        pixels, size = self._image(image, "image")
+        images, sizes = [pixels], [size]
+        if image2 is not None:
+            pixels2, size2 = self._image(image2, "image2")
+            images.append(pixels2)
+            sizes.append(size2)
+        with torch.inference_mode():
+            return self.task.predict(self.model, self.tokenizer, images, sizes, text, top_k)
+
+    def evaluate(self, data: Union[str, Path], split: Optional[str] = None, batch_size: int = 16) -> EvaluationResult:
+        """The task's metrics on ``split`` (default: the task's evaluation split) of the data under ``data``."""
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"data: no such directory: {data}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        return self.task.evaluate(self.model, self.tokenizer, Path(data), split or self.task.eval_split, self.device,
+                                  batch_size, self.scale)

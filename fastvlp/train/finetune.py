@@ -1,0 +1,243 @@
+"""Fine-tuning: ``run_finetuning(FinetuneOptions(...))`` (the ``fastvlp finetune`` command).
+
+It starts from a checkpoint directory (``init``: pre-training or another task; its weights load with a
+report of the keys that were new and unused) or from a preset's random weights, reads the task's training
+data, and runs the shared loop (:func:`fastvlp.train.loop.run_training`): the same metrics.jsonl,
+checkpoints, resume, ``--stop-after``, AMP, DDP and progress bar as pre-training. Each checkpoint also
+holds ``task.json``.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from fastvlp.data.tokenizer import WordPieceTokenizer
+from fastvlp.data.transforms import ScaleConfig, train_transform
+from fastvlp.models.config import E2EVLPConfig
+from fastvlp.models.presets import PRESETS, get_preset
+from fastvlp.train.distributed import DistributedContext, barrier, init_distributed
+from fastvlp.train.loop import (
+    LoopOptions,
+    TrainingJob,
+    TrainingResult,
+    configure_threads,
+    logger,
+    resume_checkpoint,
+    run_directory,
+    run_training,
+    validate_loop_options,
+)
+from fastvlp.train.optim import build_optimizer
+from fastvlp.train.pretrain_data import TOKENIZER
+from fastvlp.train.schedule import build_scheduler, default_warmup_steps
+from fastvlp.train.tasks import TASK_NAMES, get_task
+from fastvlp.train.tasks.base import SeededSamples, StepDecay, collate_task_samples
+from fastvlp.train.tasks.weights import load_task_weights
+
+TASK_FILE = "task.json"
+CONFIG_FILE = "config.json"
+INIT_REPORT = "init_report.json"
+PAPER_LR = 1e-4  # the paper's pre-training rate, against which a preset's own rate is a scale
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything ``fastvlp finetune`` takes. Exactly one of ``init`` (a checkpoint directory) and ``preset``
+    (random weights) is given. ``lr`` overrides the task's default rate (the paper's, scaled as the
+    preset scales pre-training's); ``task_options`` are task-specific (``num_answers`` for VQA,
+    ``with_text`` for detection, ``num_negatives`` for retrieval)."""
+
+    task: str
+    data: Path
+    out: Path
+    init: Optional[Path] = None
+    preset: Optional[str] = None
+    max_steps: Optional[int] = None
+    stop_after: Optional[int] = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 0
+    resume: bool = False
+    save_every: int = 1000
+    keep_last: Optional[int] = 3
+    log_every: int = 1
+    lr: Optional[float] = None
+    attention_backend: Optional[str] = None
+    matcher_backend: Optional[str] = None
+    device: Optional[str] = None
+    num_workers: int = 0
+    vocab: Optional[Path] = None
+    scale: Optional[Union[str, ScaleConfig]] = None
+    task_options: Dict[str, Any] = field(default_factory=dict)
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+    max_consecutive_nonfinite: int = 5
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"task: expected one of {list(TASK_NAMES)}, got {self.task!r}")
+        if (self.init is None) == (self.preset is None):
+            raise ValueError("init, preset: give exactly one (a checkpoint directory to start from, or a preset)")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {list(PRESETS)}, got {self.preset!r}")
+        if self.init is not None and not (Path(self.init) / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"init: {self.init} is not a checkpoint directory (no {CONFIG_FILE})")
+        if self.max_steps is None:
+            self.max_steps = get_task(self.task).default_max_steps
+        validate_loop_options(self)
+        if self.lr is not None and not (isinstance(self.lr, float) and self.lr > 0):
+            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        if self.vocab is not None and not Path(self.vocab).is_file():
+            raise FileNotFoundError(f"vocab: no such file: {self.vocab}")
+        if not Path(self.data).is_dir():
+            raise FileNotFoundError(f"data: no such directory: {self.data}")
+
+
+def read_task_file(directory: Path) -> Dict[str, Any]:
+    path = Path(directory) / TASK_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {directory} holds no {TASK_FILE}; is it a fine-tuned checkpoint?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_finetuning(options: FinetuneOptions) -> TrainingResult:
+    """Fine-tune (or resume fine-tuning) as ``options`` say; returns where the run stopped."""
+    if not isinstance(options, FinetuneOptions):
+        raise TypeError(f"options: expected FinetuneOptions, got {type(options).__name__}")
+    options.validate()
+    context = init_distributed(options.device)
+    with run_directory(Path(options.out), options.resume, context) as run_dir:
+        return _finetune(options, context, run_dir)
+
+
+def _task_config(options: FinetuneOptions, task, base: E2EVLPConfig, preset_lr: float, preset_lr_backbone: float) -> E2EVLPConfig:
+    scale = preset_lr / PAPER_LR
+    lr = options.lr if options.lr is not None else task.paper_lr * scale
+    changes: Dict[str, Any] = {"lr": lr, "lr_backbone": lr * preset_lr_backbone / preset_lr}
+    if options.attention_backend is not None:
+        changes["attention_backend"] = options.attention_backend
+    if options.matcher_backend is not None:
+        changes["matcher_backend"] = options.matcher_backend
+    changes.update(options.config_overrides)
+    return base.replace(**changes)
+
+
+def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Path) -> TrainingResult:
+    threads = configure_threads(context)
+    task = get_task(options.task)
+    resume_from = resume_checkpoint(run_dir, options.resume)
+    data = task.read_training_data(Path(options.data), options.task_options)
+    if not data.records:
+        raise ValueError(f"data: no {task.name} training records under {options.data} ({data.skips.summary()})")
+    logger.info("fine-tuning %s on %d records; %d skipped while reading (%s)", task.name, len(data.records),
+                data.skips.total, data.skips.summary())
+
+    # The run's own files (config, tokenizer, task state) come from the checkpoint when resuming.
+    preset_name = options.preset
+    if resume_from is not None:
+        config = E2EVLPConfig.from_json((resume_from / CONFIG_FILE).read_text(encoding="utf-8"))
+        tokenizer = WordPieceTokenizer.load(resume_from / TOKENIZER)
+        saved = read_task_file(resume_from)
+        preset_name, source_rates = saved.get("preset"), tuple(saved["pretraining_rates"])
+        task_state = {k: v for k, v in saved.items() if k not in ("task", "preset", "pretraining_rates")}
+    else:
+        if options.init is not None:
+            base = E2EVLPConfig.from_json((Path(options.init) / CONFIG_FILE).read_text(encoding="utf-8"))
+            tokenizer = WordPieceTokenizer.load(Path(options.init) / TOKENIZER)
+            source_rates = _pretraining_rates(Path(options.init), base)
+            preset_name = source_preset(Path(options.init))
+        else:
+            if options.vocab is not None:
+                tokenizer = WordPieceTokenizer.from_vocab_file(options.vocab)
+            else:
+                tokenizer = WordPieceTokenizer.train_on_texts(task.tokenizer_texts(data.records))
+            base = get_preset(preset_name, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                              max_text_len=max(tokenizer.max_length, 2))
+            source_rates = (base.lr, base.lr_backbone)
+        config = _task_config(options, task, base, *source_rates)
+        task_state = data.task_state
+
+    torch.manual_seed(options.seed + context.rank)  # DDP copies rank 0's initial weights to the others
+    model = task.build_model(config, task_state)
+    init_report = None
+    if resume_from is None and options.init is not None:
+        init_report = load_task_weights(model, Path(options.init))
+        logger.info("weights from %s: %s", options.init, init_report.summary())
+        if context.is_main:
+            (run_dir / INIT_REPORT).write_text(json.dumps({"init": str(options.init), **init_report.to_dict()}, indent=1),
+                                               encoding="utf-8")
+    model.to(context.device)
+    optimizer = build_optimizer(model)
+    if task.decay_milestones is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepDecay(task.decay_milestones, options.max_steps))
+    else:
+        scheduler = build_scheduler(optimizer, default_warmup_steps(options.max_steps), options.max_steps)
+
+    task_file = json.dumps({"task": task.name, "preset": preset_name, "pretraining_rates": list(source_rates),
+                            **task_state}, indent=1)
+
+    def save_files(directory: Path) -> None:
+        tokenizer.save(directory / TOKENIZER)
+        (directory / TASK_FILE).write_text(task_file, encoding="utf-8")
+
+    scale = options.scale or default_scale(preset_name)
+    job = TrainingJob(
+        model=model,
+        dataset=SeededSamples(task.training_dataset(data.records, train_transform(scale), task_state), options.seed),
+        collate=collate_task_samples,
+        build_batch=lambda collated, generator: task.build_batch(collated, tokenizer, generator),
+        loss_keys=task.loss_keys,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        save_files=save_files,
+        clip_max_norm=config.clip_max_norm,
+        skipped_while_indexing=data.skips.total,
+        run_info={
+            "task": task.name, "init": None if options.init is None else str(options.init), "preset": preset_name,
+            "config": config.to_dict(), "scale": scale if isinstance(scale, str) else asdict(scale),
+            "world_size": context.world_size, "device": str(context.device), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": threads,
+            "init_report": None if init_report is None else init_report.summary(),
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        },
+    )
+    loop = LoopOptions(
+        max_steps=options.max_steps, stop_after=options.stop_after, batch_size=options.batch_size,
+        grad_accum=options.grad_accum, seed=options.seed, save_every=options.save_every, keep_last=options.keep_last,
+        log_every=options.log_every, num_workers=options.num_workers,
+        max_consecutive_nonfinite=options.max_consecutive_nonfinite, progress=options.progress,
+        description=f"finetune {task.name}",
+    )
+    barrier(context)
+    return run_training(loop, job, context, run_dir, resume_from)
+
+
+def source_preset(checkpoint: Path) -> Optional[str]:
+    """The preset a checkpoint's model came from: its ``task.json`` says, else its run's ``run.json``."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / TASK_FILE).is_file():
+        return read_task_file(checkpoint).get("preset")
+    run_info = checkpoint.parent.parent / "run.json"
+    if run_info.is_file():
+        return json.loads(run_info.read_text(encoding="utf-8")).get("preset")
+    return None
+
+
+def _pretraining_rates(checkpoint: Path, config: E2EVLPConfig):
+    """The learning rates of the checkpoint's pre-training, which scale this task's rates: a fine-tuned
+    checkpoint's config holds its own task's rate, so its ``task.json`` remembers them."""
+    if (checkpoint / TASK_FILE).is_file():
+        rates = read_task_file(checkpoint).get("pretraining_rates")
+        if rates:
+            return float(rates[0]), float(rates[1])
+    return config.lr, config.lr_backbone
+
+
+def default_scale(preset: Optional[str]) -> str:
+    """The transform scale of a model from ``preset``: ``tiny`` for tiny, the paper's otherwise."""
+    return "tiny" if preset == "tiny" else "paper"

@@ -1,0 +1,374 @@
+"""The training loop shared by pre-training and every fine-tuning task: :func:`run_training`.
+
+A step is one optimiser update over ``grad_accum`` micro-batches of ``batch_size`` per process. The loop
+is resumable bit for bit on the CPU: model, optimizer, scheduler, sampler position and every RNG state
+are checkpointed, samples depend only on ``(seed, epoch, index)`` and batch randomness on
+``(seed, rank, step, micro-batch)``. What differs between tasks comes in a :class:`TrainingJob`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from fastvlp.train import checkpoint as ckpt
+from fastvlp.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier
+from fastvlp.train.metrics_log import MetricsLog
+from fastvlp.train.optim import BACKBONE_GROUPS, TRANSFORMER_GROUPS, group_learning_rate
+from fastvlp.train.sampler import ResumableBatchSampler
+
+logger = logging.getLogger("fastvlp.train")
+
+METRICS = "metrics.jsonl"
+RUN_INFO = "run.json"
+LOG_FILE = "train.log"
+
+
+class RunExistsError(RuntimeError):
+    """``--out`` already holds a run and ``--resume`` was not given."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class LoopOptions:
+    """The loop's own settings (the command-line options every training command shares)."""
+
+    max_steps: int
+    stop_after: Optional[int] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    save_every: int = 1000
+    keep_last: Optional[int] = 3
+    log_every: int = 1
+    num_workers: int = 0
+    max_consecutive_nonfinite: int = 5
+    progress: bool = True
+    description: str = "train"
+
+
+@dataclass
+class TrainingJob:
+    """What a task gives the loop.
+
+    ``model(batch)`` returns an object with ``loss`` (the scalar to minimise) and ``losses`` (named
+    scalars, the ``loss_keys`` other than ``"loss"``); the model also has ``config`` and, optionally,
+    ``backend_report()``. ``dataset[(epoch, index)]`` returns a sample whose ``"skipped"`` entry lists the
+    ``(index, reason, path)`` of unreadable records it stepped over; ``collate`` batches samples and keeps
+    those lists under ``"skipped"``; ``build_batch(collated, generator)`` returns something with
+    ``.to(device)``. ``save_files(directory)`` writes the task's own files (tokenizer, label spaces,
+    ``task.json``) into each checkpoint.
+    """
+
+    model: torch.nn.Module
+    dataset: Dataset
+    collate: Callable[[Sequence[Any]], Dict[str, Any]]
+    build_batch: Callable[[Dict[str, Any], torch.Generator], Any]
+    loss_keys: Sequence[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    save_files: Callable[[Path], None]
+    clip_max_norm: float = 0.1
+    skipped_while_indexing: int = 0
+    run_info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    step: int
+    checkpoint: Optional[Path]
+    metrics_path: Path
+    nonfinite_skipped: int
+    skipped_records: int
+    backends: Dict[str, Any]
+
+
+def validate_loop_options(options) -> None:
+    """Shared checks of the integer options (on any object carrying them), naming the bad one."""
+    for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "max_consecutive_nonfinite"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    for name in ("stop_after", "keep_last"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or options.seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {options.seed!r}")
+    if isinstance(options.num_workers, bool) or not isinstance(options.num_workers, int) or options.num_workers < 0:
+        raise ValueError(f"num_workers: expected a non-negative int, got {options.num_workers!r}")
+
+
+def holds_run(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return any((run_dir / name).exists() for name in (METRICS, RUN_INFO, ckpt.CHECKPOINTS))
+
+
+def configure_threads(context: DistributedContext) -> int:
+    """On the CPU, share the cores this process may use among the local ranks (intra-op threads only)."""
+    if context.device.type != "cpu":
+        return torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    threads = max(1, cores // max(1, local))
+    torch.set_num_threads(threads)
+    return threads
+
+
+@contextlib.contextmanager
+def run_directory(run_dir: Path, resume: bool, context: DistributedContext):
+    """Refuse an ``--out`` that already holds a run unless resuming; create it; log to ``train.log``."""
+    run_dir = Path(run_dir)
+    existed = holds_run(run_dir)
+    barrier(context)
+    if existed and not resume:
+        raise RunExistsError(f"out: {run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = None
+    if context.is_main:
+        handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("fastvlp").addHandler(handler)
+        logging.getLogger("fastvlp").setLevel(logging.INFO)
+    try:
+        yield run_dir
+    finally:
+        if handler is not None:
+            logging.getLogger("fastvlp").removeHandler(handler)
+            handler.close()
+
+
+def resume_checkpoint(run_dir: Path, resume: bool) -> Optional[Path]:
+    """The newest complete checkpoint of ``run_dir`` when resuming (None to start the run)."""
+    found = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and found is None:
+        logger.info("--resume: no checkpoint in %s yet, starting the run", run_dir)
+    elif found is not None:
+        logger.info("resuming from %s", found)
+    return found
+
+
+class _EpochKeyedBatches:
+    """The sampler's remaining batches of its current epoch as ``(epoch, index)`` keys, fixed when iterated."""
+
+    def __init__(self, sampler: ResumableBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        batches = list(iter(self.sampler))
+        return iter([[(epoch, i) for i in batch] for batch in batches])
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch's randomness (masking, negatives): a function of its position only."""
+    return torch.Generator().manual_seed(((seed * 65_537 + rank) * 1_000_003 + step) * 257 + micro)
+
+
+def run_training(
+    options: LoopOptions, job: TrainingJob, context: DistributedContext, run_dir: Path, resume_from: Optional[Path]
+) -> TrainingResult:
+    """Train ``job`` from step 0, or from the checkpoint ``resume_from``, up to ``options.max_steps`` (or
+    ``stop_after``), logging to ``run_dir/metrics.jsonl`` and checkpointing under ``run_dir/checkpoints``."""
+    model, optimizer, scheduler = job.model, job.optimizer, job.scheduler
+    loss_keys = tuple(job.loss_keys)
+    if not loss_keys or loss_keys[0] != "loss":
+        raise ValueError(f"job.loss_keys: expected 'loss' first, got {loss_keys}")
+    sampler = ResumableBatchSampler(
+        len(job.dataset), options.batch_size, seed=options.seed, rank=context.rank, world_size=context.world_size
+    )
+    trainer: Dict[str, Any] = {
+        "step": 0, "nonfinite_skipped": 0, "consecutive_nonfinite": 0, "unreadable_indices": [], "samples_seen": 0,
+    }
+    if resume_from is not None:
+        state = ckpt.load_training_files(resume_from, model, optimizer, scheduler)
+        saved = state.trainer
+        for name, value in (("world_size", context.world_size), ("batch_size", options.batch_size),
+                            ("grad_accum", options.grad_accum)):
+            if saved.get(name) != value:
+                raise ValueError(f"--resume: the run used {name}={saved.get(name)}, this call {value}; keep them equal to resume")
+        if saved.get("max_steps") != options.max_steps:
+            logger.warning("--resume: max_steps changes from %s to %d: the schedule is stretched", saved.get("max_steps"), options.max_steps)
+        trainer.update({k: saved[k] for k in trainer if k in saved})
+        sampler.load_state_dict(saved["sampler"])
+        rank_rng = state.rng.get(f"rank{context.rank}")
+        if rank_rng is None:
+            raise ValueError(f"--resume: {resume_from} has no RNG state for rank {context.rank}")
+        ckpt.restore_rng_states(rank_rng)
+    step = int(trainer["step"])
+    stop_step = min(options.max_steps, options.stop_after or options.max_steps)
+
+    metrics = MetricsLog(run_dir / METRICS)
+    if context.is_main:
+        dropped = metrics.truncate_after(step)
+        if dropped:
+            logger.info("dropped %d metrics lines logged after the checkpoint at step %d", dropped, step)
+        (run_dir / RUN_INFO).write_text(json.dumps(job.run_info, indent=1, default=str), encoding="utf-8")
+
+    wrapped: torch.nn.Module = model
+    if context.is_distributed:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    model.train()
+
+    batches = _EpochKeyedBatches(sampler)
+
+    def make_loader():
+        return DataLoader(
+            job.dataset, batch_sampler=batches, num_workers=options.num_workers, collate_fn=job.collate,
+            pin_memory=context.device.type == "cuda", generator=torch.Generator().manual_seed(options.seed),
+        )
+
+    unreadable = set(trainer["unreadable_indices"])
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if context.device.type == "cuda" else contextlib.nullcontext()
+    )
+    clip = job.clip_max_norm if job.clip_max_norm > 0 else float("inf")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    backends: Dict[str, Any] = {}
+    last_checkpoint = resume_from
+    logger.info("steps %d..%d of %d; batch %d x %d micro-batches x %d processes on %s", step + 1, stop_step,
+                options.max_steps, options.batch_size, options.grad_accum, context.world_size, context.device)
+
+    def save(step_now: int) -> Path:
+        trainer_state = {
+            **trainer, "step": step_now, "sampler": sampler.state_dict(), "max_steps": options.max_steps,
+            "world_size": context.world_size, "batch_size": options.batch_size, "grad_accum": options.grad_accum,
+            "seed": options.seed, "unreadable_indices": sorted(unreadable),
+        }
+        rng = all_gather_objects(ckpt.capture_rng_states(), context)
+        if context.is_main:
+            def write(directory: Path) -> None:
+                ckpt.save_training_files(directory, model, optimizer, scheduler, trainer_state,
+                                         {f"rank{r}": states for r, states in enumerate(rng)})
+                job.save_files(directory)
+
+            logger.info("checkpoint %s", ckpt.write_checkpoint(run_dir, step_now, write, options.keep_last))
+        barrier(context)
+        return ckpt.checkpoint_dir(run_dir, step_now)
+
+    progress = None
+    if context.is_main and options.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=options.max_steps, initial=step, desc=options.description, dynamic_ncols=True,
+                        mininterval=1.0)
+    running: Dict[str, float] = {}
+    logged_backends = False
+    loader_iter = iter(make_loader()) if step < stop_step else None
+    try:
+        while step < stop_step:
+            started = time.perf_counter()
+            sums = torch.zeros(2 * len(loss_keys) + 2, dtype=torch.float64)
+            new_unreadable: List[int] = []
+            for micro in range(options.grad_accum):
+                try:
+                    collated = next(loader_iter)
+                except StopIteration:
+                    loader_iter = iter(make_loader())
+                    collated = next(loader_iter)
+                sampler.advance()
+                for index, reason, path in collated["skipped"]:
+                    if index not in unreadable:
+                        new_unreadable.append(index)
+                        logger.warning("skipped an unreadable record (%s): %s", reason, path)
+                batch = job.build_batch(collated, step_generator(options.seed, context.rank, step, micro))
+                batch = batch.to(context.device)
+                sync = micro == options.grad_accum - 1 or not context.is_distributed
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()):
+                    with autocast:
+                        output = wrapped(batch)
+                    (output.loss / options.grad_accum).backward()
+                for position, key in enumerate(loss_keys):
+                    value = output.loss if key == "loss" else output.losses.get(key)
+                    if value is not None:
+                        sums[2 * position] += float(value.detach())
+                        sums[2 * position + 1] += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
+            sums[-2] = float(grad_norm)
+            sums[-1] = len(new_unreadable)
+            total = all_reduce_sum(sums.clone(), context)
+            if total[-1] > 0:
+                for indices in all_gather_objects(new_unreadable, context):
+                    unreadable.update(indices)
+            trainer["samples_seen"] += options.batch_size * options.grad_accum * context.world_size
+            means = {
+                key: (float(total[2 * i] / total[2 * i + 1]) if total[2 * i + 1] > 0 else None)
+                for i, key in enumerate(loss_keys)
+            }
+            finite = means["loss"] is not None and math.isfinite(means["loss"]) and math.isfinite(float(total[-2]))
+            lr = group_learning_rate(optimizer, TRANSFORMER_GROUPS)
+            lr_backbone = group_learning_rate(optimizer, BACKBONE_GROUPS)
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                trainer["nonfinite_skipped"] += 1
+                trainer["consecutive_nonfinite"] += 1
+                logger.warning("non-finite loss or gradient (loss %s, grad norm %s) at step %d: update skipped "
+                               "(%d skipped so far)", means["loss"], float(total[-2]), step + 1, trainer["nonfinite_skipped"])
+                if trainer["consecutive_nonfinite"] >= options.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{trainer['consecutive_nonfinite']} consecutive steps had a non-finite loss or gradient "
+                        f"(at step {step + 1}): stopping. Lower the learning rate, check the data, or resume from "
+                        f"the last checkpoint ({last_checkpoint})."
+                    )
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            trainer["step"] = step
+            trainer["consecutive_nonfinite"] = 0
+            if not backends and hasattr(model, "backend_report"):
+                backends = model.backend_report()
+                logger.info("backends: %s", json.dumps(backends))
+            elapsed = time.perf_counter() - started
+            if context.is_main and (step % options.log_every == 0 or step == stop_step):
+                record = {
+                    "step": step, **means, "lr": lr, "lr_backbone": lr_backbone,
+                    "grad_norm": float(total[-2]) / context.world_size,
+                    "skipped_records": job.skipped_while_indexing + len(unreadable),
+                    "nonfinite_skipped": trainer["nonfinite_skipped"], "epoch": sampler.epoch,
+                    "samples_seen": trainer["samples_seen"], "step_time_s": round(elapsed, 4),
+                }
+                if not logged_backends:  # the first line this process writes says which kernels ran
+                    record["backends"] = backends
+                    logged_backends = True
+                metrics.write(record)
+            if progress is not None:
+                for key in loss_keys:
+                    if means[key] is not None:
+                        running[key] = means[key] if key not in running else 0.9 * running[key] + 0.1 * means[key]
+                progress.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in running.items()}, refresh=False)
+                progress.update(1)
+            if step % options.save_every == 0 or step == stop_step:
+                last_checkpoint = save(step)
+    finally:
+        if progress is not None:
+            progress.close()
+    skipped = job.skipped_while_indexing + len(unreadable)
+    if stop_step < options.max_steps:
+        logger.info("stopped after step %d of %d (--stop-after): continue with --resume", step, options.max_steps)
+    logger.info("done at step %d; %d records skipped, %d non-finite steps skipped; metrics in %s", step, skipped,
+                trainer["nonfinite_skipped"], run_dir / METRICS)
+    return TrainingResult(run_dir, step, ckpt.latest_checkpoint(run_dir), run_dir / METRICS,
+                          trainer["nonfinite_skipped"], skipped, backends)

@@ -1,0 +1,172 @@
+"""What every fine-tuning task provides (:class:`Task`), and the pieces they share: seeded samples,
+collation, the paper's step-decay schedule, and evaluation results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch.utils.data import Dataset
+
+from fastvlp.data.collate import nested_tensor_from_images
+from fastvlp.data.datasets.skipped import SkippedSample
+from fastvlp.data.skips import SkipCounter
+from fastvlp.data.tokenizer import WordPieceTokenizer
+from fastvlp.data.transforms import ImageTransform
+from fastvlp.train.tasks.batch import TaskBatch
+from fastvlp.train.tasks.model import TaskModel
+
+IMAGE_KEYS = ("image", "left_image", "right_image")
+
+
+@dataclass
+class TrainingData:
+    """A task's training records, the skips counted while reading them, and the task state derived from
+    them (e.g. VQA's answer vocabulary), which ``task.json`` keeps."""
+
+    records: List[Any]
+    skips: SkipCounter
+    task_state: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationResult:
+    """``metrics`` by name; ``predictions`` in the official result-file format of the task (or None);
+    ``skipped`` the records that could not be read, by reason."""
+
+    task: str
+    split: str
+    num_examples: int
+    metrics: Dict[str, Any]
+    predictions: Optional[List[Dict[str, Any]]] = None
+    skipped: Dict[str, int] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"task": self.task, "split": self.split, "num_examples": self.num_examples, "metrics": self.metrics,
+                "skipped": self.skipped, "notes": self.notes}
+
+
+class Task:
+    """One downstream task. ``paper_lr`` is the paper's learning rate for the Transformer (the backbone's is
+    a tenth of it, as in pre-training); presets that pre-train at another rate (``tiny``) scale both by
+    the same factor. ``decay_milestones`` are the fractions of training after which the rate is multiplied
+    by 0.1 (the paper: the ends of epochs 6 and 9 of 12); None means linear warm-up and decay."""
+
+    name = ""
+    loss_keys: Tuple[str, ...] = ("loss",)
+    model_class: Type[TaskModel] = TaskModel
+    paper_lr = 1e-4
+    decay_milestones: Optional[Tuple[float, ...]] = (6 / 12, 9 / 12)
+    eval_split = "val"
+    default_max_steps = 1000
+
+    # ---- data
+    def read_training_data(self, data_dir: Path, options: Dict[str, Any]) -> TrainingData:
+        raise NotImplementedError
+
+    def tokenizer_texts(self, records: Sequence[Any]) -> Iterable[str]:
+        """Texts to train a vocabulary on when fine-tuning starts from a preset, not a checkpoint."""
+        raise NotImplementedError
+
+    def training_dataset(self, records: Sequence[Any], transform: ImageTransform, task_state: Dict[str, Any]) -> Dataset:
+        raise NotImplementedError
+
+    def build_batch(self, collated: Dict[str, Any], tokenizer: WordPieceTokenizer, generator: torch.Generator) -> TaskBatch:
+        raise NotImplementedError
+
+    # ---- model
+    def build_model(self, config, task_state: Dict[str, Any]) -> TaskModel:
+        return self.model_class(config, task_state)
+
+    # ---- evaluation and inference
+    def evaluate(self, model: TaskModel, tokenizer: WordPieceTokenizer, data_dir: Path, split: str,
+                 device: torch.device, batch_size: int, scale) -> EvaluationResult:
+        raise NotImplementedError
+
+    def predict(self, model: TaskModel, tokenizer: WordPieceTokenizer, images: List[torch.Tensor],
+                sizes: List[Tuple[int, int]], text: Optional[str], top_k: int) -> Dict[str, Any]:
+        raise NotImplementedError
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index + 7
+
+
+class SeededSamples(Dataset):
+    """Item ``(epoch, index)``: ``inner[index]`` drawn under a torch RNG seeded by ``(seed, epoch, index)``
+    (so augmentation does not depend on worker processes or on earlier samples), with the caller's RNG
+    left untouched. An unreadable record (a :class:`SkippedSample`) is replaced by the next readable index
+    so that batches keep their size, and listed in the sample's ``"skipped"`` as ``(index, reason, path)``."""
+
+    def __init__(self, inner: Dataset, seed: int = 0) -> None:
+        if len(inner) == 0:
+            raise ValueError("inner: expected a non-empty dataset")
+        self.inner, self.seed = inner, seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key) -> Dict[str, Any]:
+        epoch, index = key
+        skipped = []
+        for attempt in range(len(self.inner)):
+            current = (index + attempt) % len(self.inner)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_sample_seed(self.seed, epoch, current))
+                sample = self.inner[current]
+            if isinstance(sample, SkippedSample):
+                skipped.append((current, sample.reason, sample.path))
+                continue
+            return {**sample, "skipped": skipped}
+        raise RuntimeError("SeededSamples: no record of the dataset could be read")
+
+
+def collate_task_samples(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Image keys padded into NestedTensors, ``target`` tensors stacked, ``skipped`` lists joined, the
+    rest kept as lists."""
+    batch: Dict[str, Any] = {"skipped": [entry for s in samples for entry in s.get("skipped", [])]}
+    for key in samples[0]:
+        if key == "skipped":
+            continue
+        values = [s[key] for s in samples]
+        if key in IMAGE_KEYS:
+            batch[key] = nested_tensor_from_images(values)
+        elif key == "target" and isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+def readable_samples(dataset: Dataset, batch_size: int, skipped: Dict[str, int]):
+    """Evaluation batches of ``dataset`` in order, unreadable records dropped and counted into ``skipped``."""
+    pending: List[Dict[str, Any]] = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if isinstance(sample, SkippedSample):
+            skipped[sample.reason] = skipped.get(sample.reason, 0) + 1
+            continue
+        pending.append(sample)
+        if len(pending) == batch_size:
+            yield collate_task_samples(pending)
+            pending = []
+    if pending:
+        yield collate_task_samples(pending)
+
+
+class StepDecay:
+    """Learning-rate multiplier: 1, times 0.1 after each milestone (fractions of ``max_steps``). A class,
+    not a lambda, so that the schedule is a plain function of the step."""
+
+    def __init__(self, milestones: Sequence[float], max_steps: int, factor: float = 0.1) -> None:
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps: expected a positive int, got {max_steps!r}")
+        if any(not 0 < m <= 1 for m in milestones):
+            raise ValueError(f"milestones: expected fractions in (0, 1], got {list(milestones)}")
+        self.steps = sorted(round(m * max_steps) for m in milestones)
+        self.factor = factor
+
+    def __call__(self, step: int) -> float:
+        return self.factor ** sum(step >= boundary for boundary in self.steps)

@@ -1,0 +1,153 @@
+"""Image captioning: the shared decoder generates the caption from an image-only encoder pass, trained
+with label-smoothed (0.1) token cross-entropy and decoded by beam search (beam 4, GNMT length penalty 0.9).
+It reads the Karpathy split (``coco/dataset_coco.json``) when present, otherwise COCO's captions files."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from fastvlp.data.datasets.image_records import ImageRecordDataset
+from fastvlp.data.datasets.skipped import SkippedSample
+from fastvlp.data.readers.coco import read_coco_captions
+from fastvlp.data.readers.karpathy import read_coco_karpathy
+from fastvlp.data.transforms import eval_transform
+from fastvlp.eval.caption_metrics import caption_scores
+from fastvlp.eval.result_files import caption_results
+from fastvlp.models.generation import generate_captions
+from fastvlp.models.masking import IGNORE_INDEX
+from fastvlp.models.task_losses import label_smoothed_token_loss
+from fastvlp.train.tasks.base import EvaluationResult, Task, TrainingData, readable_samples
+from fastvlp.train.tasks.batch import TaskBatch, TaskOutput, images_and_mask
+from fastvlp.train.tasks.model import ENCODER_PARTS, TaskModel
+from fastvlp.train.tasks.text_batch import encode_texts
+
+LABEL_SMOOTHING = 0.1
+NUM_BEAMS = 4
+LENGTH_PENALTY = 0.9
+MAX_CAPTION_TOKENS = 20
+CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
+
+
+class CaptionModel(TaskModel):
+    """The decoder and its caption head are E2E-VLP's own (pre-trained on captioning); no new head."""
+
+    task_name = "caption"
+    kept_parts = ENCODER_PARTS + ("decoder", "caption_head")
+
+    def forward(self, batch: TaskBatch) -> TaskOutput:
+        self.clear_attention_paths()
+        encoded = self.vlp.encode_image_only(batch["images"], batch["pixel_mask"])
+        ids, mask = batch["caption_ids"], batch["caption_attention_mask"]
+        logits = self.vlp.caption_logits(encoded, ids[:, :-1], mask[:, :-1])
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
+        loss = label_smoothed_token_loss(logits, labels, smoothing=LABEL_SMOOTHING)
+        return TaskOutput(loss, {"loss_cap": loss}, logits)
+
+    def generate(self, images, pixel_mask, tokenizer, num_beams: int = NUM_BEAMS, max_length: int = MAX_CAPTION_TOKENS):
+        """Caption strings for ``images`` (beam search by default; ``num_beams=1`` is greedy)."""
+        ids = generate_captions(
+            self.vlp, images, pixel_mask, bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
+            max_length=max_length, num_beams=num_beams, length_penalty=LENGTH_PENALTY, use_cache=True,
+        )
+        return [tokenizer.decode(row) for row in ids]
+
+
+class _OneCaptionPerImage(Dataset):
+    """An image with one of its captions, drawn with torch's RNG (seeded per sample by SeededSamples)."""
+
+    def __init__(self, records, transform) -> None:
+        self.inner = ImageRecordDataset(records, transform)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        sample = self.inner[index]
+        if isinstance(sample, SkippedSample):
+            return sample
+        captions = sample["captions"]
+        return {"image": sample["image"], "caption": captions[int(torch.randint(len(captions), ()))],
+                "image_id": sample["image_id"]}
+
+
+def _has_karpathy(data_dir: Path) -> bool:
+    return (Path(data_dir) / "coco" / "dataset_coco.json").is_file()
+
+
+def read_caption_records(data_dir: Path, split: str):
+    """The captioned images of ``split``: Karpathy's (``train`` also takes ``restval``) when
+    ``coco/dataset_coco.json`` exists, else COCO's own captions file of that split."""
+    coco = Path(data_dir) / "coco"
+    if _has_karpathy(data_dir):
+        splits = ["train", "restval"] if split == "train" else [split]
+        return read_coco_karpathy(coco, splits)
+    return read_coco_captions(coco, split)
+
+
+def caption_baseline(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
+    """Scores of the trivial baseline: the training set's most frequent caption, given for every image."""
+    counts = Counter(c.strip().lower() for r in train_records for c in r.captions)
+    top = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    references = {r.image_id: list(r.captions) for r in eval_records}
+    scores = caption_scores({image_id: top for image_id in references}, references)
+    return {name: float(scores[name]) for name in CAPTION_METRICS if name in scores}
+
+
+class CaptionTask(Task):
+    name = "caption"
+    loss_keys = ("loss", "loss_cap")
+    model_class = CaptionModel
+    eval_split = "test"  # Karpathy's; COCO's val when the data has no Karpathy file
+    default_max_steps = 3000
+
+    def read_training_data(self, data_dir: Path, options: Dict[str, Any]) -> TrainingData:
+        result = read_caption_records(data_dir, "train")
+        return TrainingData([r for r in result.records if r.captions], result.skips, {})
+
+    def tokenizer_texts(self, records):
+        return (c for r in records for c in r.captions)
+
+    def training_dataset(self, records, transform, task_state):
+        return _OneCaptionPerImage(records, transform)
+
+    def build_batch(self, collated, tokenizer, generator) -> TaskBatch:
+        images, pixel_mask = images_and_mask(collated)
+        caption_ids, caption_mask = encode_texts(tokenizer, collated["caption"])
+        return TaskBatch(images=images, pixel_mask=pixel_mask, caption_ids=caption_ids, caption_attention_mask=caption_mask)
+
+    @torch.inference_mode()
+    def evaluate(self, model, tokenizer, data_dir, split, device, batch_size, scale) -> EvaluationResult:
+        notes = []
+        if split == "test" and not _has_karpathy(data_dir):
+            split = "val"
+            notes.append("no coco/dataset_coco.json: evaluated on COCO's val captions")
+        result = read_caption_records(data_dir, split)
+        dataset = ImageRecordDataset(result.records, eval_transform(scale))
+        references = {r.image_id: list(r.captions) for r in result.records}
+        predictions: Dict[int, str] = {}
+        skipped = dict(result.skips.counts)
+        model.eval()
+        for collated in readable_samples(dataset, batch_size, skipped):
+            images, pixel_mask = images_and_mask(collated)
+            captions = model.generate(images.to(device), pixel_mask.to(device), tokenizer)
+            predictions.update(zip(collated["image_id"], captions))
+        metrics: Dict[str, Any] = {}
+        if predictions:
+            scores = caption_scores(predictions, {k: references[k] for k in predictions})
+            metrics = {name: float(scores[name]) for name in CAPTION_METRICS if name in scores}
+            notes += [f"{name}: {reason}" for name, reason in scores.get("skipped", {}).items()]
+            notes.append(f"captions tokenised by the {scores.get('tokenizer')} tokenizer")
+        return EvaluationResult(self.name, split, len(predictions), metrics, caption_results(predictions), skipped, notes)
+
+    @torch.inference_mode()
+    def predict(self, model, tokenizer, images, sizes, text: Optional[str], top_k: int) -> Dict[str, Any]:
+        from fastvlp.data.collate import nested_tensor_from_images
+
+        nested = nested_tensor_from_images(images[:1])
+        device = next(model.parameters()).device
+        caption = model.generate(nested.tensors.to(device), nested.mask.to(device), tokenizer)[0]
+        return {"task": "caption", "caption": caption}

@@ -1,0 +1,181 @@
+"""The fine-tuning driver (``run_finetuning``): bit-identical resume, starting from a pre-training
+checkpoint, refusing an existing run, option errors and the default learning-rate schedules (short CPU runs
+of a very small model on a small synthetic set)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import SMALL_MODEL, SMALL_SCALE, small_options
+
+from fastvlp.data.synth.generate import write_synthetic_dataset
+from fastvlp.data.tokenizer import WordPieceTokenizer
+from fastvlp.train.checkpoint import list_checkpoints
+from fastvlp.train.finetune import FinetuneOptions, run_finetuning
+from fastvlp.train.loop import RunExistsError
+from fastvlp.train.metrics_log import read_metrics
+from fastvlp.train.pretrain import run_pretraining
+from fastvlp.train.tasks import get_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY_LR = 5e-4  # the tiny preset pre-trains at 5e-4, five times the paper's 1e-4
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 synthetic images: coco + vg (pre-training), vqa, flickr30k; and a vocab.txt of the VQA questions
+    (runs that are compared share it: the WordPiece trainer's ties differ from run to run)."""
+    root = tmp_path_factory.mktemp("finetune")
+    write_synthetic_dataset(root / "data", 24, seed=0, datasets=("coco", "vg", "vqa", "flickr30k"))
+    task = get_task("vqa")
+    records = task.read_training_data(root / "data", {}).records
+    vocab = WordPieceTokenizer.train_on_texts(task.tokenizer_texts(records)).backend.get_vocab()
+    (root / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+    return root / "data"
+
+
+def vqa_options(data, out, **changes):
+    values = dict(task="vqa", preset="tiny", data=data, out=out, max_steps=4, batch_size=4, seed=1, progress=False,
+                  scale=SMALL_SCALE, config_overrides=dict(SMALL_MODEL), device="cpu", vocab=data.parent / "vocab.txt",
+                  task_options={"num_answers": 8})
+    values.update(changes)
+    return FinetuneOptions(**values)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    return run_finetuning(vqa_options(data, tmp_path_factory.mktemp("straight") / "run"))
+
+
+def test_stop_after_then_resume_is_bitwise_equal_to_a_straight_run(data, straight, tmp_path):
+    out = tmp_path / "run"
+    first = run_finetuning(vqa_options(data, out, stop_after=2))
+    assert first.step == 2 and [p.name for p in list_checkpoints(out)] == ["step-2"]
+    second = run_finetuning(vqa_options(data, out, resume=True))
+    assert second.step == 4 and straight.step == 4
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(straight.checkpoint / name)), load_file(str(second.checkpoint / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (second.checkpoint / "task.json").read_text() == (straight.checkpoint / "task.json").read_text()
+    records, reference = read_metrics(out / "metrics.jsonl"), read_metrics(straight.metrics_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [(r["loss"], r["lr"]) for r in records] == [(r["loss"], r["lr"]) for r in reference]
+    # the first half trained: its weights differ from the end's
+    half = load_file(str(first.checkpoint / "model.safetensors"))
+    end = load_file(str(second.checkpoint / "model.safetensors"))
+    assert not torch.equal(half["head.classifier.output.weight"], end["head.classifier.output.weight"])
+
+
+def test_checkpoint_task_file_and_metrics(straight, data):
+    saved = json.loads((straight.checkpoint / "task.json").read_text())
+    answers = get_task("vqa").read_training_data(data, {"num_answers": 8}).task_state["answers"]
+    assert saved == {"task": "vqa", "preset": "tiny", "pretraining_rates": [TINY_LR, TINY_LR], "answers": answers}
+    for record in read_metrics(straight.metrics_path):
+        assert record["loss"] > 0 and record["loss"] == pytest.approx(record["loss_vqa"], rel=1e-6)
+    run_info = json.loads((straight.run_dir / "run.json").read_text())
+    assert run_info["task"] == "vqa" and run_info["config"]["d_model"] == SMALL_MODEL["d_model"]
+
+
+def test_default_lr_steps_down_at_half_and_three_quarters(straight):
+    """VQA's paper rate 1e-4, scaled by tiny's 5e-4 / 1e-4; x0.1 after 6/12 and 9/12 of the 4 steps, i.e.
+    once 2 and 3 updates are done (the metrics line of a step shows the rate that step used)."""
+    lr = 1e-4 * TINY_LR / 1e-4
+    records = read_metrics(straight.metrics_path)
+    assert [r["lr"] for r in records] == pytest.approx([lr, lr, lr / 10, lr / 100], rel=1e-9)
+    assert [r["lr_backbone"] for r in records] == pytest.approx([lr, lr, lr / 10, lr / 100], rel=1e-9)  # tiny's ratio 1
+    config = json.loads((straight.run_dir / "run.json").read_text())["config"]
+    assert config["lr"] == pytest.approx(lr) and config["lr_backbone"] == pytest.approx(lr)
+
+
+def test_retrieval_default_lr_warms_up(data, tmp_path):
+    """Retrieval: the paper's 5e-5, scaled alike, with linear warm-up (10% of 20 steps) and decay."""
+    options = FinetuneOptions(task="retrieval", preset="tiny", data=data, out=tmp_path / "run", max_steps=20,
+                              stop_after=2, batch_size=3, progress=False, scale=SMALL_SCALE, device="cpu",
+                              config_overrides=dict(SMALL_MODEL), vocab=data.parent / "vocab.txt",
+                              task_options={"num_negatives": 2})
+    result = run_finetuning(options)
+    lr = 5e-5 * TINY_LR / 1e-4
+    assert result.step == 2
+    assert [r["lr"] for r in read_metrics(result.metrics_path)] == pytest.approx([lr / 2, lr], rel=1e-9)
+
+
+def test_an_existing_run_is_refused_without_resume(data, straight):
+    before = straight.metrics_path.read_text()
+    with pytest.raises(RunExistsError, match="--resume"):
+        run_finetuning(vqa_options(data, straight.run_dir))
+    assert straight.metrics_path.read_text() == before
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, tmp_path_factory):
+    result = run_pretraining(small_options(data, tmp_path_factory.mktemp("pretrain") / "run", max_steps=1, vocab=None))
+    return result.checkpoint
+
+
+def test_init_from_a_pretraining_checkpoint(data, pretrained, tmp_path):
+    # A vanishing rate leaves every trained weight as loaded, so the saved weights show what the init loaded.
+    result = run_finetuning(vqa_options(data, tmp_path / "run", preset=None, init=pretrained, max_steps=1, lr=1e-50,
+                                        config_overrides={}, vocab=None))
+    report = json.loads((tmp_path / "run" / "init_report.json").read_text())
+    assert report["init"] == str(pretrained) and report["loaded"] > 0 and report["mismatched"] == []
+    assert report["new"] and all(key.startswith("head.") for key in report["new"])
+    assert "head.classifier.output.weight" in report["new"]
+    assert any(key.startswith("vlp.decoder.") for key in report["unused"])
+    assert not any(key.startswith(("vlp.encoder.", "vlp.backbone.", "vlp.text_embeddings.")) for key in report["unused"])
+
+    before = load_file(str(pretrained / "model.safetensors"))
+    after = load_file(str(result.checkpoint / "model.safetensors"))
+    compared = 0
+    for key, value in after.items():
+        if key.startswith(("vlp.encoder.", "vlp.backbone.", "vlp.text_embeddings.")) and not key.endswith(BN_BUFFERS):
+            source = key[len("vlp."):]
+            if source in before:  # a tied weight is stored under one name
+                assert torch.equal(value, before[source]), key
+                compared += 1
+    assert compared > 20
+    assert any(k.startswith("vlp.encoder.") for k in after) and not any(k.startswith("vlp.decoder.") for k in after)
+
+    saved = json.loads((result.checkpoint / "task.json").read_text())
+    assert saved["task"] == "vqa" and saved["preset"] == "tiny" and saved["pretraining_rates"] == [TINY_LR, TINY_LR]
+    assert saved["answers"] == get_task("vqa").read_training_data(data, {"num_answers": 8}).task_state["answers"]
+    assert read_metrics(result.metrics_path)[0]["lr"] == 1e-50  # an explicit lr replaces the default
+    # the checkpoint's tokenizer and configuration came with it
+    assert (result.checkpoint / "tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
+    config = json.loads((result.checkpoint / "config.json").read_text())
+    assert config["d_model"] == SMALL_MODEL["d_model"] and config["lr"] == 1e-50
+
+
+def test_option_errors(data, tmp_path):
+    out = tmp_path / "run"
+
+    def options(**changes):
+        values = dict(task="vqa", preset="tiny", data=data, out=out)
+        values.update(changes)
+        return FinetuneOptions(**values)
+
+    with pytest.raises(ValueError, match="task"):
+        run_finetuning(options(task="captioning"))
+    with pytest.raises(ValueError, match="init, preset"):
+        run_finetuning(options(init=tmp_path))
+    with pytest.raises(ValueError, match="init, preset"):
+        run_finetuning(options(preset=None))
+    with pytest.raises(ValueError, match="preset"):
+        run_finetuning(options(preset="huge"))
+    with pytest.raises(FileNotFoundError, match="init"):
+        run_finetuning(options(preset=None, init=tmp_path))  # no config.json: not a checkpoint
+    with pytest.raises(FileNotFoundError, match="data"):
+        run_finetuning(options(data=tmp_path / "missing"))
+    with pytest.raises(ValueError, match="lr"):
+        run_finetuning(options(lr=0.0))
+    with pytest.raises(ValueError, match="max_steps"):
+        run_finetuning(options(max_steps=0))
+    with pytest.raises(FileNotFoundError, match="vocab"):
+        run_finetuning(options(vocab=tmp_path / "vocab.txt"))
+    with pytest.raises(TypeError, match="options"):
+        run_finetuning({"task": "vqa"})
+    assert not out.exists()  # nothing was started
+    defaults = options()
+    defaults.validate()
+    assert defaults.max_steps == get_task("vqa").default_max_steps == 3000
