@@ -137,7 +137,7 @@ def test_loss_is_label_smoothed_cross_entropy(config, task, training, tokenizer)
                 count += 1
     assert output.loss.item() == pytest.approx((total / count).item(), rel=1e-5)
     output.loss.backward()
-    for parameter in (model.vlp.caption_head.parameters().__next__(), model.vlp.decoder.layers[0].linear1.weight,
+    for parameter in (next(model.vlp.caption_head.parameters()), model.vlp.decoder.layers[0].linear1.weight,
                       model.vlp.encoder.layers[0].linear1.weight, next(model.vlp.backbone.body.parameters())):
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0
 

@@ -119,7 +119,8 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def configure_threads(context: DistributedContext) -> int:
-    """On the CPU, share the cores this process may use among the local ranks (intra-op threads only)."""
+    """On the CPU, share the cores this process may use among the local ranks (intra-op threads only), never
+    raising the thread count the caller set."""
     if context.device.type != "cpu":
         return torch.get_num_threads()
     try:
@@ -127,7 +128,7 @@ def configure_threads(context: DistributedContext) -> int:
     except AttributeError:
         cores = os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
-    threads = max(1, cores // max(1, local))
+    threads = max(1, min(torch.get_num_threads(), cores // max(1, local)))
     torch.set_num_threads(threads)
     return threads
 

@@ -165,7 +165,7 @@ class StepDecay:
             raise ValueError(f"max_steps: expected a positive int, got {max_steps!r}")
         if any(not 0 < m <= 1 for m in milestones):
             raise ValueError(f"milestones: expected fractions in (0, 1], got {list(milestones)}")
-        self.steps = sorted(round(m * max_steps) for m in milestones)
+        self.steps = sorted(max(1, round(m * max_steps)) for m in milestones)
         self.factor = factor
 
     def __call__(self, step: int) -> float:

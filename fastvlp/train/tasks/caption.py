@@ -91,6 +91,8 @@ def read_caption_records(data_dir: Path, split: str):
 def caption_baseline(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
     """Scores of the trivial baseline: the training set's most frequent caption, given for every image."""
     counts = Counter(c.strip().lower() for r in train_records for c in r.captions)
+    if not counts:
+        raise ValueError("train_records: expected at least one caption")
     top = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
     references = {r.image_id: list(r.captions) for r in eval_records}
     scores = caption_scores({image_id: top for image_id in references}, references)

@@ -56,6 +56,8 @@ def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, 
     for r in train_records:
         if r.multiple_choice_answer:
             by_type.setdefault(r.question_type or "", Counter())[normalize_vqa_answer(r.multiple_choice_answer)] += 1
+    if not overall:
+        raise ValueError("train_records: expected at least one record with a multiple_choice_answer")
     top = min(overall.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
     def type_answer(record) -> str:
@@ -127,4 +129,4 @@ class VqaTask(Task):
         values, indices = scores.topk(min(top_k, scores.numel()))
         answers = model.task_state["answers"]
         return {"task": "vqa", "question": text,
-                "answers": [{"answer": answers[i], "score": round(float(v), 6)} for v, i in zip(values.tolist(), indices.tolist())]}
+                "answers": [{"answer": answers[i], "score": float(v)} for v, i in zip(values.tolist(), indices.tolist())]}
