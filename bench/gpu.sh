@@ -45,6 +45,8 @@ for batch in 32 16 8 4; do
   echo "batch $batch does not fit: trying a smaller one"
 done
 
+step bench-generation $PYTHON -m fastvlp bench generation --preset e2e-vlp-6-r50 --device cuda --batch-size 16 \
+  --max-length 20 --repeats 5
 step bench-e2e $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
   --batch-size 1 --repeats 20 --amp --compile
 

@@ -33,11 +33,6 @@ def _split_in_projection(attention: nn.Module) -> Tuple[Tuple[Tensor, ...], Tupl
     return weights, biases
 
 
-def _attention_backend(attention: nn.Module) -> str:
-    # fastvlp's module names its fused-op backend; torch's module gets the dispatcher's default choice.
-    return getattr(attention, "backend", "auto")
-
-
 class IncrementalCaptionDecoder:
     """Feeds caption tokens to ``model``'s decoder one position at a time.
 
@@ -76,7 +71,14 @@ class IncrementalCaptionDecoder:
         return x.unflatten(-1, (self.num_heads, -1))  # [B, L, d] -> [B, L, H, D]
 
     def _attend(self, attention: nn.Module, q: Tensor, k: Tensor, v: Tensor, key_padding_mask=None) -> Tensor:
-        out = dispatch.attention(q, k, v, key_padding_mask=key_padding_mask, backend=_attention_backend(attention))
+        if hasattr(attention, "backend"):
+            out = dispatch.attention(q, k, v, key_padding_mask=key_padding_mask, backend=attention.backend)
+        else:
+            # The torch backend's model decodes through torch's own attention, so that benchmarks compare
+            # the two backends on the cached path too. Memory rows always keep at least one image token.
+            mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask).transpose(1, 2)
         return F.linear(out.flatten(2), attention.out_proj.weight, attention.out_proj.bias)
 
     def step(self, token_ids: Tensor) -> Tensor:

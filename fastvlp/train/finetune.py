@@ -42,14 +42,14 @@ from fastvlp.train.tasks.weights import load_task_weights
 TASK_FILE = "task.json"
 CONFIG_FILE = "config.json"
 INIT_REPORT = "init_report.json"
-PAPER_LR = 1e-4  # the paper's pre-training rate, against which a preset's own rate is a scale
 
 
 @dataclass
 class FinetuneOptions:
     """Everything ``fastvlp finetune`` takes. Exactly one of ``init`` (a checkpoint directory) and ``preset``
-    (random weights) is given. ``lr`` overrides the task's default rate (the paper's, scaled as the
-    preset scales pre-training's); ``task_options`` are task-specific (``num_answers`` for VQA,
+    (random weights) is given. ``lr`` overrides the task's default rate, the paper's; the backbone's rate
+    keeps the ratio to it that the model was pre-trained with (a tenth for the paper's presets, equal for
+    ``tiny``, whose backbone starts from random weights). ``task_options`` are task-specific (``num_answers`` for VQA,
     ``with_text`` for detection, ``num_negatives`` for retrieval)."""
 
     task: str
@@ -116,8 +116,7 @@ def run_finetuning(options: FinetuneOptions) -> TrainingResult:
 
 
 def _task_config(options: FinetuneOptions, task, base: E2EVLPConfig, preset_lr: float, preset_lr_backbone: float) -> E2EVLPConfig:
-    scale = preset_lr / PAPER_LR
-    lr = options.lr if options.lr is not None else task.paper_lr * scale
+    lr = options.lr if options.lr is not None else task.paper_lr
     changes: Dict[str, Any] = {"lr": lr, "lr_backbone": lr * preset_lr_backbone / preset_lr}
     if options.attention_backend is not None:
         changes["attention_backend"] = options.attention_backend
@@ -229,8 +228,8 @@ def source_preset(checkpoint: Path) -> Optional[str]:
 
 
 def _pretraining_rates(checkpoint: Path, config: E2EVLPConfig):
-    """The learning rates of the checkpoint's pre-training, which scale this task's rates: a fine-tuned
-    checkpoint's config holds its own task's rate, so its ``task.json`` remembers them."""
+    """The learning rates of the checkpoint's pre-training, whose ratio the task's backbone rate keeps: a
+    fine-tuned checkpoint's config holds its own task's rates, so its ``task.json`` remembers these."""
     if (checkpoint / TASK_FILE).is_file():
         rates = read_task_file(checkpoint).get("pretraining_rates")
         if rates:

@@ -49,10 +49,10 @@ class EvaluationResult:
 
 
 class Task:
-    """One downstream task. ``paper_lr`` is the paper's learning rate for the Transformer (the backbone's is
-    a tenth of it, as in pre-training); presets that pre-train at another rate (``tiny``) scale both by
-    the same factor. ``decay_milestones`` are the fractions of training after which the rate is multiplied
-    by 0.1 (the paper: the ends of epochs 6 and 9 of 12); None means linear warm-up and decay."""
+    """One downstream task. ``paper_lr`` is the paper's learning rate for the Transformer and heads; the
+    backbone's keeps the ratio it had in pre-training. ``decay_milestones`` are the fractions of training
+    after which the rate is multiplied by 0.1 (the paper: the ends of epochs 6 and 9 of 12); None means
+    linear warm-up and decay."""
 
     name = ""
     loss_keys: Tuple[str, ...] = ("loss",)
