@@ -104,3 +104,29 @@ def test_resnet10_is_torchvision_resnet_with_one_block_a_stage():
     tokens = backbone(images, mask)
     assert tokens.spatial_shape == (3, 3) and tokens.features.shape == (2, 9, 8)
     assert tokens.padding_mask[1].any() and not tokens.padding_mask[0].any()
+
+
+def test_c4_output_has_stride_16_and_layer3_channels():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[0, 40:] = True
+    c4 = Backbone("resnet10", 8, frozen_batch_norm=False, output="c4")
+    assert c4.num_channels == 256 and not hasattr(c4.body, "layer4")
+    tokens = c4(images, mask)
+    assert tokens.spatial_shape == (4, 6) and tokens.features.shape == (2, 24, 8)
+    # the padding mask is the pixel mask downsampled to the stride-16 grid: rows 40.. of 64 -> rows 3.. of 4
+    assert tokens.padding_mask[0].view(4, 6)[3:].all() and not tokens.padding_mask[0].view(4, 6)[:2].any()
+    assert not tokens.padding_mask[1].any()
+    assert Backbone("resnet50", 8, output="c4").num_channels == 1024
+
+
+def test_c4_backbone_loads_a_full_resnet_state_dict_without_layer4():
+    source = torchvision.models.resnet18(weights=None)
+    backbone = Backbone("resnet18", 8, frozen_batch_norm=False, output="c4")
+    backbone.load_backbone_weights(source.state_dict())
+    assert torch.equal(backbone.body.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    with pytest.raises(ValueError, match="frozen_stages"):
+        Backbone("resnet18", 8, output="c4", frozen_stages=4)
+    with pytest.raises(ValueError, match="output"):
+        Backbone("resnet18", 8, output="c3")

@@ -1,4 +1,4 @@
-"""The visual backbone: a torchvision ResNet's C5 map, a 1x1 projection to ``d_model`` and the pixel mask
+"""The visual backbone: a torchvision ResNet's C5 (or C4) map, a 1x1 projection to ``d_model`` and the pixel mask
 downsampled with it, flattened into image tokens with their 2-D sine position encodings."""
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ from fastvlp.nn.position_encoding import PositionEmbeddingSine
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Modules frozen by `frozen_stages = k`: the stem and layer1 .. layer<k> (k = 0: none).
 _STAGES = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",))
+# The feature map the tokens come from: C5 (layer4, stride 32) as in the paper, or C4 (layer3, stride 16),
+# which gives small images four times the tokens.
+OUTPUTS = {"c5": "layer4", "c4": "layer3"}
+_STAGE_COUNT = {"c5": 4, "c4": 3}
 
 
 @dataclass
@@ -42,15 +46,19 @@ def check_images(images: Tensor, pixel_mask: Tensor) -> None:
 
 
 class Backbone(nn.Module):
-    """ResNet body up to ``layer4`` (stride 32), a 1x1 convolution to ``d_model``, the sine encoding.
+    """ResNet body up to ``layer4`` (C5, stride 32; ``output="c4"``: up to ``layer3``, stride 16), a 1x1
+    convolution to ``d_model``, the sine encoding.
 
     Padded pixels are zeroed before the ResNet, so what a batch's padding holds never reaches the
     features (its extent does, through the convolutions' receptive fields, as in DETR). The weights
     start random; :meth:`load_backbone_weights` reads a torchvision ResNet checkpoint from a path.
     """
 
-    def __init__(self, name: str = "resnet50", d_model: int = 256, frozen_batch_norm: bool = True, frozen_stages: int = 0):
+    def __init__(self, name: str = "resnet50", d_model: int = 256, frozen_batch_norm: bool = True, frozen_stages: int = 0,
+                 output: str = "c5"):
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {tuple(OUTPUTS)}, got {output!r}")
         if name not in RESNETS:
             raise ValueError(f"name: expected one of {RESNETS}, got {name!r}")
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= len(_STAGES):
@@ -62,11 +70,15 @@ class Backbone(nn.Module):
             resnet = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
         else:
             resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
-        self.num_channels = resnet.fc.in_features
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "c5"})
+        # C4 (layer3, stride 16) has half of C5's channels in every torchvision ResNet.
+        self.num_channels = resnet.fc.in_features if output == "c5" else resnet.fc.in_features // 2
+        if frozen_stages > _STAGE_COUNT[output]:
+            raise ValueError(f"frozen_stages: output {output} keeps {_STAGE_COUNT[output]} stages, got {frozen_stages}")
+        self.body = IntermediateLayerGetter(resnet, return_layers={OUTPUTS[output]: output})
+        self.dropped_modules = {name for name, _ in resnet.named_children()} - set(dict(self.body.named_children()))
         self.input_proj = nn.Conv2d(self.num_channels, d_model, kernel_size=1)
         self.position_encoding = PositionEmbeddingSine(d_model // 2, normalize=True)
-        self.name, self.frozen_stages = name, frozen_stages
+        self.name, self.frozen_stages, self.output = name, frozen_stages, output
         self._freeze_stages()
 
     def _freeze_stages(self) -> None:
@@ -92,7 +104,8 @@ class Backbone(nn.Module):
             state = source
         else:
             raise TypeError(f"source: expected a path or a state dict, got {type(source).__name__}")
-        state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        # The classifier, and for a C4 backbone layer4, have no place in the body.
+        state = {key: value for key, value in state.items() if key.split(".")[0] not in self.dropped_modules}
         # FrozenBatchNorm2d has no num_batches_tracked buffer; torchvision checkpoints do.
         expected = set(self.body.state_dict())
         state = {key: value for key, value in state.items() if key in expected or not key.endswith("num_batches_tracked")}
@@ -109,7 +122,7 @@ class Backbone(nn.Module):
         """``images`` ``[B, 3, H, W]``, ``pixel_mask`` bool ``[B, H, W]`` (True = padding) -> :class:`VisualTokens`."""
         check_images(images, pixel_mask)
         images = images.masked_fill(pixel_mask[:, None], 0.0)
-        feature_map = self.input_proj(self.body(images)["c5"])
+        feature_map = self.input_proj(self.body(images)[self.output])
         height, width = feature_map.shape[-2:]
         mask = F.interpolate(pixel_mask[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(torch.bool)
         pos = self.position_encoding(mask)

@@ -31,7 +31,8 @@ class E2EVLPConfig:
 
     Architecture: ``backbone`` (torchvision ResNet name), ``frozen_batch_norm`` (FrozenBatchNorm2d in the
     backbone, as the paper; plain trainable BatchNorm2d otherwise), ``backbone_frozen_stages`` (0: the whole
-    backbone trains; k in 1..4: the stem and layer1..layer<k> are frozen; 1 is DETR's choice), ``d_model``,
+    backbone trains; k in 1..4: the stem and layer1..layer<k> are frozen; 1 is DETR's choice),
+    ``backbone_output`` (``"c5"``, the paper's stride-32 map, or ``"c4"``, stride 16), ``d_model``,
     ``num_heads`` (must divide ``d_model``), ``ffn_dim``, ``num_encoder_layers``, ``num_decoder_layers``
     (the decoder shared by detection and captioning), ``dropout``, ``activation`` of the feed-forward networks.
 
@@ -60,6 +61,7 @@ class E2EVLPConfig:
     backbone: str = "resnet50"
     frozen_batch_norm: bool = True
     backbone_frozen_stages: int = 1
+    backbone_output: str = "c5"
     d_model: int = 256
     num_heads: int = 8
     ffn_dim: int = 1024
@@ -132,7 +134,7 @@ class E2EVLPConfig:
             raise ValueError("match_cost_class, match_cost_bbox and match_cost_giou can't all be 0")
         choices = (
             ("backbone", BACKBONES), ("attribute_loss", ATTRIBUTE_LOSSES), ("attention_backend", ATTENTION_BACKENDS),
-            ("matcher_backend", MATCHER_BACKENDS), ("activation", ("relu", "gelu")),
+            ("matcher_backend", MATCHER_BACKENDS), ("activation", ("relu", "gelu")), ("backbone_output", ("c5", "c4")),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

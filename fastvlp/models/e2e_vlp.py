@@ -51,7 +51,8 @@ class E2EVLP(nn.Module):
             raise TypeError(f"config: expected an E2EVLPConfig, got {type(config).__name__}")
         self.config = config
         d = config.d_model
-        self.backbone = Backbone(config.backbone, d, config.frozen_batch_norm, config.backbone_frozen_stages)
+        self.backbone = Backbone(config.backbone, d, config.frozen_batch_norm, config.backbone_frozen_stages,
+                                 config.backbone_output)
         self.text_embeddings = TextEmbeddings(
             config.vocab_size, d, config.max_text_len, config.type_vocab_size, config.pad_token_id, config.dropout,
             config.layer_norm_eps,

@@ -1,0 +1,42 @@
+"""Print the downstream check's table: each task's metrics from OUT/<task>.eval.json next to its target and,
+for VQA and captioning, the trivial baselines computed from the data.
+
+    python scripts/downstream_table.py OUT DATA
+"""
+import json
+import sys
+from pathlib import Path
+
+from fastvlp.data.readers.vqa import read_vqa
+from fastvlp.train.tasks.caption import caption_baseline, read_caption_records
+from fastvlp.train.tasks.vqa import vqa_baselines
+
+
+def main(out: Path, data: Path) -> None:
+    metrics = {}
+    for task in ("vqa", "nlvr2", "caption", "retrieval", "detection"):
+        path = out / f"{task}.eval.json"
+        metrics[task] = json.loads(path.read_text())["metrics"] if path.is_file() else {}
+    vqa = vqa_baselines(read_vqa(data / "vqa", data / "coco", "train").records,
+                        read_vqa(data / "vqa", data / "coco", "val").records)
+    caption = caption_baseline(read_caption_records(data, "train").records, read_caption_records(data, "test").records)
+    rows = [
+        ("vqa", "accuracy", metrics["vqa"].get("accuracy"),
+         f">= 2x most frequent answer ({vqa['most_frequent_answer']:.3f}) and 1.25x question-type prior "
+         f"({vqa['question_type_prior']:.3f})"),
+        ("nlvr2", "accuracy", metrics["nlvr2"].get("accuracy"), ">= 0.65"),
+        ("caption", "cider", metrics["caption"].get("cider"), f">= 3x most frequent caption ({caption['cider']:.3f})"),
+        ("retrieval", "txt_r5", metrics["retrieval"].get("txt_r5"), ">= 0.15"),
+        ("retrieval", "img_r5", metrics["retrieval"].get("img_r5"), ">= 0.15"),
+        ("detection", "ap50", metrics["detection"].get("ap50"), ">= 0.2"),
+    ]
+    print(f"| task | metric | result | target |\n|---|---|---|---|")
+    for task, name, value, target in rows:
+        shown = "not run" if value is None else f"{value:.3f}"
+        print(f"| {task} | {name} | {shown} | {target} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python scripts/downstream_table.py OUT DATA")
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
