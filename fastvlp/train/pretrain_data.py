@@ -22,6 +22,7 @@ from fastvlp.data.skips import NO_ANNOTATIONS
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import ImageTransform
 from fastvlp.models.pretraining_batch import PretrainingBatch, make_pretraining_batch
+from fastvlp.train.seeded_samples import SeededSamples
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,38 @@ def build_tokenizer(corpus: PretrainingCorpus, vocab: Optional[Path], vocab_size
     return WordPieceTokenizer.train_on_texts((c for r in corpus.records for c in r.captions), vocab_size=vocab_size)
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+class _PretrainingRecords(Dataset):
+    """Image ``index`` transformed, with its detection target, a text and a caption drawn from its captions
+    with torch's RNG; a :class:`SkippedSample` when the image does not decode."""
+
+    def __init__(self, records: Sequence[ImageRecord], transform: ImageTransform, classes: LabelSpace,
+                 attributes: Optional[LabelSpace], category_map: Dict[int, int]) -> None:
+        self.inner = ImageRecordDataset(records, transform, classes, attributes, category_map)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        sample = self.inner[index]
+        if isinstance(sample, SkippedSample):
+            return sample
+        captions = sample["captions"]
+        picks = torch.randint(len(captions), (2,)).tolist()
+        record = self.inner.records[index]
+        return {
+            "image": sample["image"],
+            "text": captions[picks[0]],
+            "caption": captions[picks[1]],
+            "target": {
+                "labels": sample["labels"],
+                "boxes": sample["boxes"],
+                **({"attributes": sample["attributes"]} if sample["attributes"].shape[1] else {}),
+            } if record.objects else None,
+            "image_key": f"{record.source}:{record.image_id}",
+        }
 
 
-class PretrainingSamples(Dataset):
+class PretrainingSamples(SeededSamples):
     """Item ``(epoch, index)``: the transformed image ``index`` with its detection target, a text and a
     caption drawn from its captions. All randomness (scale, choice of captions) is seeded by
     ``(seed, epoch, index)``, so a sample does not depend on worker processes or on what ran before,
@@ -128,40 +156,7 @@ class PretrainingSamples(Dataset):
 
     def __init__(self, records: Sequence[ImageRecord], transform: ImageTransform, classes: LabelSpace,
                  attributes: Optional[LabelSpace], category_map: Dict[int, int], seed: int = 0) -> None:
-        self.inner = ImageRecordDataset(records, transform, classes, attributes, category_map)
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key) -> Dict[str, Any]:
-        epoch, index = key
-        skipped = []
-        for attempt in range(len(self.inner)):
-            current = (index + attempt) % len(self.inner)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_sample_seed(self.seed, epoch, current))
-                sample = self.inner[current]
-                if isinstance(sample, SkippedSample):
-                    skipped.append((current, sample.reason, sample.path))
-                    continue
-                captions = sample["captions"]
-                picks = torch.randint(len(captions), (2,)).tolist()
-            record = self.inner.records[current]
-            has_objects = len(record.objects) > 0
-            return {
-                "image": sample["image"],
-                "text": captions[picks[0]],
-                "caption": captions[picks[1]],
-                "target": {
-                    "labels": sample["labels"],
-                    "boxes": sample["boxes"],
-                    **({"attributes": sample["attributes"]} if sample["attributes"].shape[1] else {}),
-                } if has_objects else None,
-                "image_key": f"{record.source}:{record.image_id}",
-                "skipped": skipped,
-            }
-        raise RuntimeError("PretrainingSamples: no image of the corpus could be read")
+        super().__init__(_PretrainingRecords(records, transform, classes, attributes, category_map), seed)
 
 
 def collate_pretraining_samples(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

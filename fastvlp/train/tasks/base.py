@@ -14,6 +14,7 @@ from fastvlp.data.datasets.skipped import SkippedSample
 from fastvlp.data.skips import SkipCounter
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import ImageTransform
+from fastvlp.train.seeded_samples import SeededSamples  # noqa: F401  (re-exported for the tasks)
 from fastvlp.train.tasks.batch import TaskBatch
 from fastvlp.train.tasks.model import TaskModel
 
@@ -88,39 +89,6 @@ class Task:
     def predict(self, model: TaskModel, tokenizer: WordPieceTokenizer, images: List[torch.Tensor],
                 sizes: List[Tuple[int, int]], text: Optional[str], top_k: int) -> Dict[str, Any]:
         raise NotImplementedError
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index + 7
-
-
-class SeededSamples(Dataset):
-    """Item ``(epoch, index)``: ``inner[index]`` drawn under a torch RNG seeded by ``(seed, epoch, index)``
-    (so augmentation does not depend on worker processes or on earlier samples), with the caller's RNG
-    left untouched. An unreadable record (a :class:`SkippedSample`) is replaced by the next readable index
-    so that batches keep their size, and listed in the sample's ``"skipped"`` as ``(index, reason, path)``."""
-
-    def __init__(self, inner: Dataset, seed: int = 0) -> None:
-        if len(inner) == 0:
-            raise ValueError("inner: expected a non-empty dataset")
-        self.inner, self.seed = inner, seed
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key) -> Dict[str, Any]:
-        epoch, index = key
-        skipped = []
-        for attempt in range(len(self.inner)):
-            current = (index + attempt) % len(self.inner)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_sample_seed(self.seed, epoch, current))
-                sample = self.inner[current]
-            if isinstance(sample, SkippedSample):
-                skipped.append((current, sample.reason, sample.path))
-                continue
-            return {**sample, "skipped": skipped}
-        raise RuntimeError("SeededSamples: no record of the dataset could be read")
 
 
 def collate_task_samples(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
