@@ -44,14 +44,17 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
-                        attention_backend: Optional[str] = None) -> "Predictor":
+                        attention_backend: Optional[str] = None, expected_task: Optional[str] = None) -> "Predictor":
         """Load ``checkpoint`` (a ``checkpoints/step-N`` directory of ``fastvlp finetune``) on ``device``
-        (default: CUDA when available, else the CPU)."""
+        (default: CUDA when available, else the CPU). ``expected_task``, when given, must be the
+        checkpoint's task."""
         checkpoint = Path(checkpoint)
         for name in (CONFIG_FILE, TOKENIZER, "model.safetensors"):
             if not (checkpoint / name).is_file():
                 raise FileNotFoundError(f"checkpoint: {checkpoint} has no {name}")
         saved = read_task_file(checkpoint)
+        if expected_task is not None and saved.get("task") != expected_task:
+            raise ValueError(f"task: {expected_task}, but {checkpoint} was fine-tuned for {saved.get('task')}")
         task = get_task(saved.get("task"))
         config = E2EVLPConfig.from_json((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         if attention_backend is not None:

@@ -38,13 +38,9 @@ def format_table(result) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from fastvlp.inference import Predictor
-    from fastvlp.train.finetune import read_task_file
 
     try:
-        saved_task = read_task_file(args.checkpoint).get("task")
-        if saved_task != args.task:
-            raise ValueError(f"--task: {args.task}, but {args.checkpoint} was fine-tuned for {saved_task}")
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, expected_task=args.task)
         result = predictor.evaluate(args.data, args.split, batch_size=args.batch_size)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"fastvlp evaluate: {error}", file=sys.stderr)
