@@ -21,7 +21,7 @@ from fastvlp.data.images import load_rgb_image
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import eval_transform
 from fastvlp.models.config import E2EVLPConfig
-from fastvlp.train.finetune import CONFIG_FILE, default_scale, read_task_file
+from fastvlp.train.finetune import CONFIG_FILE, TASK_FILE, default_scale, read_task_file
 from fastvlp.train.pretrain_data import TOKENIZER
 from fastvlp.train.tasks import get_task
 from fastvlp.train.tasks.base import EvaluationResult
@@ -49,9 +49,9 @@ class Predictor:
         (default: CUDA when available, else the CPU). ``expected_task``, when given, must be the
         checkpoint's task."""
         checkpoint = Path(checkpoint)
-        for name in (CONFIG_FILE, TOKENIZER, "model.safetensors"):
-            if not (checkpoint / name).is_file():
-                raise FileNotFoundError(f"checkpoint: {checkpoint} has no {name}")
+        missing = [name for name in (TASK_FILE, CONFIG_FILE, TOKENIZER, "model.safetensors") if not (checkpoint / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint: {checkpoint} is not a fine-tuned checkpoint (no {', '.join(missing)})")
         saved = read_task_file(checkpoint)
         if expected_task is not None and saved.get("task") != expected_task:
             raise ValueError(f"task: {expected_task}, but {checkpoint} was fine-tuned for {saved.get('task')}")
