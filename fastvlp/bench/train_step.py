@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from fastvlp.bench.common import device_name, result_row, summarize, write_results
+from fastvlp.train.optim import build_optimizer
 
 # Token ids 0..4 play [PAD], [UNK], [CLS], [SEP], [MASK]; the rest are words.
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
@@ -105,7 +106,7 @@ def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, 
 
 
 def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device) -> Dict[str, object]:
-    optimizer = torch.optim.AdamW(model.parameter_groups(), lr=model.config.lr, weight_decay=model.config.weight_decay)
+    optimizer = build_optimizer(model)  # the trainer's optimizer: decay groups, fused where supported
     model.train()
     for index in range(warmup):
         _step(model, optimizer, batches[index % len(batches)], amp, device)

@@ -24,9 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8, help="pre-training batch")
     parser.add_argument("--finetune-batch-size", type=int, default=16)
-    # A few hundred pre-training steps leave the caption decoder far from the paper's 200 epochs; at the
-    # paper's 1e-4 it stays ungrammatical in 400 steps, at 5e-4 it learns the captions' forms.
-    parser.add_argument("--caption-lr", type=float, default=5e-4, help="captioning learning rate (paper: 1e-4)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--resume", action="store_true", help="continue a demo in --out where it stopped")
     return parser
@@ -85,11 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device=args.device, save_every=max(1, args.steps // 3), keep_last=2, resume=args.resume,
         ))
         runs = {}
-        for task, steps, lr in (("vqa", args.vqa_steps, None), ("caption", args.caption_steps, args.caption_lr)):
+        for task, steps in (("vqa", args.vqa_steps), ("caption", args.caption_steps)):
             runs[task] = run_finetuning(FinetuneOptions(
                 task=task, init=pretrained.checkpoint, data=data, out=out / task, max_steps=steps,
                 batch_size=args.finetune_batch_size, device=args.device, save_every=steps, keep_last=1,
-                resume=args.resume, lr=lr,
+                resume=args.resume,
             ))
     except RunExistsError as error:
         print(f"fastvlp demo: {error}", file=sys.stderr)

@@ -42,14 +42,17 @@ from fastvlp.train.tasks.weights import load_task_weights
 TASK_FILE = "task.json"
 CONFIG_FILE = "config.json"
 INIT_REPORT = "init_report.json"
+# The paper's pre-training rate for the Transformer (section 4.2), the scale of every task's paper rate.
+PAPER_PRETRAINING_LR = 1e-4
 
 
 @dataclass
 class FinetuneOptions:
     """Everything ``fastvlp finetune`` takes. Exactly one of ``init`` (a checkpoint directory) and ``preset``
-    (random weights) is given. ``lr`` overrides the task's default rate, the paper's; the backbone's rate
-    keeps the ratio to it that the model was pre-trained with (a tenth for the paper's presets, equal for
-    ``tiny``, whose backbone starts from random weights). ``task_options`` are task-specific (``num_answers`` for VQA,
+    (random weights) is given. ``lr`` overrides the task's default rate: the paper's, scaled by the ratio of
+    the model's pre-training rate to the paper's 1e-4 (1 for the paper's presets, 5 for ``tiny``, which
+    learns from random weights at 5e-4). The backbone's rate keeps the ratio to it that the model was
+    pre-trained with (a tenth for the paper's presets, equal for ``tiny``). ``task_options`` are task-specific (``num_answers`` for VQA,
     ``with_text`` for detection, ``num_negatives`` for retrieval)."""
 
     task: str
@@ -115,8 +118,13 @@ def run_finetuning(options: FinetuneOptions) -> TrainingResult:
         return _finetune(options, context, run_dir)
 
 
+def default_task_lr(task, pretraining_lr: float) -> float:
+    """The task's paper rate, scaled as the model's pre-training rate was scaled from the paper's."""
+    return task.paper_lr * pretraining_lr / PAPER_PRETRAINING_LR
+
+
 def _task_config(options: FinetuneOptions, task, base: E2EVLPConfig, preset_lr: float, preset_lr_backbone: float) -> E2EVLPConfig:
-    lr = options.lr if options.lr is not None else task.paper_lr
+    lr = options.lr if options.lr is not None else default_task_lr(task, preset_lr)
     changes: Dict[str, Any] = {"lr": lr, "lr_backbone": lr * preset_lr_backbone / preset_lr}
     if options.attention_backend is not None:
         changes["attention_backend"] = options.attention_backend

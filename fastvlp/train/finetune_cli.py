@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="per process and per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser update")
     parser.add_argument("--lr", type=float, default=None,
-                        help="Transformer learning rate (default: the paper's for the task; the backbone keeps "
-                             "the ratio to it of the model's pre-training)")
+                        help="Transformer learning rate (default: the paper's for the task, times the model's "
+                             "pre-training rate over the paper's 1e-4; the backbone keeps the ratio to it of "
+                             "the model's pre-training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--save-every", type=int, default=1000)

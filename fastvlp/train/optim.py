@@ -8,6 +8,7 @@ from torch import nn
 
 TRANSFORMER_GROUPS = ("transformer", "transformer_no_decay")
 BACKBONE_GROUPS = ("backbone", "backbone_no_decay")
+FUSED_DEVICES = ("cpu", "cuda")
 
 
 def split_decay_groups(groups: List[Dict[str, object]], names: List[str]) -> List[Dict[str, object]]:
@@ -29,12 +30,15 @@ def split_decay_groups(groups: List[Dict[str, object]], names: List[str]) -> Lis
 
 def build_optimizer(model: nn.Module) -> torch.optim.AdamW:
     """AdamW over ``model.parameter_groups()`` (Transformer and heads at ``config.lr``, the backbone at
-    ``config.lr_backbone``), weight decay ``config.weight_decay`` except on norms and biases."""
+    ``config.lr_backbone``), weight decay ``config.weight_decay`` except on norms and biases. The fused
+    implementation where every parameter is on a CPU or CUDA device: on a tiny model's CPU step the
+    per-parameter loop of the default one costs several times more (about a tenth of the step)."""
     if not hasattr(model, "parameter_groups"):
         raise TypeError(f"model: expected an E2EVLP (with parameter_groups()), got {type(model).__name__}")
     groups = model.parameter_groups()
     names = ["transformer", "backbone"][: len(groups)]
-    return torch.optim.AdamW(split_decay_groups(groups, names))
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(split_decay_groups(groups, names), fused=fused or None)
 
 
 def group_learning_rate(optimizer: torch.optim.Optimizer, names) -> float | None:
