@@ -32,3 +32,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def drivers_on_one_thread(one_thread):
+    """The pre-training and fine-tuning drivers keep the one intra-op thread set here: they would otherwise
+    take every core, and on a shared 2-core machine two OpenMP threads make a small model's step many
+    times slower."""
+    with pytest.MonkeyPatch.context() as patch:
+        for module in ("fastvlp.train.finetune", "fastvlp.train.pretrain"):
+            patch.setattr(f"{module}.configure_threads", lambda context: torch.get_num_threads())
+        yield

@@ -22,13 +22,8 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def runs_on_one_thread(one_thread):
-    """The runs keep the one intra-op thread set here: the drivers would otherwise take every core, and on
-    a shared 2-core machine two OpenMP threads make a step of this model ten times slower."""
-    with pytest.MonkeyPatch.context() as patch:
-        for module in ("fastvlp.train.finetune", "fastvlp.train.pretrain"):
-            patch.setattr(f"{module}.configure_threads", lambda context: torch.get_num_threads())
-        yield
+def runs_on_one_thread(drivers_on_one_thread):
+    yield
 
 
 @pytest.fixture(scope="module")

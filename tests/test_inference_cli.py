@@ -3,7 +3,6 @@ on a 2-step VQA run of a very small model (CPU)."""
 import json
 
 import pytest
-import torch
 from PIL import Image
 from train_helpers import SMALL_MODEL
 
@@ -14,12 +13,8 @@ from fastvlp.inference import Predictor
 
 
 @pytest.fixture(scope="module", autouse=True)
-def runs_on_one_thread(one_thread):
-    """The fine-tuning run keeps the one intra-op thread set here (the driver would take every core, and two
-    OpenMP threads on a shared 2-core machine make a step many times slower)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("fastvlp.train.finetune.configure_threads", lambda context: torch.get_num_threads())
-        yield
+def runs_on_one_thread(drivers_on_one_thread):
+    yield
 
 
 @pytest.fixture(scope="module")

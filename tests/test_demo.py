@@ -1,0 +1,66 @@
+"""``fastvlp demo`` end to end at a very small scale: what it writes, that its baselines and results are the
+data's and the checkpoints', that an existing demo is refused without --resume, and that --resume on a
+finished demo reports the same results without training again."""
+import json
+
+import pytest
+
+from fastvlp.data.readers.vqa import read_vqa
+from fastvlp.train.checkpoint import list_checkpoints
+from fastvlp.train.demo import main
+from fastvlp.train.metrics_log import read_metrics
+from fastvlp.train.tasks.vqa import vqa_baselines
+
+SMALL_DEMO = ["--num-images", "8", "--steps", "2", "--vqa-steps", "2", "--caption-steps", "2", "--batch-size", "2",
+              "--finetune-batch-size", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs_on_one_thread(drivers_on_one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["--out", str(out), *SMALL_DEMO]) == 0
+    return out
+
+
+def test_the_demo_trains_every_run_to_its_last_step(demo):
+    for run, steps in (("pretrain", 2), ("vqa", 2), ("caption", 2)):
+        assert [r["step"] for r in read_metrics(demo / run / "metrics.jsonl")] == list(range(1, steps + 1))
+        assert list_checkpoints(demo / run)[-1].name == f"step-{steps}"
+
+
+def test_results_are_the_evaluations_and_the_baselines_come_from_the_data(demo):
+    results = json.loads((demo / "results.json").read_text())
+    for task in ("vqa", "caption"):
+        evaluation = json.loads((demo / f"{task}_eval.json").read_text())
+        assert results["model"][task] == evaluation["metrics"]
+    assert 0.0 <= results["model"]["vqa"]["accuracy"] <= 1.0
+    assert {"bleu4", "rouge_l", "cider"} <= set(results["model"]["caption"])
+    data = demo / "data"
+    expected = vqa_baselines(read_vqa(data / "vqa", data / "coco", "train").records,
+                             read_vqa(data / "vqa", data / "coco", "val").records)
+    assert results["baselines"]["vqa"] == pytest.approx(expected)
+
+
+def test_the_loss_plot_is_written(demo):
+    pytest.importorskip("matplotlib")
+    assert (demo / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_existing_demo_is_refused_without_resume_and_resumed_with_it(demo, capsys):
+    before = {run: (demo / run / "metrics.jsonl").read_text() for run in ("pretrain", "vqa", "caption")}
+    results = json.loads((demo / "results.json").read_text())
+    assert main(["--out", str(demo), *SMALL_DEMO]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(["--out", str(demo), *SMALL_DEMO, "--resume"]) == 0
+    assert {run: (demo / run / "metrics.jsonl").read_text() for run in before} == before  # nothing retrained
+    assert json.loads((demo / "results.json").read_text()) == results
+
+
+def test_bad_step_counts_are_refused(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "out"), "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
