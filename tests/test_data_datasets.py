@@ -17,6 +17,7 @@ from fastvlp.data.datasets import (
     collate_samples,
     soft_scores,
 )
+from fastvlp.data.datasets.image_records import ImageRecordView
 from fastvlp.data.label_space import LabelSpace
 from fastvlp.data.pretraining import read_pretraining_images
 from fastvlp.data.readers import read_nlvr2, read_vqa
@@ -106,6 +107,23 @@ def test_unreadable_images_are_skipped_in_the_batch(synth_dir, tmp_path):
         )
     empty = collate_samples([dataset[1]])
     assert empty == {"skipped": {UNREADABLE_IMAGE: 1}, "num_samples": 0}
+
+
+class _ImageIdAndIndex(ImageRecordView):
+    def view(self, sample, index):
+        return {"image_id": sample["image_id"], "index": index}
+
+
+def test_a_view_maps_readable_samples_and_passes_skipped_ones_through(synth_dir, tmp_path):
+    records = read_pretraining_images(synth_dir, use_visual_genome=False).records[:3]
+    records[1] = replace(records[1], image_path=_truncated_copy(records[1].image_path, tmp_path))
+    view = _ImageIdAndIndex(ImageRecordDataset(records, train_transform("tiny")))
+    assert len(view) == 3 and view.records == records
+    assert view[0] == {"image_id": records[0].image_id, "index": 0}
+    assert view[1] == SkippedSample(1, UNREADABLE_IMAGE, str(records[1].image_path))
+    assert view[2] == {"image_id": records[2].image_id, "index": 2}
+    with pytest.raises(TypeError, match="inner"):
+        _ImageIdAndIndex(records)
 
 
 def test_soft_scores_and_answer_vocabulary():

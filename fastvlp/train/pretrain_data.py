@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from fastvlp.data.collate import nested_tensor_from_images
-from fastvlp.data.datasets.image_records import ImageRecordDataset
-from fastvlp.data.datasets.skipped import SkippedSample
+from fastvlp.data.datasets.image_records import ImageRecordDataset, ImageRecordView
 from fastvlp.data.exclusion import filter_excluded, read_excluded_images
 from fastvlp.data.label_space import LabelSpace
 from fastvlp.data.pretraining import read_pretraining_images
@@ -114,24 +112,18 @@ def build_tokenizer(corpus: PretrainingCorpus, vocab: Optional[Path], vocab_size
     return WordPieceTokenizer.train_on_texts((c for r in corpus.records for c in r.captions), vocab_size=vocab_size)
 
 
-class _PretrainingRecords(Dataset):
+class _PretrainingRecords(ImageRecordView):
     """Image ``index`` transformed, with its detection target, a text and a caption drawn from its captions
     with torch's RNG; a :class:`SkippedSample` when the image does not decode."""
 
     def __init__(self, records: Sequence[ImageRecord], transform: ImageTransform, classes: LabelSpace,
                  attributes: Optional[LabelSpace], category_map: Dict[int, int]) -> None:
-        self.inner = ImageRecordDataset(records, transform, classes, attributes, category_map)
+        super().__init__(ImageRecordDataset(records, transform, classes, attributes, category_map))
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int):
-        sample = self.inner[index]
-        if isinstance(sample, SkippedSample):
-            return sample
+    def view(self, sample, index: int):
         captions = sample["captions"]
         picks = torch.randint(len(captions), (2,)).tolist()
-        record = self.inner.records[index]
+        record = self.records[index]
         return {
             "image": sample["image"],
             "text": captions[picks[0]],

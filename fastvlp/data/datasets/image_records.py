@@ -3,7 +3,7 @@ objects as DETR targets (normalised cxcywh boxes, class indices, multi-hot attri
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -94,3 +94,28 @@ class ImageRecordDataset(Dataset):
             "original_size": out.original_size,
             "unlabelled_objects": len(record.objects) - len(kept) if uses_objects else 0,
         }
+
+
+class ImageRecordView(Dataset):
+    """What a task takes from each sample of an :class:`ImageRecordDataset` (``inner``): ``view(sample,
+    index)`` for a readable image; a :class:`SkippedSample` passes through untouched, for the caller to
+    count and replace."""
+
+    def __init__(self, inner: ImageRecordDataset) -> None:
+        if not isinstance(inner, ImageRecordDataset):
+            raise TypeError(f"inner: expected an ImageRecordDataset, got {type(inner).__name__}")
+        self.inner = inner
+
+    @property
+    def records(self):
+        return self.inner.records
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        sample = self.inner[index]
+        return sample if isinstance(sample, SkippedSample) else self.view(sample, index)
+
+    def view(self, sample: Dict[str, Any], index: int) -> Dict[str, Any]:
+        raise NotImplementedError

@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
-from fastvlp.data.datasets.image_records import ImageRecordDataset
-from fastvlp.data.datasets.skipped import SkippedSample
+from fastvlp.data.datasets.image_records import ImageRecordDataset, ImageRecordView
 from fastvlp.data.readers.coco import read_coco_captions
 from fastvlp.data.readers.karpathy import read_coco_karpathy
 from fastvlp.data.transforms import eval_transform
@@ -56,19 +54,13 @@ class CaptionModel(TaskModel):
         return [tokenizer.decode(row) for row in ids]
 
 
-class _OneCaptionPerImage(Dataset):
+class _OneCaptionPerImage(ImageRecordView):
     """An image with one of its captions, drawn with torch's RNG (seeded per sample by SeededSamples)."""
 
     def __init__(self, records, transform) -> None:
-        self.inner = ImageRecordDataset(records, transform)
+        super().__init__(ImageRecordDataset(records, transform))
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int):
-        sample = self.inner[index]
-        if isinstance(sample, SkippedSample):
-            return sample
+    def view(self, sample, index: int):
         captions = sample["captions"]
         return {"image": sample["image"], "caption": captions[int(torch.randint(len(captions), ()))],
                 "image_id": sample["image_id"]}

@@ -10,11 +10,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
 from fastvlp.data.collate import nested_tensor_from_images
-from fastvlp.data.datasets.image_records import ImageRecordDataset
-from fastvlp.data.datasets.skipped import SkippedSample
+from fastvlp.data.datasets.image_records import ImageRecordDataset, ImageRecordView
 from fastvlp.data.image_index import ImageIndex
 from fastvlp.data.readers.coco import coco_annotation_file, read_coco_captions, read_coco_instances
 from fastvlp.data.skips import NO_ANNOTATIONS, SkipCounter
@@ -143,23 +141,16 @@ def _with_captions(records, captions: Mapping[int, Tuple[str, ...]]):
     return [dataclasses.replace(r, captions=captions.get(r.image_id, ())) for r in records]
 
 
-class DetectionSamples(Dataset):
+class DetectionSamples(ImageRecordView):
     """:class:`ImageRecordDataset` samples reduced to what detection trains on: ``image``, ``boxes``
     (normalised cxcywh), ``labels`` (class indices), ``image_id``, ``original_size`` and, with ``with_text``,
     ``caption``, one of the image's captions drawn with torch's RNG (which :class:`SeededSamples` seeds)."""
 
     def __init__(self, inner: ImageRecordDataset, with_text: bool) -> None:
-        if not isinstance(inner, ImageRecordDataset):
-            raise TypeError(f"inner: expected an ImageRecordDataset, got {type(inner).__name__}")
-        self.inner, self.with_text = inner, bool(with_text)
+        super().__init__(inner)
+        self.with_text = bool(with_text)
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int):
-        sample = self.inner[index]
-        if isinstance(sample, SkippedSample):
-            return sample
+    def view(self, sample, index: int):
         out = {key: sample[key] for key in ("image", "boxes", "labels", "image_id", "original_size")}
         if self.with_text:
             captions = sample["captions"]

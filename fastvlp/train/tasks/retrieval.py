@@ -9,11 +9,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from fastvlp.data.collate import nested_tensor_from_images
-from fastvlp.data.datasets.image_records import ImageRecordDataset
-from fastvlp.data.datasets.skipped import SkippedSample
+from fastvlp.data.datasets.image_records import ImageRecordDataset, ImageRecordView
 from fastvlp.data.readers.karpathy import read_flickr30k
 from fastvlp.data.transforms import ImageTransform, eval_transform
 from fastvlp.eval.retrieval import fill_score_matrix, retrieval_recall
@@ -127,24 +125,18 @@ class RetrievalModel(TaskModel):
         return TaskOutput(loss, {"loss_retrieval": loss}, grid)
 
 
-class RetrievalSamples(Dataset):
+class RetrievalSamples(ImageRecordView):
     """Sample i: image i of ``records`` (an :class:`ImageRecordDataset` sample, objects ignored), its
     ``index``, and with ``draw_caption`` one of its captions drawn with ``torch.randint`` (under
     :class:`SeededSamples` the draw is a function of the seed, epoch and index)."""
 
     def __init__(self, records: Sequence, transform: ImageTransform, draw_caption: bool = True) -> None:
-        self.images = ImageRecordDataset(records, transform)
-        if draw_caption and any(not r.captions for r in self.images.records):
+        super().__init__(ImageRecordDataset(records, transform))
+        if draw_caption and any(not r.captions for r in self.records):
             raise ValueError("records: expected every image to have a caption")
         self.draw_caption = draw_caption
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        sample = self.images[index]
-        if isinstance(sample, SkippedSample):
-            return sample
+    def view(self, sample, index: int):
         out = {"image": sample["image"], "size": sample["size"], "image_id": sample["image_id"], "index": index}
         if self.draw_caption:
             captions = sample["captions"]
@@ -229,8 +221,8 @@ class RetrievalTask(Task):
             kept.extend(collated["index"])
         if not kept:
             raise ValueError("records: no image of the split could be read")
-        texts = [caption for index in kept for caption in dataset.images.records[index].captions]
-        text_to_image = torch.tensor([i for i, index in enumerate(kept) for _ in dataset.images.records[index].captions],
+        texts = [caption for index in kept for caption in dataset.records[index].captions]
+        text_to_image = torch.tensor([i for i, index in enumerate(kept) for _ in dataset.records[index].captions],
                                      dtype=torch.int64)
         input_ids, attention = encode_texts(tokenizer, texts)
         input_ids, attention = input_ids.to(device), attention.to(device)
