@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from fastvlp.eval import caption_metrics
-from fastvlp.eval.caption_metrics import caption_scores, simple_caption_tokens
+from fastvlp.eval.caption_metrics import caption_scores, distinct_fraction, simple_caption_tokens
 
 REFERENCES = {
     1: ["A dog runs on the grass.", "a brown dog running across a lawn", "The dog is running outside"],
@@ -50,6 +50,18 @@ def test_scores_with_java():
     simple = caption_scores(predictions, REFERENCES, use_java=False)
     for key in ("bleu4", "rouge_l", "cider"):
         assert result[key] == pytest.approx(simple[key], abs=1e-9)
+
+
+def test_distinct_fraction():
+    assert distinct_fraction(["a red circle", "A  red circle", "a blue square"]) == pytest.approx(2 / 3)
+    assert distinct_fraction(["one caption"] * 5) == pytest.approx(1 / 5)
+    assert caption_scores(PERFECT, REFERENCES, use_java=False)["distinct"] == 1.0
+    constant = caption_scores({i: "a dog" for i in REFERENCES}, REFERENCES, use_java=False)
+    assert constant["distinct"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="captions"):
+        distinct_fraction([])
+    with pytest.raises(TypeError, match="captions"):
+        distinct_fraction("a dog")
 
 
 def test_partial_predictions_and_invalid_inputs():

@@ -20,7 +20,7 @@ from fastvlp.train.tasks.caption import CaptionModel, CaptionTask, caption_basel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-CORE_METRICS = {"bleu4", "rouge_l", "cider"}
+CORE_METRICS = {"bleu4", "rouge_l", "cider", "distinct"}
 
 
 @pytest.fixture(scope="module")

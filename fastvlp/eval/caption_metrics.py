@@ -91,6 +91,16 @@ class _Closed:
         pass
 
 
+def distinct_fraction(captions: Sequence[str]) -> float:
+    """Distinct captions over captions, after lower-casing and collapsing white space: 1 when every image
+    gets its own caption, 1/N when one caption is given for all N (a captioner that ignores the image)."""
+    if isinstance(captions, str) or not isinstance(captions, Sequence) or not all(isinstance(c, str) for c in captions):
+        raise TypeError("captions: expected a sequence of strings")
+    if not captions:
+        raise ValueError("captions: expected at least one caption")
+    return len({" ".join(c.lower().split()) for c in captions}) / len(captions)
+
+
 def caption_scores(
     predictions: Mapping[object, str],
     references: Mapping[object, Sequence[str]],
@@ -102,6 +112,7 @@ def caption_scores(
 
     Returns ``bleu4``, ``rouge_l`` and ``cider`` (BLEU and ROUGE-L in [0, 1], CIDEr-D unbounded; CIDEr's
     document frequencies come from these references, so it needs more than one image to be non-zero),
+    ``distinct`` (:func:`distinct_fraction` of the predictions),
     ``meteor`` when Java runs, ``tokenizer`` (``"ptb"`` or ``"simple"``), ``skipped`` ``{metric:
     reason}`` and ``notes``. ``use_java``: None detects ``java`` on the PATH; False forces the
     Java-free path; True requires Java.
@@ -124,6 +135,7 @@ def caption_scores(
         "bleu4": float(bleu[3]),
         "rouge_l": float(Rouge().compute_score(gts, res)[0]),
         "cider": float(Cider().compute_score(gts, res)[0]),
+        "distinct": distinct_fraction(list(predictions.values())),
     }
     skipped = {"spice": "needs the Stanford CoreNLP models, which are not downloaded"}
     notes: List[str] = []

@@ -45,7 +45,7 @@ def results_table(results: Dict[str, Dict[str, float]], baselines: Dict[str, Dic
                      f"{base.get('most_frequent_answer', float('nan')):.3f}, question-type prior "
                      f"{base.get('question_type_prior', float('nan')):.3f}")
     caption = results.get("caption", {})
-    for metric in ("cider", "bleu4", "meteor", "rouge_l"):
+    for metric in ("cider", "bleu4", "meteor", "rouge_l", "distinct"):
         if metric in caption:
             base = baselines.get("caption", {}).get(metric)
             base_text = "" if base is None else f"most frequent caption {base:.3f}"

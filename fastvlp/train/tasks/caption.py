@@ -27,7 +27,7 @@ LABEL_SMOOTHING = 0.1
 NUM_BEAMS = 4
 LENGTH_PENALTY = 0.9
 MAX_CAPTION_TOKENS = 20
-CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
+CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider", "distinct")
 
 
 class CaptionModel(TaskModel):
