@@ -1,0 +1,62 @@
+"""scripts/image_dependence.py: the caption-loss swap test and the cross-attention entropy it reports."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvlp.models.e2e_vlp import E2EVLP
+from fastvlp.models.presets import get_preset
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "image_dependence.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("image_dependence", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_inputs(seed):
+    generator = torch.Generator().manual_seed(seed)
+    model = E2EVLP(get_preset("tiny", vocab_size=40, num_classes=3, num_attributes=0)).eval()
+    images = torch.randn(3, 3, 70, 90, generator=generator)
+    pixel_mask = torch.zeros(3, 70, 90, dtype=torch.bool)
+    pixel_mask[1, :, 60:] = True  # one padded image: its padding tokens must not count
+    ids = torch.randint(5, 40, (3, 7), generator=generator)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, 5:] = False
+    return model, images, pixel_mask, ids, mask
+
+
+def test_entropy_is_one_for_uniform_attention_and_below_otherwise(script):
+    model, images, pixel_mask, ids, mask = tiny_inputs(0)
+    with torch.inference_mode():
+        random_init = script.cross_attention_entropy(model, images, pixel_mask, ids, mask)
+    assert len(random_init) == model.config.num_decoder_layers
+    assert all(0.0 < value < 1.0 for value in random_init)
+    # Zero query and key projections: every real image token gets the same weight.
+    d = model.config.d_model
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            layer.multihead_attn.in_proj_weight[: 2 * d].zero_()
+            layer.multihead_attn.in_proj_bias[: 2 * d].zero_()
+    with torch.inference_mode():
+        uniform = script.cross_attention_entropy(model, images, pixel_mask, ids, mask)
+    assert uniform == pytest.approx([1.0] * len(uniform), abs=1e-6)
+
+
+def test_caption_loss_matches_a_plain_cross_entropy(script):
+    model, images, pixel_mask, ids, mask = tiny_inputs(1)
+    with torch.inference_mode():
+        loss = script.caption_loss(model, images, pixel_mask, ids, mask)
+        logits = model.caption_logits(model.encode_image_only(images, pixel_mask), ids[:, :-1], mask[:, :-1]).double()
+    log_probs = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    expected = -log_probs[mask[:, 1:]].mean()
+    assert loss == pytest.approx(float(expected), rel=1e-5)
+    # The swap changes the images, so a randomly initialised decoder's loss changes too.
+    with torch.inference_mode():
+        swapped = script.caption_loss(model, images.roll(1, 0), pixel_mask.roll(1, 0), ids, mask)
+    assert swapped != pytest.approx(loss, abs=1e-7)
