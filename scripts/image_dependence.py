@@ -16,13 +16,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fastvlp.data.collate import nested_tensor_from_images
 from fastvlp.data.datasets.image_records import ImageRecordDataset
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import eval_transform
+from fastvlp.eval.image_dependence import caption_loss, cross_attention_entropy, swap_rows
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.train.finetune import default_scale
@@ -44,41 +44,6 @@ def load_vlp(checkpoint: Path) -> E2EVLP:
     if needed:
         raise ValueError(f"checkpoint: {checkpoint} lacks the captioning weights {needed[:5]}")
     return model.eval()
-
-
-def caption_loss(model, images, pixel_mask, ids, mask) -> float:
-    encoded = model.encode_image_only(images, pixel_mask)
-    logits = model.caption_logits(encoded, ids[:, :-1], mask[:, :-1])
-    labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-    return float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100))
-
-
-def cross_attention_entropy(model, images, pixel_mask, ids, mask) -> list:
-    """Per decoder layer: mean over caption tokens, heads and images of the attention entropy over the
-    real image tokens, divided by log(number of real image tokens)."""
-    calls = []
-
-    def record(module, args, kwargs, output):
-        calls.append((module, args, kwargs))
-
-    hooks = [layer.multihead_attn.register_forward_hook(record, with_kwargs=True) for layer in model.decoder.layers]
-    try:
-        encoded = model.encode_image_only(images, pixel_mask)
-        model.caption_logits(encoded, ids[:, :-1], mask[:, :-1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    entropies = []
-    for module, args, kwargs in calls:
-        query, key, value = args[:3]
-        padding = kwargs["key_padding_mask"]
-        weights = module(query, key, value, key_padding_mask=padding, need_weights=True, average_attn_weights=False)[1]
-        entropy = -(weights * weights.clamp_min(1e-12).log()).sum(-1)  # [B, heads, T]
-        real_tokens = (~padding).sum(-1).clamp_min(2).double()
-        normalised = entropy.double() / real_tokens.log()[:, None, None]
-        token_mask = mask[:, :-1][:, None, :].expand_as(normalised)
-        entropies.append(float(normalised[token_mask].mean()))
-    return entropies
 
 
 def main() -> None:
@@ -112,10 +77,7 @@ def main() -> None:
     encoded = tokenizer.encode_batch(captions)
     ids, mask = encoded.input_ids, encoded.attention_mask
     # Swap each image for the next image (not the next caption, which is usually of the same image).
-    per_image = [len(sample["captions"]) for sample in samples]
-    owner = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(per_image))
-    first = torch.cumsum(torch.tensor([0] + per_image[:-1]), 0)
-    swapped = first[(owner + 1) % len(samples)]
+    swapped = swap_rows([len(sample["captions"]) for sample in samples])
     with torch.inference_mode():
         own = caption_loss(model, nested.tensors, nested.mask, ids, mask)
         other = caption_loss(model, nested.tensors[swapped], nested.mask[swapped], ids, mask)

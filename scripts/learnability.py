@@ -26,6 +26,7 @@ from torch import nn
 from fastvlp.data.synth.palette import COLOURS
 from fastvlp.data.collate import nested_tensor_from_images
 from fastvlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from fastvlp.eval.image_dependence import caption_loss, swap_rows
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import get_preset
 from fastvlp.train.optim import build_optimizer
@@ -66,25 +67,18 @@ def swap_test_set(corpus, classes, attributes, category_map, tokenizer, seed, co
     the captions' tokens and, for every row, the row of the next image's first caption (the swap)."""
     samples = PretrainingSamples(corpus.records, eval_transform("tiny"), classes, attributes, category_map, seed=seed)
     picked = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + 1))[:count].tolist()
-    images, captions, owners = [], [], []
+    images, captions, per_image = [], [], []
     for index in picked:
         sample = samples[(0, index)]
         if not isinstance(sample, dict):  # an unreadable image: leave it out
             continue
-        image_number = len(set(owners))
-        for caption in corpus.records[index].captions:
-            images.append(sample["image"])
-            captions.append(caption)
-            owners.append(image_number)
-    if len(set(owners)) < 2:
-        raise ValueError("data: the swap test needs at least two readable images")
-    first_row = {}
-    for row, owner in enumerate(owners):
-        first_row.setdefault(owner, row)
-    swapped = torch.tensor([first_row[(owner + 1) % len(first_row)] for owner in owners])
+        record_captions = corpus.records[index].captions
+        images += [sample["image"]] * len(record_captions)
+        captions += list(record_captions)
+        per_image.append(len(record_captions))
     nested = nested_tensor_from_images(images)
     encoded = tokenizer.encode_batch(captions)
-    return nested.tensors, nested.mask, encoded.input_ids, encoded.attention_mask, swapped
+    return nested.tensors, nested.mask, encoded.input_ids, encoded.attention_mask, swap_rows(per_image)
 
 
 @torch.no_grad()
@@ -92,14 +86,10 @@ def swap_test_losses(model, test_set):
     """Caption loss with each image's own captions, then with every image swapped for the next one."""
     images, pixel_mask, ids, mask, swapped = test_set
     model.eval()
-    losses = []
-    for rows in (torch.arange(images.shape[0]), swapped):
-        encoded = model.encode_image_only(images[rows], pixel_mask[rows])
-        logits = model.caption_logits(encoded, ids[:, :-1], mask[:, :-1])
-        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-        losses.append(float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)))
+    own = caption_loss(model, images, pixel_mask, ids, mask)
+    other = caption_loss(model, images[swapped], pixel_mask[swapped], ids, mask)
     model.train()
-    return losses
+    return own, other
 
 
 def main() -> None:

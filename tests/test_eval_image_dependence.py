@@ -1,22 +1,20 @@
-"""scripts/image_dependence.py: the caption-loss swap test and the cross-attention entropy it reports."""
-import importlib.util
-from pathlib import Path
-
+"""fastvlp.eval.image_dependence: the caption-loss swap test and the cross-attention entropy."""
 import pytest
 import torch
 
+from fastvlp.eval import image_dependence as script
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import get_preset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "image_dependence.py"
 
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("image_dependence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_swap_rows_points_every_caption_at_the_next_image():
+    # Images with 2, 1 and 3 captions: rows 0-1, 2 and 3-5.
+    assert script.swap_rows([2, 1, 3]).tolist() == [2, 2, 3, 0, 0, 0]
+    assert script.swap_rows([1, 1]).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="captions_per_image"):
+        script.swap_rows([4])
+    with pytest.raises(ValueError, match="captions_per_image"):
+        script.swap_rows([2, 0])
 
 
 def tiny_inputs(seed):
@@ -31,7 +29,7 @@ def tiny_inputs(seed):
     return model, images, pixel_mask, ids, mask
 
 
-def test_entropy_is_one_for_uniform_attention_and_below_otherwise(script):
+def test_entropy_is_one_for_uniform_attention_and_below_otherwise():
     model, images, pixel_mask, ids, mask = tiny_inputs(0)
     with torch.inference_mode():
         random_init = script.cross_attention_entropy(model, images, pixel_mask, ids, mask)
@@ -48,7 +46,7 @@ def test_entropy_is_one_for_uniform_attention_and_below_otherwise(script):
     assert uniform == pytest.approx([1.0] * len(uniform), abs=1e-6)
 
 
-def test_caption_loss_matches_a_plain_cross_entropy(script):
+def test_caption_loss_matches_a_plain_cross_entropy():
     model, images, pixel_mask, ids, mask = tiny_inputs(1)
     with torch.inference_mode():
         loss = script.caption_loss(model, images, pixel_mask, ids, mask)
