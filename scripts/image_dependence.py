@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from fastvlp.data.collate import nested_tensor_from_images
 from fastvlp.data.datasets.image_records import ImageRecordDataset
@@ -26,24 +25,19 @@ from fastvlp.eval.image_dependence import caption_loss, cross_attention_entropy,
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.train.finetune import default_scale
-from fastvlp.train.tasks.caption import read_caption_records
-
-# A captioning fine-tune saves the E2E-VLP model under this prefix; a pre-training checkpoint saves it bare.
-TASK_MODEL_PREFIX = "vlp."
+from fastvlp.train.tasks.caption import CaptionModel, read_caption_records
+from fastvlp.train.tasks.weights import load_task_weights
 
 
 def load_vlp(checkpoint: Path) -> E2EVLP:
+    """The checkpoint's E2E-VLP with everything captioning needs, loaded by the fine-tuning loader (which
+    reads pre-training and task checkpoints alike)."""
     config = E2EVLPConfig.from_json((checkpoint / "config.json").read_text(encoding="utf-8"))
-    state = load_file(checkpoint / "model.safetensors")
-    if any(key.startswith(TASK_MODEL_PREFIX) for key in state):
-        state = {key[len(TASK_MODEL_PREFIX):]: value for key, value in state.items() if key.startswith(TASK_MODEL_PREFIX)}
-    model = E2EVLP(config)
-    result = model.load_state_dict(state, strict=False)
-    # A caption fine-tune has no MLM, ITM or detection heads; the encoder, decoder and caption head must load.
-    needed = [key for key in result.missing_keys if key.split(".")[0] in ("backbone", "encoder", "decoder", "caption_head")]
-    if needed:
-        raise ValueError(f"checkpoint: {checkpoint} lacks the captioning weights {needed[:5]}")
-    return model.eval()
+    model = CaptionModel(config)
+    report = load_task_weights(model, checkpoint)
+    if report.new or report.mismatched:
+        raise ValueError(f"checkpoint: {checkpoint} lacks captioning weights: {(report.new + report.mismatched)[:5]}")
+    return model.vlp.eval()
 
 
 def main() -> None:
