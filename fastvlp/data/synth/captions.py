@@ -102,19 +102,29 @@ def _sized_caption(rng: np.random.Generator, scene: Scene) -> str:
     return f"{object_phrase(obj, with_size=True)} and {number_word(others)} other {noun('shape', others)}"
 
 
-_TEMPLATES = (
-    _inventory_caption,
-    _count_caption,
-    _total_caption,
-    _relation_caption,
-    _attribute_caption,
-    _colour_caption,
-    _sized_caption,
-)
+CAPTION_TEMPLATES = {
+    "inventory": _inventory_caption,
+    "count": _count_caption,
+    "total": _total_caption,
+    "relation": _relation_caption,
+    "attribute": _attribute_caption,
+    "colour": _colour_caption,
+    "sized": _sized_caption,
+}
+_TEMPLATES = tuple(CAPTION_TEMPLATES.values())
 
 
 def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
+
+
+def caption_from_template(name: str, rng: np.random.Generator, scene: Scene) -> str | None:
+    """One true caption of `scene` in the form of template `name` (a key of CAPTION_TEMPLATES), as a
+    sentence; None when the scene has nothing that template can say (no relation or single object)."""
+    if name not in CAPTION_TEMPLATES:
+        raise ValueError(f"name: expected one of {tuple(CAPTION_TEMPLATES)}, got {name!r}")
+    text = CAPTION_TEMPLATES[name](rng, scene)
+    return None if text is None else _sentence(text)
 
 
 def describe_scene(rng: np.random.Generator, scene: Scene, num_captions: int = CAPTIONS_PER_IMAGE) -> list[str]:

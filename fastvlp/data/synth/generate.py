@@ -23,7 +23,9 @@ _COCO, _VG, _FLICKR, _NLVR2, _PLANS, _SPLITS, _IDS = 1, 2, 3, 4, 6, 8, 9
 _NLVR2_SPLIT_NAMES = {"train": "train", "val": "dev", "test": "test1", "restval": "train"}
 
 
-def _coco_images(num_images: int, seed: int):
+def coco_images(num_images: int, seed: int):
+    """The coco images of `write_synthetic_dataset(num_images=num_images, seed=seed)`, with their scenes and
+    captions, without rendering or writing anything; and the VQA answer plan of each image id."""
     plans = plan_questions(np.random.default_rng([seed, _PLANS]), num_images)
     ids = np.random.default_rng([seed, _IDS, _COCO]).choice(600_000, size=num_images, replace=False) + 1
     splits = assign_splits(np.random.default_rng([seed, _SPLITS, _COCO]), num_images, with_restval=True)
@@ -83,7 +85,7 @@ def write_synthetic_dataset(
     out = Path(out_dir)
     summary: dict[str, dict[str, int]] = {}
     if "coco" in datasets:
-        images, plans = _coco_images(num_images, seed)
+        images, plans = coco_images(num_images, seed)
         summary["coco"] = write_coco(out / "coco", images)
         if "vqa" in datasets:
             summary["vqa"] = write_vqa(out / "vqa", images, plans, seed)

@@ -80,12 +80,17 @@ def read_caption_records(data_dir: Path, split: str):
     return read_coco_captions(coco, split)
 
 
-def caption_baseline(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
-    """Scores of the trivial baseline: the training set's most frequent caption, given for every image."""
+def most_frequent_caption(train_records: Sequence) -> str:
+    """The most frequent caption of the records (lower-cased; ties go to the alphabetically first)."""
     counts = Counter(c.strip().lower() for r in train_records for c in r.captions)
     if not counts:
         raise ValueError("train_records: expected at least one caption")
-    top = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+def caption_baseline(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
+    """Scores of the trivial baseline: the training set's most frequent caption, given for every image."""
+    top = most_frequent_caption(train_records)
     references = {r.image_id: list(r.captions) for r in eval_records}
     scores = caption_scores({image_id: top for image_id in references}, references)
     return {name: float(scores[name]) for name in CAPTION_METRICS if name in scores}
