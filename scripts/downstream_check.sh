@@ -3,19 +3,28 @@
 # every task from its last checkpoint with the default hyper-parameters, evaluate each on its default split,
 # and print the table next to the trivial baselines. About an hour on 2 CPU cores.
 #   bash scripts/downstream_check.sh [OUT]       (default OUT: downstream-check)
+# The README's figures use the defaults. To test longer schedules (on a GPU, say), SCALE multiplies every
+# step count, and DEVICE and NUM_WORKERS are passed to each command:
+#   DEVICE=cuda SCALE=10 NUM_WORKERS=8 bash scripts/downstream_check.sh OUT
 set -euo pipefail
 OUT=${1:-downstream-check}
 FASTVLP=${FASTVLP:-fastvlp}
 PYTHON=${PYTHON:-python}
+DEVICE=${DEVICE:-cpu}
+SCALE=${SCALE:-1}
+NUM_WORKERS=${NUM_WORKERS:-0}
+case $SCALE in ''|*[!0-9]*|0) echo "SCALE: expected a positive integer, got '$SCALE'" >&2; exit 2;; esac
 DATA=$OUT/data
 [ -d "$DATA/coco" ] || $FASTVLP data synth --out "$DATA" --num-images 512
-$FASTVLP pretrain --preset tiny --data "$DATA" --out "$OUT/pretrain" --max-steps 200 --batch-size 8 --device cpu
-INIT=$OUT/pretrain/checkpoints/step-200
+PRETRAIN_STEPS=$((200 * SCALE))
+$FASTVLP pretrain --preset tiny --data "$DATA" --out "$OUT/pretrain" --max-steps "$PRETRAIN_STEPS" --batch-size 8 \
+  --device "$DEVICE" --num-workers "$NUM_WORKERS"
+INIT=$OUT/pretrain/checkpoints/step-$PRETRAIN_STEPS
 for spec in vqa:300 nlvr2:400 caption:400 retrieval:400 detection:800; do
-  task=${spec%%:*}; steps=${spec##*:}
+  task=${spec%%:*}; steps=$((${spec##*:} * SCALE))
   $FASTVLP finetune --task "$task" --init "$INIT" --data "$DATA" --out "$OUT/$task" --max-steps "$steps" \
-    --batch-size 16 --device cpu
-  $FASTVLP evaluate --task "$task" --checkpoint "$OUT/$task/checkpoints/step-$steps" --data "$DATA" --device cpu \
-    --out "$OUT/$task.eval.json"
+    --batch-size 16 --device "$DEVICE" --num-workers "$NUM_WORKERS"
+  $FASTVLP evaluate --task "$task" --checkpoint "$OUT/$task/checkpoints/step-$steps" --data "$DATA" \
+    --device "$DEVICE" --out "$OUT/$task.eval.json"
 done
 $PYTHON "$(dirname "$0")/downstream_table.py" "$OUT" "$DATA"
