@@ -177,6 +177,13 @@ def test_evaluate_is_the_official_accuracy_of_its_predictions(task, model, token
     scores = [vqa_accuracy(p["answer"], list(records[p["question_id"]].answers)) for p in result.predictions]
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
     assert result.metrics["accuracy"] == pytest.approx(sum(scores) / len(scores), abs=1e-12)
+    by_type = {}
+    for p, score in zip(result.predictions, scores):
+        by_type.setdefault(records[p["question_id"]].answer_type.replace("/", "_"), []).append(score)
+    assert len(by_type) > 1
+    assert set(result.metrics) == {"accuracy"} | {f"accuracy_{t}" for t in by_type}
+    for answer_type, values in by_type.items():
+        assert result.metrics[f"accuracy_{answer_type}"] == pytest.approx(sum(values) / len(values), abs=1e-12)
     assert result.skipped == {} and result.notes == []
 
 

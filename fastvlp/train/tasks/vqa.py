@@ -48,6 +48,11 @@ def _records(data_dir: Path, split: str):
     return read_vqa(Path(data_dir) / "vqa", Path(data_dir) / "coco", split)
 
 
+def answer_type_key(answer_type: str) -> str:
+    """A VQA answer type as a metric-name suffix: 'yes/no' -> 'yes_no'."""
+    return "".join(c if c.isalnum() else "_" for c in answer_type.strip().lower())
+
+
 def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
     """The trivial baselines' VQA accuracy on ``eval_records``: the most frequent training answer for every
     question, and the most frequent training answer of each question's ``question_type``."""
@@ -109,9 +114,15 @@ class VqaTask(Task):
             logits = model.answer_logits(batch["images"], batch["pixel_mask"], batch["input_ids"], batch["text_attention_mask"])
             for question_id, index in zip(collated["question_id"], logits.argmax(dim=-1).tolist()):
                 predictions[question_id] = answers[index]
-        annotated = {r.question_id: list(r.answers) for r in result.records if r.answers and r.question_id in predictions}
-        score = vqa_accuracy_score({q: a for q, a in predictions.items() if q in annotated}, annotated) if annotated else None
+        annotated = [{"question_id": r.question_id, "answers": list(r.answers), "answer_type": r.answer_type}
+                     for r in result.records if r.answers and r.question_id in predictions]
+        answered = {a["question_id"] for a in annotated}
+        score = vqa_accuracy_score({q: a for q, a in predictions.items() if q in answered}, annotated) if annotated else None
         metrics = {"accuracy": float(score["accuracy"])} if score else {}
+        # As the official evaluation does, also per answer type ('yes/no', 'number', 'other'), where the
+        # annotations give one: it shows which kinds of question a model answers.
+        for answer_type, value in (score or {}).get("per_answer_type", {}).items():
+            metrics["accuracy_" + answer_type_key(answer_type)] = float(value)
         notes = [] if annotated else [f"split {split!r} has no answers: accuracy not computed"]
         return EvaluationResult(self.name, split, len(predictions), metrics, vqa_results(predictions), skipped, notes)
 
