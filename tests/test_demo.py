@@ -7,7 +7,7 @@ import pytest
 
 from fastvlp.data.readers.vqa import read_vqa
 from fastvlp.train.checkpoint import list_checkpoints
-from fastvlp.train.demo import main
+from fastvlp.train.demo import main, results_table
 from fastvlp.train.metrics_log import read_metrics
 from fastvlp.train.tasks.vqa import vqa_baselines
 
@@ -64,3 +64,17 @@ def test_an_existing_demo_is_refused_without_resume_and_resumed_with_it(demo, ca
 def test_bad_step_counts_are_refused(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "out"), "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_results_table_puts_each_answer_type_next_to_its_prior():
+    table = results_table(
+        {"vqa": {"accuracy": 0.41, "accuracy_number": 0.52, "accuracy_yes_no": 0.73}, "caption": {"cider": 0.61}},
+        {"vqa": {"most_frequent_answer": 0.12, "question_type_prior": 0.23, "question_type_prior_number": 0.34,
+                 "question_type_prior_yes_no": 0.45}, "caption": {"cider": 0.56}},
+    )
+    rows = {tuple(line.split()[:3]): line for line in table.splitlines()[2:]}
+    assert rows[("vqa", "accuracy", "0.410")].endswith("most frequent answer 0.120, question-type prior 0.230")
+    assert rows[("vqa", "number", "0.520")].endswith("question-type prior 0.340")
+    assert rows[("vqa", "yes_no", "0.730")].endswith("question-type prior 0.450")
+    assert rows[("caption", "cider", "0.610")].endswith("most frequent caption 0.560")
+    assert len(rows) == 4

@@ -226,6 +226,26 @@ def test_baselines_against_a_hand_computation():
     assert tied == {"most_frequent_answer": 1.0, "question_type_prior": 1.0}
 
 
+def test_baselines_per_answer_type():
+    def typed(question_id, question_type, answer_type, answer=None, answers=()):
+        return VqaRecord(question_id, question_id, Path("unused.jpg"), "?", tuple(answers), answer, question_type,
+                         answer_type)
+
+    train = [typed(1, "what color is the", "other", "red"), typed(2, "is there a", "yes/no", "no"),
+             typed(3, "is there a", "yes/no", "no"), typed(4, "how many", "number", "2")]
+    evaluation = [typed(11, "what color is the", "other", answers=["red"] * 10),
+                  typed(12, "what color is the", "other", answers=["blue"] * 10),
+                  typed(13, "is there a", "yes/no", answers=["yes"] * 10),
+                  typed(14, "how many", "number", answers=["2"] * 10)]
+    # Overall top answer "no"; per question type: red, no, 2.
+    result = vqa_baselines(train, evaluation)
+    assert result == pytest.approx({
+        "most_frequent_answer": 0.0, "question_type_prior": 2 / 4,
+        "most_frequent_answer_other": 0.0, "most_frequent_answer_yes_no": 0.0, "most_frequent_answer_number": 0.0,
+        "question_type_prior_other": 1 / 2, "question_type_prior_yes_no": 0.0, "question_type_prior_number": 1.0,
+    }, abs=1e-12)
+
+
 def test_predict_top_k(task, config, tokenizer, training):
     torch.manual_seed(2)
     model = VqaModel(config, training.task_state).eval()  # a fresh head: probabilities well inside (0, 1)

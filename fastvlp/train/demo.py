@@ -44,6 +44,11 @@ def results_table(results: Dict[str, Dict[str, float]], baselines: Dict[str, Dic
         lines.append(f"{'vqa':<8} {'accuracy':<9} {vqa['accuracy']:>7.3f}   most frequent answer "
                      f"{base.get('most_frequent_answer', float('nan')):.3f}, question-type prior "
                      f"{base.get('question_type_prior', float('nan')):.3f}")
+        # Per answer type: which kinds of question the model answers better than the question alone does.
+        for metric in sorted(m for m in vqa if m.startswith("accuracy_")):
+            answer_type = metric[len("accuracy_"):]
+            prior = base.get(f"question_type_prior_{answer_type}", float("nan"))
+            lines.append(f"{'vqa':<8} {answer_type:<9} {vqa[metric]:>7.3f}   question-type prior {prior:.3f}")
     caption = results.get("caption", {})
     for metric in ("cider", "bleu4", "meteor", "rouge_l", "distinct"):
         if metric in caption:

@@ -55,7 +55,9 @@ def answer_type_key(answer_type: str) -> str:
 
 def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
     """The trivial baselines' VQA accuracy on ``eval_records``: the most frequent training answer for every
-    question, and the most frequent training answer of each question's ``question_type``."""
+    question, and the most frequent training answer of each question's ``question_type``. Where the
+    records carry an ``answer_type``, each baseline is also given per answer type, under its key plus
+    ``_`` plus :func:`answer_type_key` (``question_type_prior_yes_no``, ...)."""
     overall = Counter(normalize_vqa_answer(r.multiple_choice_answer) for r in train_records if r.multiple_choice_answer)
     by_type: Dict[str, Counter] = {}
     for r in train_records:
@@ -69,10 +71,15 @@ def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, 
         counts = by_type.get(record.question_type or "")
         return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else top
 
-    annotations = {r.question_id: list(r.answers) for r in eval_records}
-    most_frequent = vqa_accuracy_score({r.question_id: top for r in eval_records}, annotations)["accuracy"]
-    type_prior = vqa_accuracy_score({r.question_id: type_answer(r) for r in eval_records}, annotations)["accuracy"]
-    return {"most_frequent_answer": float(most_frequent), "question_type_prior": float(type_prior)}
+    annotations = [{"question_id": r.question_id, "answers": list(r.answers), "answer_type": r.answer_type}
+                   for r in eval_records]
+    result: Dict[str, float] = {}
+    for name, answer in (("most_frequent_answer", lambda r: top), ("question_type_prior", type_answer)):
+        score = vqa_accuracy_score({r.question_id: answer(r) for r in eval_records}, annotations)
+        result[name] = float(score["accuracy"])
+        for answer_type, value in score.get("per_answer_type", {}).items():
+            result[f"{name}_{answer_type_key(answer_type)}"] = float(value)
+    return result
 
 
 class VqaTask(Task):
