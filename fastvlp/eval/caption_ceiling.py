@@ -46,8 +46,8 @@ def caption_ceilings(
         return float(caption_scores(predictions, references, use_java=use_java)["cider"])
 
     templates, fallbacks = {}, {}
-    for name in CAPTION_TEMPLATES:
-        rng = np.random.default_rng([sample_seed, list(CAPTION_TEMPLATES).index(name)])
+    for index, name in enumerate(CAPTION_TEMPLATES):
+        rng = np.random.default_rng([sample_seed, index])
         written = {im.image_id: caption_from_template(name, rng, im.scene) for im in test}
         fallbacks[name] = sum(caption is None for caption in written.values())
         templates[name] = cider({k: top if v is None else v for k, v in written.items()})

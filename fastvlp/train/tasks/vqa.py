@@ -53,6 +53,11 @@ def answer_type_key(answer_type: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in answer_type.strip().lower())
 
 
+def typed_annotations(records) -> List[Dict[str, Any]]:
+    """VqaRecords as the annotation records `vqa_accuracy_score` reads, with their answer types."""
+    return [{"question_id": r.question_id, "answers": list(r.answers), "answer_type": r.answer_type} for r in records]
+
+
 def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
     """The trivial baselines' VQA accuracy on ``eval_records``: the most frequent training answer for every
     question, and the most frequent training answer of each question's ``question_type``. Where the
@@ -71,8 +76,7 @@ def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, 
         counts = by_type.get(record.question_type or "")
         return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0] if counts else top
 
-    annotations = [{"question_id": r.question_id, "answers": list(r.answers), "answer_type": r.answer_type}
-                   for r in eval_records]
+    annotations = typed_annotations(eval_records)
     result: Dict[str, float] = {}
     for name, answer in (("most_frequent_answer", lambda r: top), ("question_type_prior", type_answer)):
         score = vqa_accuracy_score({r.question_id: answer(r) for r in eval_records}, annotations)
@@ -121,8 +125,7 @@ class VqaTask(Task):
             logits = model.answer_logits(batch["images"], batch["pixel_mask"], batch["input_ids"], batch["text_attention_mask"])
             for question_id, index in zip(collated["question_id"], logits.argmax(dim=-1).tolist()):
                 predictions[question_id] = answers[index]
-        annotated = [{"question_id": r.question_id, "answers": list(r.answers), "answer_type": r.answer_type}
-                     for r in result.records if r.answers and r.question_id in predictions]
+        annotated = typed_annotations(r for r in result.records if r.answers and r.question_id in predictions)
         answered = {a["question_id"] for a in annotated}
         score = vqa_accuracy_score({q: a for q, a in predictions.items() if q in answered}, annotated) if annotated else None
         metrics = {"accuracy": float(score["accuracy"])} if score else {}
