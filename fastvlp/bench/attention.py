@@ -266,8 +266,10 @@ def _error(error: BaseException) -> str:
 
 def run(repeats: int = 20, warmup: int = 5, dtype: torch.dtype = torch.float16,
         names: Optional[Sequence[str]] = None, contenders: Optional[Sequence[str]] = None,
-        progress: bool = True) -> List[Dict[str, object]]:
-    """Time every contender on every scenario; returns result rows."""
+        progress: bool = True,
+        after_scenario: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
+    """Time every contender on every scenario; returns result rows. ``after_scenario`` receives the rows
+    so far after each scenario (the CLI writes them, so a run stopped early keeps what it measured)."""
     _DTYPE[0] = dtype
     rows: List[Dict[str, object]] = []
     for scenario in scenarios():
@@ -351,6 +353,8 @@ def run(repeats: int = 20, warmup: int = 5, dtype: torch.dtype = torch.float16,
             except Exception as error:
                 rows.append(unavailable_row(scenario["name"], "flex-blockmask-build", shape, _error(error),
                                             mode="mask build", **common, dropout_p=0.0))
+        if after_scenario is not None:
+            after_scenario(rows)
     return rows
 
 
@@ -391,10 +395,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("the attention benchmark needs a CUDA GPU")
     device = device_name("cuda")
     print(f"attention on {device}, {args.dtype}, medians of {args.repeats}:")
-    rows = run(args.repeats, args.warmup, getattr(torch, args.dtype), args.scenarios, args.contenders)
-    path = write_results("attention", rows, device, args.out_dir,
-                         table_columns=("name", "contender", "mode", "dropout_p", "shape", "median_ms", "tflops",
-                                        "peak_memory_mb"))
+    columns = ("name", "contender", "mode", "dropout_p", "shape", "median_ms", "tflops", "peak_memory_mb")
+
+    def write(rows):
+        return write_results("attention", rows, device, args.out_dir, table_columns=columns)
+
+    rows = run(args.repeats, args.warmup, getattr(torch, args.dtype), args.scenarios, args.contenders,
+               after_scenario=write)
+    path = write(rows)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     print(speedup_summary(rows))
     return 0
