@@ -66,6 +66,7 @@ step cuda-tests 200 $PYTHON -m pytest -q -m cuda -p no:cacheprovider tests
 export PYTHON LOG_DIR; export -f train_step
 step bench-train-step 300 bash -c train_step
 step bench-attention 300 $PYTHON -m fastvlp bench attention
+step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead
 step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda
 if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null 2>&1; then
   step sanitizer-memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTHON -m pytest -q -x tests/test_lsap_cuda.py

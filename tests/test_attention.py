@@ -64,6 +64,11 @@ def _padding(kind, batch, key_length, seed=1):
             mask[b, key_length - 5 - 11 * b:] = True
     elif kind == "random":
         mask = torch.rand(batch, key_length, generator=generator) < 0.4
+    elif kind == "valid_window":
+        # Valid keys only in a window that starts and ends past the kernels' 512-key mask scan block.
+        for b in range(batch):
+            mask[b, : 530 + 7 * b] = True
+            mask[b, 1030 - 13 * b:] = True
     elif kind == "one_row_empty":
         mask = torch.rand(batch, key_length, generator=generator) < 0.3
         mask[-1] = True
@@ -119,6 +124,7 @@ CASES = {
     "empty_batch_row": (19, 34, "one_row_empty", False),
     "causal_short_queries": (37, 101, None, True),
     "causal_more_queries_than_keys": (40, 24, "random", True),
+    "long_keys_valid_window": (13, 1100, "valid_window", False),
 }
 
 

@@ -48,6 +48,8 @@ def versions() -> Dict[str, str]:
     try:
         import fastvlp
 
+        if found.get("fastvlp") == "missing":  # run from a source tree on the path, not installed
+            found["fastvlp"] = f"{fastvlp.__version__} (source tree, not installed)"
         found["fastvlp_build"] = json.dumps(fastvlp.build_info(), sort_keys=True)
     except Exception as error:  # the benchmark still reports the peers
         found["fastvlp_build"] = f"unavailable: {error}"

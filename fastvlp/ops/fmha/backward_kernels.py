@@ -2,7 +2,8 @@
 
 Three launches (the math is spelled out in ``reference_backward.py``):
 1. ``delta = rowsum(O * dO)`` per query (fp32);
-2. dK and dV: one program per key block loops over the query blocks that see it;
+2. dK and dV: one program per key block loops over the query blocks that see it
+   (a block without any valid key stores zeros and skips the loop);
 3. dQ: one program per query block loops over the key blocks it sees.
 Probabilities are recomputed from the saved log-sum-exp, and dropout's keep-mask
 is regenerated from the forward's seed rather than stored. Rows whose lse is
@@ -112,7 +113,7 @@ def _key_block_grads(grad_k, grad_v, k, v, bias, q_base, grad_out_base, stride_q
                  prune_configs_by={"early_config_prune": prune_by_length})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def attention_backward_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_k_ptr, grad_v_ptr, mask_ptr, ranges_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_k_ptr, grad_v_ptr, mask_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -150,9 +151,8 @@ def attention_backward_dkdv_kernel(
     grad_k = tl.zeros([BLOCK_N, HEAD_DIM_BLOCK], dtype=tl.float32)
     grad_v = tl.zeros([BLOCK_N, HEAD_DIM_BLOCK], dtype=tl.float32)
 
-    # Key blocks wholly outside the row's valid key range get zero gradients, no loop.
-    lo, hi = key_block_range(ranges_ptr, batch, key_length, HAS_MASK, BLOCK_N)
-    query_stop = tl.where((start_n >= lo) & (start_n < hi), query_length, 0)
+    # Key blocks without a valid key get zero gradients, no loop.
+    query_stop = tl.where(tl.max(bias, 0) == 0.0, query_length, 0)
     causal_offset = key_length - query_length
     if CAUSAL:
         # Query i sees key j iff j <= i + causal_offset: rows before first_row see
@@ -222,7 +222,7 @@ def _query_block_grads(grad_q, q, grad_out, lse, delta, k_base, v_base, stride_k
                  prune_configs_by={"early_config_prune": prune_by_length})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def attention_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_q_ptr, mask_ptr, ranges_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_q_ptr, mask_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -257,7 +257,7 @@ def attention_backward_dq_kernel(
         seed_k0, seed_k1, seed_stream = load_dropout_seed(seed_ptr)
 
     grad_q = tl.zeros([BLOCK_M, HEAD_DIM_BLOCK], dtype=tl.float32)
-    lo, hi = key_block_range(ranges_ptr, batch, key_length, HAS_MASK, BLOCK_N)
+    lo, hi = key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK, BLOCK_N)
     causal_offset = key_length - query_length
     if CAUSAL:
         full_stop = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
@@ -305,7 +305,7 @@ def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dro
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty(batch, heads, query_length, dtype=torch.float32, device=q.device)
     has_dropout = dropout_p > 0.0
-    mask, ranges, stride_mask_b, stride_mask_k = mask_arguments(key_padding_mask, q)
+    mask, stride_mask_b, stride_mask_k = mask_arguments(key_padding_mask, q)
     seed = dropout_seed if has_dropout else q
     d_block = head_dim_block(head_dim)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, CAUSAL=causal, HAS_MASK=key_padding_mask is not None,
@@ -320,13 +320,13 @@ def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dro
             heads, query_length, HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, BLOCK_M=delta_block,
         )
         attention_backward_dkdv_kernel[lambda meta: (triton.cdiv(key_length, meta["BLOCK_N"]), batch * heads)](
-            q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, ranges, seed,
+            q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, seed,
             *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
             *_strides_without_last(grad_out), *_strides_without_last(grad_k), *_strides_without_last(grad_v),
             stride_mask_b, stride_mask_k, *scalars, **common,
         )
         attention_backward_dq_kernel[lambda meta: (triton.cdiv(query_length, meta["BLOCK_M"]), batch * heads)](
-            q, k, v, grad_out, lse, delta, grad_q, mask, ranges, seed,
+            q, k, v, grad_out, lse, delta, grad_q, mask, seed,
             *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
             *_strides_without_last(grad_out), *_strides_without_last(grad_q),
             stride_mask_b, stride_mask_k, *scalars, **common,

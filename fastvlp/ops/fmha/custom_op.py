@@ -1,5 +1,8 @@
 """``torch.library`` registration of fused attention, so autograd and
-``torch.compile(fullgraph=True)`` see one opaque operator per direction.
+``torch.compile(fullgraph=True)`` see one opaque operator per direction, and
+:class:`EagerAttention`, the same two functions as a plain ``autograd.Function``
+for eager calls (it skips the dispatcher's Python round trips, which cost more
+host time than a small attention call's kernels).
 
 ``fastvlp::attention_forward`` returns ``(out, lse)``; ``fastvlp::attention_backward``
 returns ``(dq, dk, dv)``. Both take a ``backend`` string ("triton" or "reference"),
@@ -35,19 +38,8 @@ def _reference_keep(seed, q, k, dropout_p):
     return dropout_keep_mask_torch(seed, batch, heads, query_length, k.shape[1], dropout_p)
 
 
-@torch.library.custom_op("fastvlp::attention_forward", mutates_args=())
-def attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    dropout_seed: Optional[torch.Tensor],
-    causal: bool,
-    dropout_p: float,
-    scale: float,
-    backend: str,
-    allow_tf32: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_impl(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32):
+    """``(out, lse)`` of one attention call on the chosen backend."""
     out, lse = _empty_outputs(q, v)
     if out.numel() == 0 or k.shape[1] == 0:
         # No keys at all: every row is fully masked.
@@ -66,6 +58,41 @@ def attention_forward(
     out.copy_(ref_out)
     lse.copy_(ref_lse)
     return out, lse
+
+
+def backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend,
+                  allow_tf32):
+    """``(dq, dk, dv)``, contiguous, of one attention call on the chosen backend."""
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if backend == "triton":
+        from .backward_kernels import attention_backward_triton
+
+        return attention_backward_triton(
+            grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, allow_tf32
+        )
+    keep = _reference_keep(dropout_seed, q, k, dropout_p)
+    grads = attention_backward_reference(
+        grad_out, q, k, v, out, lse, key_padding_mask=key_padding_mask, causal=causal,
+        dropout_p=dropout_p, dropout_keep=keep, scale=scale,
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+@torch.library.custom_op("fastvlp::attention_forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    dropout_seed: Optional[torch.Tensor],
+    causal: bool,
+    dropout_p: float,
+    scale: float,
+    backend: str,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_impl(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32)
 
 
 @attention_forward.register_fake
@@ -89,20 +116,8 @@ def attention_backward(
     backend: str,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if backend == "triton":
-        from .backward_kernels import attention_backward_triton
-
-        return attention_backward_triton(
-            grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, allow_tf32
-        )
-    keep = _reference_keep(dropout_seed, q, k, dropout_p)
-    grads = attention_backward_reference(
-        grad_out, q, k, v, out, lse, key_padding_mask=key_padding_mask, causal=causal,
-        dropout_p=dropout_p, dropout_keep=keep, scale=scale,
-    )
-    return tuple(g.contiguous() for g in grads)
+    return backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale,
+                         backend, allow_tf32)
 
 
 @attention_backward.register_fake
@@ -129,3 +144,23 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerAttention(torch.autograd.Function):
+    """The registered op's forward and backward without the dispatcher, for eager mode
+    (``torch.compile`` traces the registered op instead). Returns only ``out``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32):
+        out, lse = forward_impl(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend,
+                                allow_tf32)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, dropout_seed)
+        ctx.options = (causal, dropout_p, scale, backend, allow_tf32)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, key_padding_mask, dropout_seed = ctx.saved_tensors
+        grad_q, grad_k, grad_v = backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed,
+                                               *ctx.options)
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None

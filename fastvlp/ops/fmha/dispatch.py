@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from . import custom_op  # noqa: F401  (registers torch.ops.fastvlp.attention_*)
+from . import custom_op  # also registers torch.ops.fastvlp.attention_*
 from .dropout_rng import draw_dropout_seed
 
 BACKENDS = ("auto", "triton", "reference")
@@ -200,7 +200,8 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     dropout_seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
-    out, _ = torch.ops.fastvlp.attention_forward(
-        q, k, v, key_padding_mask, dropout_seed, causal, float(dropout_p), float(scale), choice.backend, allow_tf32
-    )
-    return out
+    arguments = (q, k, v, key_padding_mask, dropout_seed, causal, float(dropout_p), float(scale), choice.backend,
+                 allow_tf32)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastvlp.attention_forward(*arguments)[0]
+    return custom_op.EagerAttention.apply(*arguments)

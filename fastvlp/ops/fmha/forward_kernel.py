@@ -4,9 +4,10 @@ One program owns ``BLOCK_M`` queries of one (batch, head) and streams key/value
 blocks through an fp32 online softmax in base 2 (``log2(e)`` is folded into the
 scale, so each probability costs one ``exp2``). Key padding and sequence ends
 enter as a per-key-block bias vector (0 or -inf) rather than per-element selects,
-and keys outside the batch row's first..last valid key are never visited. Causal
-calls split the key range into blocks every query of the tile sees (no causal
-test) and the diagonal blocks (with it). It saves the natural-log log-sum-exp
+and keys outside the batch row's first..last valid key are never visited (each
+program finds them by scanning its row of the mask, so no host-side launch is
+spent on it). Causal calls split the key range into blocks every query of the
+tile sees (no causal test) and the diagonal blocks (with it). It saves the natural-log log-sum-exp
 for the backward, ``-inf`` for rows without any visible key (output 0).
 """
 from __future__ import annotations
@@ -37,12 +38,25 @@ def key_bias(mask_row_ptr, stride_mask_k, offs_n, key_length, HAS_MASK: tl.const
 
 
 @triton.jit
-def key_block_range(ranges_ptr, batch, key_length, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    SCAN_BLOCK: tl.constexpr = 512):
     """[lo, hi) of keys worth visiting: lo is block-aligned (dropout counters need
-    multiples of 4); padded keys before the first or after the last valid key are skipped."""
+    multiples of 4); padded keys before the first or after the last valid key are skipped.
+    Each program scans its batch row's mask (a few hundred bytes, from L2), which
+    costs less than the host-side launches that computing the range beforehand needs.
+    A row without any valid key gives (0, 0)."""
     if HAS_MASK:
-        lo = tl.load(ranges_ptr + 2 * batch)
-        hi = tl.load(ranges_ptr + 2 * batch + 1)
+        first = key_length
+        last = 0
+        offs = tl.arange(0, SCAN_BLOCK)
+        for start in range(0, key_length, SCAN_BLOCK):
+            index = start + offs
+            padded = tl.load(mask_row_ptr + index * stride_mask_k, mask=index < key_length, other=1)
+            valid = padded == 0
+            first = tl.minimum(first, tl.min(tl.where(valid, index, key_length), 0))
+            last = tl.maximum(last, tl.max(tl.where(valid, index + 1, 0), 0))
+        lo = tl.minimum(first, last)
+        hi = last
     else:
         lo = 0
         hi = key_length
@@ -104,7 +118,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_ptrs_base, v_ptrs_base, stride_kn, strid
 @triton.jit(do_not_specialize=["query_length", "key_length", "LQ_BUCKET", "LK_BUCKET", "threshold",
                                "stride_mask_b"])
 def attention_forward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, ranges_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, mask_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -144,7 +158,7 @@ def attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_BLOCK], dtype=tl.float32)
 
-    lo, hi = key_block_range(ranges_ptr, batch, key_length, HAS_MASK, BLOCK_N)
+    lo, hi = key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK, BLOCK_N)
     causal_offset = key_length - query_length
     if CAUSAL:
         # Keys below the first row's limit are visible to every row of the tile.
@@ -185,24 +199,12 @@ def attention_forward_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-def valid_key_ranges(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """int32 ``[B, 2]``: first valid key and one past the last, ``(0, 0)`` for a row
-    with no valid key. Computed on the device, without a host sync."""
-    valid = ~key_padding_mask
-    key_length = valid.shape[1]
-    any_valid = valid.any(dim=1)
-    first = valid.to(torch.int8).argmax(dim=1)
-    last = key_length - valid.flip(1).to(torch.int8).argmax(dim=1)
-    ranges = torch.stack([first, last], dim=1)
-    return torch.where(any_valid[:, None], ranges, torch.zeros_like(ranges)).to(torch.int32).contiguous()
-
-
 def mask_arguments(key_padding_mask, q):
-    """(mask, ranges, stride_b, stride_k) kernel arguments; placeholders when absent."""
+    """(mask, stride_b, stride_k) kernel arguments; placeholders when absent."""
     if key_padding_mask is None:
-        return q, q, 0, 0
+        return q, 0, 0
     mask_bytes = key_padding_mask.view(torch.uint8)
-    return mask_bytes, valid_key_ranges(key_padding_mask), mask_bytes.stride(0), mask_bytes.stride(1)
+    return mask_bytes, mask_bytes.stride(0), mask_bytes.stride(1)
 
 
 def device_context(t: torch.Tensor):
@@ -216,7 +218,7 @@ def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dr
     batch, query_length, heads, head_dim = q.shape
     key_length = k.shape[1]
     has_dropout = dropout_p > 0.0
-    mask, ranges, stride_mask_b, stride_mask_k = mask_arguments(key_padding_mask, q)
+    mask, stride_mask_b, stride_mask_k = mask_arguments(key_padding_mask, q)
     seed = dropout_seed if has_dropout else q
 
     def grid(meta):
@@ -224,7 +226,7 @@ def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dr
 
     with device_context(q):
         attention_forward_kernel[grid](
-            q, k, v, out, lse, mask, ranges, seed,
+            q, k, v, out, lse, mask, seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mask_b, stride_mask_k,
             heads, query_length, key_length, length_bucket(query_length), length_bucket(key_length),

@@ -1,0 +1,69 @@
+"""The attention benchmarks' CLI checks, their summary, and the version record; the timed runs need a GPU."""
+import importlib.metadata
+import json
+
+import pytest
+import torch
+
+from fastvlp.bench import attention, attention_overhead, common
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("module", [attention, attention_overhead], ids=["attention", "overhead"])
+def test_benchmarks_without_a_gpu_say_so(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([])
+    assert exit_info.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", [attention, attention_overhead], ids=["attention", "overhead"])
+def test_benchmarks_reject_bad_repeats(module, capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_speedup_summary_compares_with_the_fastest_kernel_peer():
+    rows = [
+        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "fastvlp", "median_ms": 2.0},
+        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "sdpa-cudnn", "median_ms": 3.0},
+        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "sdpa-efficient", "median_ms": 5.0},
+        # Modules are not kernel peers, and unavailable peers have no time.
+        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "torch-mha-detr (module)", "median_ms": 1.0},
+        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "xformers", "median_ms": None},
+        {"name": "X", "dropout_p": 0.1, "mode": "fwd+bwd", "contender": "fastvlp", "median_ms": 4.0},
+        {"name": "X", "dropout_p": 0.1, "mode": "fwd+bwd", "contender": "sdpa-cudnn", "median_ms": 2.0},
+    ]
+    lines = attention.speedup_summary(rows).splitlines()[1:]
+    assert len(lines) == 2
+    assert lines[0].split()[3:] == ["2.000", "sdpa-cudnn", "3.000", "1.50x"]
+    assert lines[1].split()[3:] == ["4.000", "sdpa-cudnn", "2.000", "0.50x"]
+
+
+def test_versions_name_a_source_tree_run(monkeypatch):
+    real_version = importlib.metadata.version
+
+    def version(package):
+        if package == "fastvlp":
+            raise importlib.metadata.PackageNotFoundError(package)
+        return real_version(package)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    found = common.versions()
+    assert found["fastvlp"].endswith("(source tree, not installed)")
+    assert found["torch"] == real_version("torch")
+    assert "extension" in json.loads(found["fastvlp_build"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overhead_rows_cover_every_contender_and_mode():
+    rows = attention_overhead.run(["C-self"], repeats=3, warmup=1)
+    seen = {(row["contender"], row["mode"]) for row in rows}
+    assert seen == {("fastvlp", "fwd"), ("fastvlp", "fwd+bwd"), ("fastvlp-registered-op", "fwd"),
+                    ("fastvlp-registered-op", "fwd+bwd"), ("fastvlp-kernel-launchers", "fwd"),
+                    ("fastvlp-kernel-launchers", "bwd"), ("sdpa-default", "fwd"), ("sdpa-default", "fwd+bwd")}
+    assert all(row["host_us"] > 0 and row["median_ms"] > 0 for row in rows)
