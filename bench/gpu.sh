@@ -62,7 +62,9 @@ fi
 step build 300 $PYTHON -m pip install --no-build-isolation --no-deps -e .
 $PYTHON -c "import fastvlp, torch, triton; print(fastvlp.build_info()); print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$LOG_DIR/gpu.txt"
-step cuda-tests 200 $PYTHON -m pytest -q -m cuda -p no:cacheprovider tests
+# Compiling and tuning the Triton kernels' variants is most of the tests' time: spread it over the cores.
+parallel=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8")
+step cuda-tests 200 $PYTHON -m pytest -q -m cuda -p no:cacheprovider $parallel tests
 export PYTHON LOG_DIR; export -f train_step
 step bench-train-step 300 bash -c train_step
 step bench-attention 300 $PYTHON -m fastvlp bench attention
