@@ -73,8 +73,9 @@ def test_stop_after_then_resume_is_bitwise_equal_to_a_straight_run(data, straigh
 
 def test_checkpoint_task_file_and_metrics(straight, data):
     saved = json.loads((straight.checkpoint / "task.json").read_text())
-    answers = get_task("vqa").read_training_data(data, {"num_answers": 8}).task_state["answers"]
-    assert saved == {"task": "vqa", "preset": "tiny", "pretraining_rates": [TINY_LR, TINY_LR], "answers": answers}
+    task_state = get_task("vqa").read_training_data(data, {"num_answers": 8}).task_state
+    assert saved == {"task": "vqa", "preset": "tiny", "pretraining_rates": [TINY_LR, TINY_LR], **task_state}
+    assert set(task_state) == {"answers", "answer_prior"}
     for record in read_metrics(straight.metrics_path):
         assert record["loss"] > 0 and record["loss"] == pytest.approx(record["loss_vqa"], rel=1e-6)
     run_info = json.loads((straight.run_dir / "run.json").read_text())

@@ -18,7 +18,7 @@ from fastvlp.eval.vqa_accuracy import normalize_vqa_answer, vqa_accuracy
 from fastvlp.models.presets import get_preset
 from fastvlp.train.tasks import get_task
 from fastvlp.train.tasks.base import SeededSamples, collate_task_samples
-from fastvlp.train.tasks.vqa import VqaModel, VqaTask, vqa_baselines
+from fastvlp.train.tasks.vqa import VqaModel, VqaTask, answer_prior, vqa_baselines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -244,6 +244,26 @@ def test_baselines_per_answer_type():
         "most_frequent_answer_other": 0.0, "most_frequent_answer_yes_no": 0.0, "most_frequent_answer_number": 0.0,
         "question_type_prior_other": 1 / 2, "question_type_prior_yes_no": 0.0, "question_type_prior_number": 1.0,
     }, abs=1e-12)
+
+
+def test_answer_prior_is_the_mean_soft_score():
+    records = [_record(1, "t", "red", ["red"] * 10), _record(2, "t", "Red", ["red"] * 2 + ["blue"] * 8),
+               _record(3, "t", "two", ["2"] * 3 + ["7"] * 7)]
+    # Soft scores by annotator count: 10 -> 1.0, 2 -> 0.6, 8 -> 1.0, 3 -> 0.9; "7" is outside the vocabulary.
+    prior = answer_prior(records, ["red", "blue", "2"])
+    assert prior == pytest.approx([(1.0 + 0.6) / 3, 1.0 / 3, 0.9 / 3], abs=1e-6)  # float32 soft scores
+
+
+def test_model_starts_from_the_answer_prior(config, training):
+    prior = training.task_state["answer_prior"]
+    assert len(prior) == len(training.task_state["answers"]) and all(0 < p <= 1 for p in prior)
+    model = VqaModel(config, training.task_state)
+    bias = model.head.classifier.output.bias.detach().double()
+    assert torch.sigmoid(bias) == pytest.approx(prior, abs=1e-6)
+    with pytest.raises(ValueError, match="prior"):
+        VqaModel(config, {**training.task_state, "answer_prior": prior[:-1]})
+    with pytest.raises(ValueError, match="prior"):
+        VqaModel(config, {**training.task_state, "answer_prior": [1.5] * len(prior)})
 
 
 def test_predict_top_k(task, config, tokenizer, training):

@@ -7,7 +7,7 @@ a hidden width of twice the model width.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,20 @@ class VqaHead(nn.Module):
         """``[B, d_model]`` -> ``[B, num_answers]``."""
         _check_features("cls_hidden", cls_hidden, self.d_model, rank=2)
         return self.classifier(cls_hidden)
+
+    @torch.no_grad()
+    def init_bias_from_prior(self, prior: Sequence[float], floor: float = 1e-4) -> None:
+        """Set the output bias to ``logit(prior)``, ``prior`` being each answer's mean soft score in the
+        training set. The untrained head then predicts the answer marginals instead of 0.5 everywhere,
+        whose loss, summed over thousands of answers, would otherwise swamp the first steps."""
+        prior_tensor = torch.as_tensor(prior, dtype=torch.float64)
+        if prior_tensor.shape != (self.num_answers,):
+            raise ValueError(f"prior: expected {self.num_answers} values, got shape {list(prior_tensor.shape)}")
+        if not bool(torch.isfinite(prior_tensor).all()) or bool((prior_tensor < 0).any() | (prior_tensor > 1).any()):
+            raise ValueError("prior: expected values in [0, 1]")
+        clamped = prior_tensor.clamp(floor, 1.0 - floor)
+        bias = self.classifier.output.bias
+        bias.copy_(torch.log(clamped / (1.0 - clamped)).to(bias.dtype))
 
 
 class Nlvr2Head(nn.Module):

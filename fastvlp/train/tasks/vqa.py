@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastvlp.data.datasets.vqa import NUM_ANSWERS, VqaDataset, build_answer_vocabulary
+from fastvlp.data.datasets.vqa import NUM_ANSWERS, VqaDataset, build_answer_vocabulary, soft_scores
 from fastvlp.data.readers.vqa import read_vqa
 from fastvlp.data.transforms import eval_transform
 from fastvlp.eval.result_files import vqa_results
@@ -32,6 +32,9 @@ class VqaModel(TaskModel):
         if not answers:
             raise ValueError("task_state: expected a non-empty 'answers' list")
         self.head = VqaHead(config.d_model, len(answers))
+        prior = self.task_state.get("answer_prior")
+        if prior is not None:
+            self.head.init_bias_from_prior(prior)
 
     def answer_logits(self, images, pixel_mask, input_ids, text_attention_mask) -> torch.Tensor:
         encoded = self.vlp.encode(images, pixel_mask, input_ids, text_attention_mask)
@@ -86,6 +89,16 @@ def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, 
     return result
 
 
+def answer_prior(records: Sequence, answers: Sequence[str]) -> List[float]:
+    """Each answer's mean soft score over ``records``: the constant prediction that minimises the soft-score
+    BCE, used to initialise the answer head's bias."""
+    index = {answer: i for i, answer in enumerate(answers)}
+    total = torch.zeros(len(answers), dtype=torch.float64)
+    for record in records:
+        total += soft_scores(record.answers, index, normalize_vqa_answer).double()
+    return (total / max(len(records), 1)).tolist()
+
+
 class VqaTask(Task):
     name = "vqa"
     loss_keys = ("loss", "loss_vqa")
@@ -98,7 +111,7 @@ class VqaTask(Task):
         records = [r for r in result.records if r.answers]
         num_answers = int(options.get("num_answers") or NUM_ANSWERS)
         answers = build_answer_vocabulary(records, num_answers, normalise=normalize_vqa_answer)
-        return TrainingData(records, result.skips, {"answers": answers})
+        return TrainingData(records, result.skips, {"answers": answers, "answer_prior": answer_prior(records, answers)})
 
     def tokenizer_texts(self, records):
         return (r.question for r in records)
