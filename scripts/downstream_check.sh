@@ -6,6 +6,9 @@
 # The README's figures use the defaults. To test longer schedules (on a GPU, say), SCALE multiplies every
 # step count, and DEVICE and NUM_WORKERS are passed to each command:
 #   DEVICE=cuda SCALE=10 NUM_WORKERS=8 bash scripts/downstream_check.sh OUT
+# SEEDS fine-tunes every task once per seed (the first seed's run keeps the plain names); the table then
+# gives each seed's result and their mean, since one seed's figure moves by about 0.01:
+#   SEEDS="0 1 2" bash scripts/downstream_check.sh OUT
 set -euo pipefail
 OUT=${1:-downstream-check}
 FASTVLP=${FASTVLP:-fastvlp}
@@ -13,6 +16,11 @@ PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-cpu}
 SCALE=${SCALE:-1}
 NUM_WORKERS=${NUM_WORKERS:-0}
+SEEDS=${SEEDS:-0}
+for seed in $SEEDS; do
+  case $seed in ''|*[!0-9]*) echo "SEEDS: expected non-negative integers, got '$SEEDS'" >&2; exit 2;; esac
+done
+FIRST_SEED=${SEEDS%% *}
 case $SCALE in ''|*[!0-9]*|0) echo "SCALE: expected a positive integer, got '$SCALE'" >&2; exit 2;; esac
 DATA=$OUT/data
 [ -d "$DATA/coco" ] || $FASTVLP data synth --out "$DATA" --num-images 512
@@ -22,9 +30,12 @@ $FASTVLP pretrain --preset tiny --data "$DATA" --out "$OUT/pretrain" --max-steps
 INIT=$OUT/pretrain/checkpoints/step-$PRETRAIN_STEPS
 for spec in vqa:300 nlvr2:400 caption:400 retrieval:400 detection:800; do
   task=${spec%%:*}; steps=$((${spec##*:} * SCALE))
-  $FASTVLP finetune --task "$task" --init "$INIT" --data "$DATA" --out "$OUT/$task" --max-steps "$steps" \
-    --batch-size 16 --device "$DEVICE" --num-workers "$NUM_WORKERS"
-  $FASTVLP evaluate --task "$task" --checkpoint "$OUT/$task/checkpoints/step-$steps" --data "$DATA" \
-    --device "$DEVICE" --out "$OUT/$task.eval.json"
+  for seed in $SEEDS; do
+    name=$task; [ "$seed" = "$FIRST_SEED" ] || name=$task.seed$seed
+    $FASTVLP finetune --task "$task" --init "$INIT" --data "$DATA" --out "$OUT/$name" --max-steps "$steps" \
+      --batch-size 16 --device "$DEVICE" --num-workers "$NUM_WORKERS" --seed "$seed"
+    $FASTVLP evaluate --task "$task" --checkpoint "$OUT/$name/checkpoints/step-$steps" --data "$DATA" \
+      --device "$DEVICE" --out "$OUT/$name.eval.json"
+  done
 done
 $PYTHON "$(dirname "$0")/downstream_table.py" "$OUT" "$DATA"

@@ -1,5 +1,6 @@
 """Print the downstream check's table: each task's metrics from OUT/<task>.eval.json next to its target and,
-for VQA and captioning, the trivial baselines computed from the data.
+for VQA and captioning, the trivial baselines computed from the data. Runs of further seeds
+(OUT/<task>.seed<N>.eval.json) add each seed's value and the mean over all seeds.
 
     python scripts/downstream_table.py OUT DATA
 """
@@ -13,10 +14,11 @@ from fastvlp.train.tasks.vqa import vqa_baselines
 
 
 def main(out: Path, data: Path) -> None:
-    metrics = {}
+    metrics, seeded = {}, {}
     for task in ("vqa", "nlvr2", "caption", "retrieval", "detection"):
         path = out / f"{task}.eval.json"
         metrics[task] = json.loads(path.read_text())["metrics"] if path.is_file() else {}
+        seeded[task] = [json.loads(p.read_text())["metrics"] for p in sorted(out.glob(f"{task}.seed*.eval.json"))]
     vqa = vqa_baselines(read_vqa(data / "vqa", data / "coco", "train").records,
                         read_vqa(data / "vqa", data / "coco", "val").records)
     caption = caption_baseline(read_caption_records(data, "train").records, read_caption_records(data, "test").records)
@@ -33,6 +35,10 @@ def main(out: Path, data: Path) -> None:
     print(f"| task | metric | result | target |\n|---|---|---|---|")
     for task, name, value, target in rows:
         shown = "not run" if value is None else f"{value:.3f}"
+        others = [m[name] for m in seeded[task] if name in m]
+        if value is not None and others:
+            values = [value, *others]
+            shown += f" (other seeds: {', '.join(f'{v:.3f}' for v in others)}; mean {sum(values) / len(values):.3f})"
         print(f"| {task} | {name} | {shown} | {target} |")
 
 
