@@ -299,6 +299,14 @@ def test_float64_gradcheck_through_the_op():
     torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, key_padding_mask=mask, causal=True), (q, k, v))
 
 
+def test_double_backward_is_refused_not_silently_wrong():
+    q = torch.randn(1, 5, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = attention(q, q, q, backend="reference")
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_q.sum().backward()
+
+
 def test_empty_inputs():
     q, k, v = _inputs(2, 5, 0, 2, 16, torch.float32)
     for backend in ("triton", "reference"):

@@ -159,6 +159,7 @@ class EagerAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask, dropout_seed = ctx.saved_tensors
         grad_q, grad_k, grad_v = backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed,
