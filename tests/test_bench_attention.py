@@ -58,6 +58,20 @@ def test_versions_name_a_source_tree_run(monkeypatch):
     assert "extension" in json.loads(found["fastvlp_build"])
 
 
+def test_worker_thread_runs_calls_elsewhere_and_returns_their_errors():
+    import threading
+
+    worker = attention_overhead.WorkerThread()
+    seen = []
+    for _ in range(3):
+        worker.run(lambda: seen.append(threading.current_thread().name))
+    assert seen == ["attention-overhead-worker"] * 3
+    with pytest.raises(ZeroDivisionError):
+        worker.run(lambda: 1 / 0)
+    worker.run(lambda: seen.append("still serving"))
+    assert seen[-1] == "still serving"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_overhead_rows_cover_every_contender_and_mode():
@@ -65,5 +79,6 @@ def test_overhead_rows_cover_every_contender_and_mode():
     seen = {(row["contender"], row["mode"]) for row in rows}
     assert seen == {("fastvlp", "fwd"), ("fastvlp", "fwd+bwd"), ("fastvlp-registered-op", "fwd"),
                     ("fastvlp-registered-op", "fwd+bwd"), ("fastvlp-kernel-launchers", "fwd"),
-                    ("fastvlp-kernel-launchers", "bwd"), ("sdpa-default", "fwd"), ("sdpa-default", "fwd+bwd")}
+                    ("fastvlp-kernel-launchers", "bwd"), ("fastvlp-kernel-launchers-worker-thread", "bwd"),
+                    ("worker-thread-round-trip", "no-op"), ("sdpa-default", "fwd"), ("sdpa-default", "fwd+bwd")}
     assert all(row["host_us"] > 0 and row["median_ms"] > 0 for row in rows)

@@ -5,13 +5,17 @@ call and as medians: the host time to issue a forward and a forward+backward (a 
 call, synchronised before each, so launch queues never fill), and the device time of the same call
 between CUDA events. Contenders: the public ``attention`` (eager path), the registered
 ``torch.ops.fastvlp.attention_forward`` op with autograd (the path ``torch.compile`` traces), the bare
-kernel launchers (forward, then backward with saved outputs), and SDPA's default dispatch. A
-``torch.profiler`` table of one scenario's fastvlp forward+backward follows, by self CPU time.
+kernel launchers (forward, then backward with saved outputs), and SDPA's default dispatch. The backward
+launchers are also timed from a second Python thread (autograd runs a CUDA backward on its own device
+thread), next to that thread's bare round trip, to show whether issuing them off the main thread costs
+more. A ``torch.profiler`` table of one scenario's fastvlp forward+backward follows, by self CPU time.
 """
 from __future__ import annotations
 
 import math
+import queue
 import statistics
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -36,7 +40,32 @@ def host_times_us(call: Callable[[], object], repeats: int, warmup: int) -> List
     return times
 
 
-def _contenders(scenario, q, k, v, grad_out) -> Dict[str, Dict[str, Callable[[], object]]]:
+class WorkerThread:
+    """One persistent thread that runs the callables handed to :meth:`run`, one at a time."""
+
+    def __init__(self) -> None:
+        self._tasks: "queue.Queue" = queue.Queue()
+        threading.Thread(target=self._serve, daemon=True, name="attention-overhead-worker").start()
+
+    def _serve(self) -> None:
+        while True:
+            function, done, failure = self._tasks.get()
+            try:
+                function()
+            except BaseException as error:  # handed back to the caller
+                failure.append(error)
+            done.set()
+
+    def run(self, function: Callable[[], object]) -> None:
+        """Run ``function`` on the worker thread and wait for it; its exception is raised here."""
+        done, failure = threading.Event(), []
+        self._tasks.put((function, done, failure))
+        done.wait()
+        if failure:
+            raise failure[0]
+
+
+def _contenders(scenario, q, k, v, grad_out, worker: WorkerThread) -> Dict[str, Dict[str, Callable[[], object]]]:
     from fastvlp.ops.fmha.backward_kernels import attention_backward_triton
     from fastvlp.ops.fmha.dispatch import attention
     from fastvlp.ops.fmha.forward_kernel import attention_forward_triton
@@ -78,6 +107,8 @@ def _contenders(scenario, q, k, v, grad_out) -> Dict[str, Dict[str, Callable[[],
         "fastvlp": {"fwd": lambda: public(q, k, v), "fwd+bwd": fwd_bwd(public)},
         "fastvlp-registered-op": {"fwd": lambda: registered_op(q, k, v), "fwd+bwd": fwd_bwd(registered_op)},
         "fastvlp-kernel-launchers": {"fwd": launch_forward, "bwd": launch_backward},
+        "fastvlp-kernel-launchers-worker-thread": {"bwd": lambda: worker.run(launch_backward)},
+        "worker-thread-round-trip": {"no-op": lambda: worker.run(lambda: None)},
         "sdpa-default": {"fwd": lambda: sdpa(q, k, v), "fwd+bwd": fwd_bwd(sdpa)},
     }
 
@@ -85,6 +116,7 @@ def _contenders(scenario, q, k, v, grad_out) -> Dict[str, Dict[str, Callable[[],
 def run(names: Sequence[str] = ("S", "C-self", "C-cross", "X"), repeats: int = 50, warmup: int = 10,
         dtype: torch.dtype = torch.float16) -> List[Dict[str, object]]:
     rows: List[Dict[str, object]] = []
+    worker = WorkerThread()
     for scenario in scenarios():
         if scenario["name"] not in names:
             continue
@@ -100,7 +132,7 @@ def run(names: Sequence[str] = ("S", "C-self", "C-cross", "X"), repeats: int = 5
 
         q, k, v = draw(scenario["query_length"]), draw(scenario["key_length"]), draw(scenario["key_length"])
         grad_out = torch.randn_like(q)
-        for contender, calls in _contenders(scenario, q, k, v, grad_out).items():
+        for contender, calls in _contenders(scenario, q, k, v, grad_out, worker).items():
             for mode, call in calls.items():
                 host = host_times_us(call, repeats, warmup)
                 device = time_cuda_calls(lambda _: call(), repeats, warmup)
@@ -120,7 +152,7 @@ def profile_table(name: str = "S", dtype: torch.dtype = torch.float16, calls: in
     q, k, v = (torch.randn(scenario["batch"], length, scenario["heads"], scenario["head_dim"], device="cuda",
                            dtype=dtype)
                for length in (scenario["query_length"], scenario["key_length"], scenario["key_length"]))
-    call = _contenders(scenario, q, k, v, torch.randn_like(q))["fastvlp"]["fwd+bwd"]
+    call = _contenders(scenario, q, k, v, torch.randn_like(q), WorkerThread())["fastvlp"]["fwd+bwd"]
     for _ in range(5):
         call()
     torch.cuda.synchronize()
