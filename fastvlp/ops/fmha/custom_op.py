@@ -127,19 +127,26 @@ def _(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropo
     ), torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, inputs, out, lse) -> None:
+    """What both autograd paths keep: the tensors the backward reads, and the call's options."""
     q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32 = inputs
-    out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, dropout_seed)
     ctx.options = (causal, dropout_p, scale, backend, allow_tf32)
+
+
+def _saved_arguments(ctx, grad_out):
+    """The backward's arguments, in ``attention_backward``'s order."""
+    return (grad_out, *ctx.saved_tensors, *ctx.options)
+
+
+def _setup_context(ctx, inputs, output):
+    out, lse = output
+    _save_for_backward(ctx, inputs, out, lse)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, key_padding_mask, dropout_seed = ctx.saved_tensors
-    grad_q, grad_k, grad_v = torch.ops.fastvlp.attention_backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, *ctx.options
-    )
+    grad_q, grad_k, grad_v = torch.ops.fastvlp.attention_backward(*_saved_arguments(ctx, grad_out))
     return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
 
@@ -151,17 +158,13 @@ class EagerAttention(torch.autograd.Function):
     (``torch.compile`` traces the registered op instead). Returns only ``out``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32):
-        out, lse = forward_impl(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend,
-                                allow_tf32)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, dropout_seed)
-        ctx.options = (causal, dropout_p, scale, backend, allow_tf32)
+    def forward(ctx, *inputs):
+        out, lse = forward_impl(*inputs)
+        _save_for_backward(ctx, inputs, out, lse)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse, key_padding_mask, dropout_seed = ctx.saved_tensors
-        grad_q, grad_k, grad_v = backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed,
-                                               *ctx.options)
+        grad_q, grad_k, grad_v = backward_impl(*_saved_arguments(ctx, grad_out))
         return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
