@@ -7,11 +7,13 @@
 #   bash bench/gpu.sh                    # everything
 #   BUDGET_S=420 bash bench/gpu.sh       # stop starting steps after 420 s; each is cut at what is left
 #   SKIP_SANITIZER=1 bash bench/gpu.sh
+#   ONLY="bench-e2e bench-attention" bash bench/gpu.sh   # the build, then only the steps named
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT:-}
 BUDGET_S=${BUDGET_S:-0}
+ONLY=${ONLY:-}
 LOG_DIR=bench/results/logs
 mkdir -p "$LOG_DIR"
 failures=()
@@ -27,6 +29,7 @@ pack() {  # everything measured so far, in one file (the device machine returns 
 
 step() {  # step NAME CAP_S COMMAND...: run under min(CAP_S, time left), log, remember failures, keep going
   local name=$1 cap=$2; shift 2
+  if [ -n "$ONLY" ] && [ "$name" != build ] && [[ " $ONLY " != *" $name "* ]]; then echo "=== $name: not in ONLY"; return; fi
   local left; left=$(seconds_left)
   [ "$left" -lt "$cap" ] && cap=$left
   if [ "$cap" -lt 10 ]; then echo "=== $name: skipped, out of time"; failures+=("$name(skipped)"); return; fi
