@@ -338,6 +338,11 @@ def test_select_backend_reasons():
     assert "head_dim 256" in select_backend(wide, wide, wide).reasons["triton"]
     with pytest.raises(RuntimeError, match="head_dim 256"):
         select_backend(wide, wide, wide, backend="triton")
+    # More batch rows than a CUDA grid axis holds: the reference takes the call (expand: no memory).
+    many_rows = torch.randn(1, 2, 1, 16, device=DEVICE).expand(65536, -1, -1, -1)
+    assert "launch grid" in select_backend(many_rows, many_rows, many_rows).reasons["triton"]
+    with pytest.raises(RuntimeError, match="batch 65536"):
+        select_backend(many_rows, many_rows, many_rows, backend="triton")
     if DEVICE == "cpu":
         half = q.to(torch.bfloat16)
         with pytest.raises(RuntimeError, match="interpreter"):

@@ -60,9 +60,10 @@ def attention_backward_delta_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads
-    head = batch_head % heads
+    # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    batch_head = batch * heads + head
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_BLOCK)
     row_ok = offs_m < query_length
@@ -127,9 +128,10 @@ def attention_backward_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads
-    head = batch_head % heads
+    # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    batch_head = batch * heads + head
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_BLOCK)
     key_ok = offs_n < key_length
@@ -235,9 +237,10 @@ def attention_backward_dq_kernel(
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads
-    head = batch_head % heads
+    # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    batch_head = batch * heads + head
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_BLOCK)
     row_ok = offs_m < query_length
@@ -315,17 +318,17 @@ def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dro
 
     with device_context(q):
         delta_block = 16 if d_block >= 128 else 64
-        attention_backward_delta_kernel[(triton.cdiv(query_length, delta_block), batch * heads)](
+        attention_backward_delta_kernel[(triton.cdiv(query_length, delta_block), heads, batch)](
             out, grad_out, delta, *_strides_without_last(out), *_strides_without_last(grad_out),
             heads, query_length, HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, BLOCK_M=delta_block,
         )
-        attention_backward_dkdv_kernel[lambda meta: (triton.cdiv(key_length, meta["BLOCK_N"]), batch * heads)](
+        attention_backward_dkdv_kernel[lambda meta: (triton.cdiv(key_length, meta["BLOCK_N"]), heads, batch)](
             q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, seed,
             *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
             *_strides_without_last(grad_out), *_strides_without_last(grad_k), *_strides_without_last(grad_v),
             stride_mask_b, stride_mask_k, *scalars, **common,
         )
-        attention_backward_dq_kernel[lambda meta: (triton.cdiv(query_length, meta["BLOCK_M"]), batch * heads)](
+        attention_backward_dq_kernel[lambda meta: (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
             q, k, v, grad_out, lse, delta, grad_q, mask, seed,
             *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
             *_strides_without_last(grad_out), *_strides_without_last(grad_q),

@@ -14,6 +14,8 @@ from .dropout_rng import draw_dropout_seed
 BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KERNEL_HEAD_DIM = 128
+# The kernels put heads and batch rows on CUDA grid axes 1 and 2, each capped at 65535 blocks.
+MAX_KERNEL_GRID_EXTENT = 65535
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ def _triton_unsupported(q: torch.Tensor) -> Optional[str]:
         return f"dtype {q.dtype} is not supported by the kernels (float16, bfloat16, float32)"
     if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
         return f"head_dim {q.shape[-1]} exceeds the kernels' maximum of {MAX_KERNEL_HEAD_DIM}"
+    if q.shape[0] > MAX_KERNEL_GRID_EXTENT or q.shape[2] > MAX_KERNEL_GRID_EXTENT:
+        return (f"batch {q.shape[0]} or heads {q.shape[2]} exceeds the kernels' launch grid limit of "
+                f"{MAX_KERNEL_GRID_EXTENT} (split the batch)")
     missing = _triton_available()
     if missing:
         return missing

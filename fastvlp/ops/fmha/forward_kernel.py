@@ -130,9 +130,10 @@ def attention_forward_kernel(
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads
-    head = batch_head % heads
+    # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    batch_head = batch * heads + head
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_BLOCK)
@@ -222,7 +223,7 @@ def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dr
     seed = dropout_seed if has_dropout else q
 
     def grid(meta):
-        return (triton.cdiv(query_length, meta["BLOCK_M"]), batch * heads)
+        return (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)
 
     with device_context(q):
         attention_forward_kernel[grid](

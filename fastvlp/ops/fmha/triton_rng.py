@@ -64,9 +64,10 @@ def dropout_keep_tile(k0, k1, stream, batch_head, rows, col_start, threshold,
 @triton.jit(do_not_specialize=["query_length", "key_length"])
 def dropout_keep_kernel(seed_ptr, keep_ptr, query_length, key_length, threshold,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    start_n = tl.program_id(1) * BLOCK_N
-    batch_head = tl.program_id(2)
+    # B * H on axis 0, which CUDA does not cap at 65535 as it does axes 1 and 2.
+    batch_head = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    start_n = tl.program_id(2) * BLOCK_N
     k0, k1, stream = load_dropout_seed(seed_ptr)
     rows = start_m + tl.arange(0, BLOCK_M)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -92,7 +93,7 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, query_length: 
     if keep.numel() == 0:
         return keep.bool()
     block_m, block_n = (16, 16) if INTERPRETED else (64, 64)
-    grid = (triton.cdiv(query_length, block_m), triton.cdiv(key_length, block_n), batch * heads)
+    grid = (batch * heads, triton.cdiv(query_length, block_m), triton.cdiv(key_length, block_n))
     dropout_keep_kernel[grid](seed, keep, query_length, key_length, dropout_threshold(dropout_p),
                               BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.bool()
