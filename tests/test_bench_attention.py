@@ -82,3 +82,49 @@ def test_overhead_rows_cover_every_contender_and_mode():
                     ("fastvlp-kernel-launchers", "bwd"), ("fastvlp-kernel-launchers-worker-thread", "bwd"),
                     ("worker-thread-round-trip", "no-op"), ("sdpa-default", "fwd"), ("sdpa-default", "fwd+bwd")}
     assert all(row["host_us"] > 0 and row["median_ms"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("scenario", attention.scenarios(), ids=lambda scenario: scenario["name"])
+def test_fastvlp_module_row_calls_the_fused_path(scenario):
+    from fastvlp.nn.multihead_attention import MultiheadAttention
+
+    width = scenario["heads"] * scenario["head_dim"]
+    module = MultiheadAttention(width, scenario["heads"], dropout=0.1).train()
+    batch, query_length, key_length = scenario["batch"], scenario["query_length"], scenario["key_length"]
+    # The path depends on shapes, dtypes and flags, not on values: broadcast views keep the big scenarios cheap.
+    query = torch.randn(width).expand(query_length, batch, width)
+    key = torch.randn(width).expand(key_length, batch, width)
+    arguments = attention._module_arguments("fastvlp", scenario, "cpu")
+    assert arguments["need_weights"] is False and arguments["is_causal"] is scenario["causal"]
+    assert module.why_not_fast_path(query, key, key, **arguments) is None
+    # DETR's call, which the torch row keeps, is the one that would miss it.
+    detr = attention._module_arguments("torch", scenario, "cpu")
+    assert "need_weights" not in detr and (detr["attn_mask"] is not None) is scenario["causal"]
+    assert module.why_not_fast_path(query, key, key, **detr) is not None
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal-self", "cross"])
+def test_module_rows_compute_the_same_attention(causal, monkeypatch):
+    from fastvlp.ops.fmha import dispatch
+
+    generator = torch.Generator().manual_seed(7)
+    query_length = 12 if causal else 5
+    scenario = dict(name="tiny", batch=3, heads=2, head_dim=8, query_length=query_length, key_length=12,
+                    mask=attention.text_padding(3, 12, seed=3), causal=causal)
+    fast, fast_call = attention._module_call("fastvlp", scenario, 0.0, "cpu", torch.float32)
+    reference, reference_call = attention._module_call("torch", scenario, 0.0, "cpu", torch.float64)
+    reference.load_state_dict({name: value.double() for name, value in fast.state_dict().items()})
+    fused_calls = []
+    real_attention = dispatch.attention
+
+    def recorded_attention(*args, **kwargs):  # the fused op is what the fastvlp row should time
+        fused_calls.append(kwargs["causal"])
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "attention", recorded_attention)
+    q, k, v = (torch.randn(3, length, 2, 8, generator=generator) for length in (query_length, 12, 12))
+    out = fast_call(q, k, v)
+    assert fused_calls == [causal]
+    expected = reference_call(q.double(), k.double(), v.double())
+    assert out.shape == expected.shape == (3, query_length, 2, 8)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,8 @@ efficient, cudnn, math), rows for the ones that reject the call; FlexAttention
 compiled, with a BlockMask built outside the timing (dropout 0 only; the build is
 timed as its own row); xformers' memory_efficient_attention when installed; and, as
 DETR calls it, ``nn.MultiheadAttention`` (``need_weights`` left True) against
-``fastvlp.nn.MultiheadAttention``: these two module rows include the input and
+``fastvlp.nn.MultiheadAttention`` called for its fused path (``need_weights=False``,
+``is_causal`` with the causal mask): these two module rows include the input and
 output projections, so compare them with each other, not with the kernel rows.
 
 TFLOP/s count only unmasked work: 4*D per visible (query, key) pair per head
@@ -203,35 +204,54 @@ def _xformers(scenario, dropout_p):
     return call
 
 
+def _module_arguments(kind: str, scenario, device) -> Dict[str, object]:
+    """Keyword arguments of a module row's call. ``"torch"``: as DETR calls ``nn.MultiheadAttention``
+    (``need_weights`` left True, causality as a bool ``attn_mask``). ``"fastvlp"``: the call that takes
+    fastvlp's fused path (``need_weights=False``, and the causal mask with the ``is_causal`` hint)."""
+    if kind not in ("torch", "fastvlp"):
+        raise ValueError(f"kind: expected 'torch' or 'fastvlp', got {kind!r}")
+    mask, causal = scenario["mask"], scenario["causal"]
+    attn_mask = None
+    if causal:
+        query_length, key_length = scenario["query_length"], scenario["key_length"]
+        rows = torch.arange(query_length, device=device)[:, None]
+        attn_mask = torch.arange(key_length, device=device)[None, :] > rows + key_length - query_length
+    arguments = dict(key_padding_mask=mask, attn_mask=attn_mask)
+    if kind == "fastvlp":
+        arguments.update(need_weights=False, is_causal=causal)
+    return arguments
+
+
+def _module_call(kind: str, scenario, dropout_p: float, device, dtype: torch.dtype):
+    """``(module, call)``: a ``kind`` MultiheadAttention of the scenario's width on ``device`` in training
+    mode, and a function (q, k, v) -> output on ``[B, L, H, D]`` tensors that runs it as the row does."""
+    heads, head_dim = scenario["heads"], scenario["head_dim"]
+    width = heads * head_dim
+    if kind == "torch":
+        module = torch.nn.MultiheadAttention(width, heads, dropout=dropout_p)
+    else:
+        from fastvlp.nn.multihead_attention import MultiheadAttention
+
+        module = MultiheadAttention(width, heads, dropout=dropout_p)
+    module = module.to(device, dtype).train()
+    arguments = _module_arguments(kind, scenario, device)
+
+    def call(q, k, v):
+        batch, query_length = q.shape[:2]
+        key_length = k.shape[1]
+        # DETR feeds [L, B, E] activations; the projections run inside the module.
+        query = q.reshape(batch, query_length, width).transpose(0, 1)
+        key = k.reshape(batch, key_length, width).transpose(0, 1)
+        value = v.reshape(batch, key_length, width).transpose(0, 1)
+        out = module(query, key, value, **arguments)[0]
+        return out.transpose(0, 1).reshape(batch, query_length, heads, -1)
+
+    return module, call
+
+
 def _module(kind):
     def build(scenario, dropout_p):
-        heads, head_dim = scenario["heads"], scenario["head_dim"]
-        width = heads * head_dim
-        if kind == "torch":
-            module = torch.nn.MultiheadAttention(width, heads, dropout=dropout_p)
-        else:
-            from fastvlp.nn.multihead_attention import MultiheadAttention
-
-            module = MultiheadAttention(width, heads, dropout=dropout_p)
-        module = module.to("cuda", _DTYPE[0]).train()
-        mask, causal = scenario["mask"], scenario["causal"]
-        attn_mask = None
-        if causal:
-            query_length, key_length = scenario["query_length"], scenario["key_length"]
-            rows = torch.arange(query_length, device="cuda")[:, None]
-            attn_mask = torch.arange(key_length, device="cuda")[None, :] > rows + key_length - query_length
-
-        def call(q, k, v):
-            batch, query_length = q.shape[:2]
-            key_length = k.shape[1]
-            # DETR feeds [L, B, E] activations; the projections run inside the module.
-            query = q.reshape(batch, query_length, width).transpose(0, 1)
-            key = k.reshape(batch, key_length, width).transpose(0, 1)
-            value = v.reshape(batch, key_length, width).transpose(0, 1)
-            out = module(query, key, value, key_padding_mask=mask, attn_mask=attn_mask)[0]
-            return out.transpose(0, 1).reshape(batch, query_length, heads, -1)
-
-        return call
+        return _module_call(kind, scenario, dropout_p, "cuda", _DTYPE[0])[1]
 
     return build
 

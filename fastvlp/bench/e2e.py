@@ -151,14 +151,23 @@ def build_contenders(args, device) -> List[Tuple[str, str, object]]:
     return contenders
 
 
+def _copy_with_own_children(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy (same parameters and buffers) whose child assignments stay on the copy:
+    ``copy.copy`` alone shares the ``_modules`` dict, so replacing a child would replace it in the original."""
+    clone = copy.copy(module)
+    clone.__dict__["_modules"] = copy.copy(module._modules)
+    return clone
+
+
 def _compiled(query):
-    """The same query with its models' heavy modules under ``torch.compile`` (shared weights)."""
+    """The same query with its models' heavy modules under ``torch.compile`` (shared weights); ``query``
+    and its modules are left as they were."""
     if isinstance(query, E2EQuery):
-        model = copy.copy(query.model)
+        model = _copy_with_own_children(query.model)
         model.backbone, model.encoder = torch.compile(query.model.backbone), torch.compile(query.model.encoder)
         return E2EQuery(model, torch.compile(query.head))
-    pipeline = copy.copy(query.pipeline)
-    detector = copy.copy(pipeline.detector)
+    pipeline = _copy_with_own_children(query.pipeline)
+    detector = _copy_with_own_children(pipeline.detector)
     detector.res4, detector.res5 = torch.compile(detector.res4), torch.compile(detector.res5)
     pipeline.detector = detector
     pipeline.transformer = torch.compile(pipeline.transformer)

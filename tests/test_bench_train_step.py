@@ -1,0 +1,52 @@
+"""`fastvlp bench train` at a tiny size on the CPU: what a timed contender leaves behind and the result schema."""
+import json
+import weakref
+
+import torch
+
+from fastvlp.bench import train_step
+from fastvlp.models import E2EVLP, get_preset
+
+STAGES = {"forward_with_matcher", "backward", "optimizer", "matcher"}
+
+
+def test_a_timed_contender_frees_its_gradients_and_optimizer(monkeypatch):
+    device = torch.device("cpu")
+    config = get_preset("tiny", attention_backend="torch", matcher_backend="scipy")
+    torch.manual_seed(0)
+    model = E2EVLP(config)
+    batches = [train_step.synthetic_batch(config, 2, 64, 64, torch.Generator().manual_seed(1), device)]
+    optimizers = []
+    real_build = train_step.build_optimizer
+
+    def recorded_build(module):
+        optimizer = real_build(module)
+        optimizers.append(weakref.ref(optimizer))
+        return optimizer
+
+    monkeypatch.setattr(train_step, "build_optimizer", recorded_build)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    measured = train_step.time_contender(model, batches, repeats=1, warmup=1, amp=False, device=device)
+
+    # The steps ran (weights moved), yet nothing of them stays allocated for the next contender.
+    assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert len(optimizers) == 1 and optimizers[0]() is None
+    assert len(measured["raw_ms"]) == 1 and measured["raw_ms"][0] > 0
+    assert measured["peak_memory_above_start_mb"] is None  # measured on CUDA only
+    stages = measured["stages"]
+    assert set(stages) == STAGES and all(value > 0 for value in stages.values())
+    # One repeat: the medians are single runs, and the forward's time contains the matcher's.
+    assert stages["matcher"] < stages["forward_with_matcher"]
+
+
+def test_train_bench_writes_the_relative_peak_and_named_stages(tmp_path):
+    assert train_step.main(["--device", "cpu", "--batch-size", "1", "--image-size", "64x64", "--repeats", "1",
+                            "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*/train_step.json")
+    rows = json.loads(path.read_text())["results"]
+    assert [row["contender"] for row in rows] == ["fastvlp", "torch-scipy"]
+    for row in rows:
+        assert "peak_memory_mb" not in row and row["peak_memory_above_start_mb"] is None
+        assert set(row["stages"]) == STAGES
+    assert "peak_memory_above_start_mb" in path.with_suffix(".md").read_text()
