@@ -1,11 +1,14 @@
-"""--exclude-images: by file name or bare id, with the count of what was left out."""
+"""--exclude-images: by file name, bare id or the id in a published COCO name, with the count of what was left out."""
 
+import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from fastvlp.data.exclusion import filter_excluded, read_excluded_images
 from fastvlp.data.records import ImageRecord, Nlvr2Record
+from fastvlp.train.pretrain_data import read_corpus
 
 
 def _record(image_id, name, coco_id=None, source="coco"):
@@ -35,6 +38,61 @@ def test_exclusion_by_name_and_id(tmp_path):
     kept, left_out = filter_excluded(vg, excluded, id_attribute=None)
     assert len(kept) == 2 and left_out == 0
 
+
+
+def test_published_coco_names_exclude_every_copy_of_the_image(tmp_path):
+    path = tmp_path / "exclude.txt"
+    path.write_text("COCO_val2014_000000391895.jpg\nval2014/COCO_val2014_000000000009\n")
+    excluded = read_excluded_images(path)
+    assert excluded.coco_ids == {391895, 9} and excluded.ids == set()
+    coco = [
+        _record(391895, "images/val/000000391895.jpg"),
+        _record(9, "000000000009.jpg"),
+        _record(10, "000000000010.jpg"),
+    ]
+    kept, left_out = filter_excluded(coco, excluded)
+    assert [r.image_id for r in kept] == [10] and left_out == 2
+
+    vg = [
+        _record(1, "1.jpg", coco_id=391895, source="vg"),
+        _record(9, "9.jpg", coco_id=None, source="vg"),  # VG's own numbering is not COCO's
+        _record(3, "3.jpg", coco_id=9, source="vg"),
+    ]
+    kept, left_out = filter_excluded(vg, excluded, id_attribute="coco_id")
+    assert [r.image_id for r in kept] == [9] and left_out == 2
+    flickr = [_record(391895, "391895.jpg", source="flickr30k")]
+    assert filter_excluded(flickr, excluded) == (flickr, 0)
+
+
+def _jpeg(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), (30, 160, 90)).save(path, "JPEG")
+
+
+def test_pretraining_corpus_leaves_out_a_published_coco_name_everywhere(tmp_path):
+    coco, vg = tmp_path / "coco", tmp_path / "vg"
+    for image_id in (391895, 7):
+        _jpeg(coco / "images" / "train" / f"{image_id:012d}.jpg")
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 32, "height": 24} for i in (391895, 7)]
+    captions = [{"id": k, "image_id": i, "caption": f"picture {i}"} for k, i in enumerate((391895, 7))]
+    (coco / "annotations").mkdir()
+    (coco / "annotations/captions_train.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    for image_id in (1, 2):
+        _jpeg(vg / "VG_100K" / f"{image_id}.jpg")
+    vg_images = [{"image_id": 1, "coco_id": 391895, "url": "x/1.jpg"}, {"image_id": 2, "coco_id": None}]
+    (vg / "image_data.json").write_text(json.dumps(vg_images))
+    (vg / "objects.json").write_text(json.dumps([{"image_id": i, "objects": []} for i in (1, 2)]))
+    regions = [{"id": i, "regions": [{"phrase": f"region of {i}"}]} for i in (1, 2)]
+    (vg / "region_descriptions.json").write_text(json.dumps(regions))
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text("COCO_val2014_000000391895.jpg\n")
+
+    def read(excluded):
+        corpus = read_corpus(tmp_path, excluded)
+        return sorted((r.source, r.image_id) for r in corpus.records), corpus.excluded
+
+    assert read(None) == ([("coco", 7), ("coco", 391895), ("vg", 1), ("vg", 2)], 0)
+    assert read(exclude) == ([("coco", 7), ("vg", 2)], 2)
 
 def test_exclusion_of_image_pairs(tmp_path):
     path = tmp_path / "exclude.txt"

@@ -1,6 +1,7 @@
 """Readers: the synthetic data read back, the published file and folder names, and bad records counted."""
 
 import json
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -396,6 +397,120 @@ def test_malformed_visual_genome_vqa_nlvr2(tmp_path):
     assert [(r.identifier, r.label) for r in result] == [("dev-1-0-0", True), ("dev-1-0-3", None)]
     assert result.skips.counts == {MALFORMED_ANNOTATION: 3, MISSING_IMAGE: 1}
 
+
+
+def _small_visual_genome(vg):
+    """Two images, each with a cup (image 1's is red) and a region phrase."""
+    for image_id in (1, 2):
+        _jpeg(vg / "VG_100K" / f"{image_id}.jpg")
+    _write_json(
+        vg / "image_data.json", [{"image_id": i, "width": 40, "height": 30, "url": f"x/{i}.jpg"} for i in (1, 2)]
+    )
+    _write_json(
+        vg / "objects.json",
+        [
+            {"image_id": i, "objects": [{"object_id": 10 * i, "x": 1, "y": 2, "w": 5, "h": 6, "names": ["cup"]}]}
+            for i in (1, 2)
+        ],
+    )
+    _write_json(vg / "attributes.json", [{"image_id": 1, "attributes": [{"object_id": 10, "attributes": ["red"]}]}])
+    _write_json(vg / "region_descriptions.json", [{"id": i, "regions": [{"phrase": f"phrase {i}"}]} for i in (1, 2)])
+
+
+@pytest.mark.parametrize(
+    "file_name, corrupt",
+    [
+        ("image_data.json", lambda entries: entries.append(None)),
+        ("image_data.json", lambda entries: entries.insert(0, "x/1.jpg")),
+        ("objects.json", lambda entries: entries.append(None)),
+        ("objects.json", lambda entries: entries[0]["objects"].append(None)),
+        ("objects.json", lambda entries: entries[1]["objects"].insert(0, "cup")),
+        ("attributes.json", lambda entries: entries[0]["attributes"].insert(0, None)),
+        ("region_descriptions.json", lambda entries: entries.insert(0, None)),
+    ],
+    ids=["image-null", "image-str", "objects-null", "object-null", "object-str", "attributes-null", "regions-null"],
+)
+def test_visual_genome_records_that_are_not_json_objects(tmp_path, file_name, corrupt):
+    vg = tmp_path / "vg"
+    _small_visual_genome(vg)
+    entries = _json(vg / file_name)
+    corrupt(entries)
+    _write_json(vg / file_name, entries)
+    result = read_visual_genome(vg)
+    assert result.skips.counts == {MALFORMED_ANNOTATION: 1}
+    assert "expected a JSON object" in result.skips.examples(MALFORMED_ANNOTATION)[0]
+    read = [(r.image_id, [(o.name, o.attributes, o.box) for o in r.objects], r.captions) for r in result]
+    assert read == [
+        (1, [("cup", ("red",), (1.0, 2.0, 6.0, 8.0))], ("phrase 1",)),
+        (2, [("cup", (), (1.0, 2.0, 6.0, 8.0))], ("phrase 2",)),
+    ]
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = {}
+
+    def emit(self, record):
+        self.messages.setdefault(record.name, []).append(record.getMessage())
+
+
+def test_each_reader_logs_only_its_own_skips(tmp_path):
+    _small_coco(tmp_path / "coco")
+    _small_visual_genome(tmp_path / "vg")
+    regions = _json(tmp_path / "vg/region_descriptions.json")
+    _write_json(tmp_path / "vg/region_descriptions.json", regions + [{"id": 42, "regions": []}])
+    handler, readers = _Warnings(), logging.getLogger("fastvlp.data.readers")
+    readers.addHandler(handler)
+    try:
+        result = read_pretraining_images(tmp_path)
+    finally:
+        readers.removeHandler(handler)
+    (captions, instances) = handler.messages["fastvlp.data.readers.coco"]
+    assert "COCO captions" in captions
+    assert "4 skipped: malformed_annotation=1, missing_image=1, no_annotations=1, unknown_image=1" in captions
+    assert "COCO instances" in instances and "caption" not in instances
+    (vg,) = handler.messages["fastvlp.data.readers.visual_genome"]
+    assert "1 skipped: unknown_image=1" in vg and "malformed" not in vg
+    # The caller's counter still adds up every reader (the instances' missing images are the captions').
+    assert result.skips.counts == {
+        MALFORMED_ANNOTATION: 2,
+        UNKNOWN_IMAGE: 2,
+        MISSING_IMAGE: 1,
+        NO_ANNOTATIONS: 1,
+        INVALID_BOX: 2,
+        UNKNOWN_CATEGORY: 1,
+    }
+    shared = SkipCounter()
+    first = read_coco_captions(tmp_path / "coco", "train", skips=shared)
+    second = read_visual_genome(tmp_path / "vg", skips=shared)
+    assert first.skips is second.skips is shared and shared.total == 4 + 1
+    with pytest.raises(TypeError, match="skips"):
+        read_visual_genome(tmp_path / "vg", skips={})
+
+
+def test_pretraining_leaves_crowd_annotations_out(tmp_path):
+    coco = tmp_path / "coco"
+    for image_id in (1, 2):
+        _jpeg(coco / "images" / "train" / f"{image_id:012d}.jpg")
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 40, "height": 30} for i in (1, 2)]
+    captions = [{"id": i, "image_id": i, "caption": f"picture {i}"} for i in (1, 2)]
+    objects = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 12], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 30, 20], "iscrowd": 1},
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [4, 4, 8, 8]},
+    ]
+    _write_json(coco / "annotations/captions_train.json", {"images": images, "annotations": captions})
+    _write_json(
+        coco / "annotations/instances_train.json",
+        {"images": images, "annotations": objects, "categories": [{"id": 1, "name": "person"}]},
+    )
+    instances = read_coco_instances(coco, "train")
+    assert [o.iscrowd for o in instances.records[0].objects] == [False, True]  # the reader keeps what is there
+    result = read_pretraining_images(tmp_path)
+    assert result.skips.total == 0
+    assert {r.image_id: [o.object_id for o in r.objects] for r in result} == {1: [1], 2: [3]}
+    assert not any(o.iscrowd for r in result for o in r.objects)
 
 def test_file_level_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="captions_train2014.json"):

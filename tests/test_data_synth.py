@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastvlp.data.synth import main as synth_main
 from fastvlp.data.synth import write_synthetic_dataset
 from fastvlp.data.synth.palette import COLOURS, SHAPES, NUMBER_WORDS
 from fastvlp.data.synth.scene import is_left_of, sample_scene
@@ -295,3 +296,21 @@ def test_invalid_arguments(tmp_path):
         write_synthetic_dataset(tmp_path, num_images=2, datasets=("imagenet",))
     with pytest.raises(TypeError, match="out_dir"):
         write_synthetic_dataset(3, num_images=2)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--num-images", "0"),
+        ("--num-images", "many"),
+        ("--seed", "-1"),
+        ("--datasets", "coco,foo"),
+        ("--datasets", "vqa"),
+    ],
+)
+def test_command_line_rejects_invalid_values_with_a_usage_error(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as stop:
+        synth_main(["--out", str(tmp_path / "out"), "--num-images", "2", option, value])
+    assert stop.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

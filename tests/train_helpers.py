@@ -12,8 +12,8 @@ SMALL_SCALE = ScaleConfig(short_sides=(64, 72), max_size=96, eval_short_side=64)
 
 
 def write_corpus(root: Path, num_images: int = 12, seed: int = 0) -> Path:
-    """The synthetic coco + vg set, with a WordPiece vocab.txt of its captions at ``root/vocab.txt`` (runs
-    that are compared share it: the `tokenizers` trainer does not give the same vocabulary every time)."""
+    """The synthetic coco + vg set, with a WordPiece vocab.txt of its captions at ``root/vocab.txt``, which
+    the runs that are compared share (so that none of them trains a tokenizer of its own)."""
     from fastvlp.train.pretrain_data import build_tokenizer, read_corpus
 
     data = root / "data"

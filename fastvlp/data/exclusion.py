@@ -1,27 +1,33 @@
 """`--exclude-images FILE`: leave chosen images out of a data set (e.g. downstream test images out of
 pre-training). The file holds one image a line: a file name (COCO_val2014_000000000042.jpg, 42.jpg) or a
-bare numeric id. Blank lines and lines starting with '#' are ignored."""
+bare numeric id. A published COCO name (COCO_<split>_<digits>, with or without extension) also lists its
+number as a COCO image id, so that the same image is left out under another file name and as Visual
+Genome's copy. Blank lines and lines starting with '#' are ignored."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Sequence, TypeVar
 
 R = TypeVar("R")
 
+_PUBLISHED_COCO_STEM = re.compile(r"COCO_[A-Za-z0-9-]+_(\d+)")
+
 
 @dataclass(frozen=True)
 class ExcludedImages:
     names: frozenset[str]  # file names and their stems
     ids: frozenset[int]
+    coco_ids: frozenset[int] = frozenset()  # the numbers of published COCO names
 
 
 def read_excluded_images(path: str | Path) -> ExcludedImages:
     """Parse an exclusion file."""
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path: expected a str or Path, got {type(path).__name__}")
-    names, ids = set(), set()
+    names, ids, coco_ids = set(), set(), set()
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
@@ -30,8 +36,12 @@ def read_excluded_images(path: str | Path) -> ExcludedImages:
             ids.add(int(entry))
         else:
             name = PurePosixPath(entry.replace("\\", "/")).name
-            names.update((name, PurePosixPath(name).stem))
-    return ExcludedImages(frozenset(names), frozenset(ids))
+            stem = PurePosixPath(name).stem
+            names.update((name, stem))
+            published = _PUBLISHED_COCO_STEM.fullmatch(stem)
+            if published:
+                coco_ids.add(int(published.group(1)))
+    return ExcludedImages(frozenset(names), frozenset(ids), frozenset(coco_ids))
 
 
 def _image_paths(record) -> list:
@@ -50,6 +60,7 @@ def filter_excluded(
     A record is excluded when one of its image file names (or their stems) is listed, or when the bare ids
     include `getattr(record, id_attribute)`. Ids only mean something within one data set: pass
     id_attribute='coco_id' to exclude COCO images from Visual Genome, or None to match by file name only.
+    The COCO ids of published COCO names match `coco_id`, and `image_id` of records whose source is 'coco'.
     """
     if not isinstance(excluded, ExcludedImages):
         raise TypeError(f"excluded: expected ExcludedImages, got {type(excluded).__name__}")
@@ -59,7 +70,13 @@ def filter_excluded(
     for record in records:
         paths = _image_paths(record)
         by_name = any(Path(p).name in excluded.names or Path(p).stem in excluded.names for p in paths)
-        by_id = id_attribute is not None and getattr(record, id_attribute, None) in excluded.ids
-        if not (by_name or by_id):
+        record_id = getattr(record, id_attribute, None) if id_attribute is not None else None
+        by_id = record_id in excluded.ids
+        # Other data sets number their images independently, so only COCO's own ids may match COCO's.
+        holds_coco_id = id_attribute == "coco_id" or (
+            id_attribute == "image_id" and getattr(record, "source", None) == "coco"
+        )
+        by_coco_id = holds_coco_id and record_id in excluded.coco_ids
+        if not (by_name or by_id or by_coco_id):
             kept.append(record)
     return kept, len(records) - len(kept)

@@ -27,9 +27,10 @@ def read_pretraining_images(
     verify_images: bool = False,
 ) -> ReadResult[ImageRecord]:
     """COCO images of `coco_splits` with their captions and objects, then Visual Genome images with their
-    objects and region phrases. A COCO image needs captions (instances are optional per split); data sets
-    that are absent are left out with a log line. `categories` of the result are COCO's (for
-    `LabelSpace.with_coco_categories`). Raises FileNotFoundError when neither data set is there."""
+    objects and region phrases. A COCO image needs captions (instances are optional per split; crowd
+    annotations are not objects); data sets that are absent are left out with a log line. `categories` of
+    the result are COCO's (for `LabelSpace.with_coco_categories`). Raises FileNotFoundError when neither
+    data set is there."""
     root = as_directory(data_dir, "data_dir")
     skips = skips if skips is not None else SkipCounter()
     records: list[ImageRecord] = []
@@ -50,7 +51,8 @@ def read_pretraining_images(
             # Missing images were counted once already, by the captions reader.
             skips.merge(instances.skips, exclude=(MISSING_IMAGE,))
             categories.update({c.id: c for c in instances.categories})
-            objects = {record.image_id: record.objects for record in instances.records}
+            # A crowd box covers a group of instances, not one object: no target (detection fine-tuning agrees).
+            objects = {r.image_id: tuple(o for o in r.objects if not o.iscrowd) for r in instances.records}
             records += [replace(r, objects=objects.get(r.image_id, ())) for r in captioned.records]
     if use_visual_genome and (root / "vg").is_dir():
         found.append("vg")

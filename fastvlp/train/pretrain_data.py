@@ -43,8 +43,9 @@ class PretrainingCorpus:
 
 def read_corpus(data_dir: Path, exclude_images: Optional[Path] = None) -> PretrainingCorpus:
     """COCO (train split) + Visual Genome under ``data_dir``, minus the images listed in ``exclude_images``
-    (matched by file name, COCO id, and a VG image's COCO id). Records without any caption are skipped
-    and counted: every task but detection needs text."""
+    (matched by file name, and by COCO id, bare or from a published COCO name, against COCO images and VG
+    images' COCO ids). Records without any caption are skipped and counted: every task but detection needs
+    text."""
     result = read_pretraining_images(data_dir)
     skips = result.skips
     records = list(result.records)
@@ -107,8 +108,8 @@ def build_tokenizer(corpus: PretrainingCorpus, vocab: Optional[Path], vocab_size
     """BERT's vocab.txt when given, else a WordPiece vocabulary trained on the training captions."""
     if vocab is not None:
         return WordPieceTokenizer.from_vocab_file(vocab)
-    # Note: `tokenizers`' WordPiece trainer breaks ties differently from process to process, so two runs
-    # over the same captions may get different vocabularies; a resumed run reads the one saved with the run.
+    # The same captions always give the same vocabulary (frequency order, ties alphabetical); a resumed run
+    # still reads the one saved with the run, since the data folder or the exclusions may have changed.
     return WordPieceTokenizer.train_on_texts((c for r in corpus.records for c in r.captions), vocab_size=vocab_size)
 
 

@@ -20,6 +20,7 @@ from fastvlp.data.readers.common import (
     load_json,
     locate_image,
     optional_int,
+    report_skips,
     require,
     split_base,
     split_names,
@@ -86,7 +87,7 @@ def read_coco_captions(
     Skipped and counted: malformed image or caption entries, captions of unlisted images, images without
     captions, images whose file is missing (or, with `verify_images`, does not decode).
     """
-    skips = skips if skips is not None else SkipCounter()
+    caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     path = coco_annotation_file(coco_dir, "captions", split)
     content = load_json(path)
     images = _image_table(content, skips, path)
@@ -114,7 +115,7 @@ def read_coco_captions(
         image_path = locate_image(index, skips, verify_images, entry["file_name"], image_id, split_base(split))
         if image_path is not None:
             records.append(_record(entry, image_path, split, captions=tuple(captions[image_id])))
-    skips.report(logger, f"COCO captions {path}")
+    skips = report_skips(skips, caller_skips, logger, f"COCO captions {path}")
     return ReadResult(records, skips)
 
 
@@ -146,7 +147,7 @@ def read_coco_instances(
     Skipped and counted: malformed entries, objects of unlisted images or unknown categories, boxes with no
     area (the object only), images whose file is missing or (with `verify_images`) does not decode.
     """
-    skips = skips if skips is not None else SkipCounter()
+    caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     path = coco_annotation_file(coco_dir, "instances", split)
     content = load_json(path)
     images = _image_table(content, skips, path)
@@ -189,5 +190,5 @@ def read_coco_instances(
         image_path = locate_image(index, skips, verify_images, entry["file_name"], image_id, split_base(split))
         if image_path is not None:
             records.append(_record(entry, image_path, split, objects=tuple(objects[image_id])))
-    skips.report(logger, f"COCO instances {path}")
+    skips = report_skips(skips, caller_skips, logger, f"COCO instances {path}")
     return ReadResult(records, skips, categories=tuple(categories.values()))

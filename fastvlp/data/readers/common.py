@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -128,3 +129,18 @@ def file_section(content, key: str, kind: type, path: Path):
         return require(content, key, kind)
     except MalformedRecord as error:
         raise ValueError(f"{path}: not the expected format ({error})") from error
+
+
+def report_skips(own: SkipCounter, skips: SkipCounter | None, logger: logging.Logger, what: str) -> SkipCounter:
+    """Log what one read skipped (`own`), then add it to the caller's `skips`; returns the counter the read's
+    result carries: `skips` when given (its totals span every read it was passed to), else `own`.
+
+    Each read counts into its own counter so that its log line names only its own skips, not those of the
+    readers that ran before it with the same `skips`."""
+    if skips is not None and not isinstance(skips, SkipCounter):
+        raise TypeError(f"skips: expected a SkipCounter or None, got {type(skips).__name__}")
+    own.report(logger, what)
+    if skips is None:
+        return own
+    skips.merge(own)
+    return skips

@@ -19,6 +19,7 @@ from fastvlp.data.readers.common import (
     find_file,
     load_json,
     locate_image,
+    report_skips,
     require,
 )
 from fastvlp.data.records import ImageRecord
@@ -61,7 +62,7 @@ def read_karpathy_file(
     wanted = None if splits is None else set(splits)
     if wanted is not None and not wanted <= set(KARPATHY_SPLITS):
         raise ValueError(f"splits: expected a subset of {KARPATHY_SPLITS}, got {sorted(wanted)}")
-    skips = skips if skips is not None else SkipCounter()
+    caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     path = Path(path)
     index = image_index if image_index is not None else ImageIndex([as_directory(image_root, "image_root")])
     records = []
@@ -87,7 +88,7 @@ def read_karpathy_file(
         image_path = locate_image(index, skips, verify_images, file_name, image_id, folder)
         if image_path is not None:
             records.append(ImageRecord(source, image_id, image_path, split=split, captions=captions))
-    skips.report(logger, f"Karpathy split file {path}")
+    skips = report_skips(skips, caller_skips, logger, f"Karpathy split file {path}")
     return ReadResult(records, skips)
 
 

@@ -12,7 +12,15 @@ import logging
 from pathlib import Path
 
 from fastvlp.data.image_index import ImageIndex
-from fastvlp.data.readers.common import MalformedRecord, as_directory, check_split, find_file, locate_image, require
+from fastvlp.data.readers.common import (
+    MalformedRecord,
+    as_directory,
+    check_split,
+    find_file,
+    locate_image,
+    report_skips,
+    require,
+)
 from fastvlp.data.records import Nlvr2Record
 from fastvlp.data.skips import MALFORMED_ANNOTATION, ReadResult, SkipCounter
 
@@ -50,7 +58,7 @@ def read_nlvr2(
     """One Nlvr2Record per line of `split`.json. Skipped and counted: lines that are not JSON or lack the
     identifier, sentence or a valid label, and examples with a missing (or, with `verify_images`,
     undecodable) left or right image."""
-    skips = skips if skips is not None else SkipCounter()
+    caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     root = as_directory(nlvr2_dir, "nlvr2_dir")
     path = find_file([root, root / "data"], [f"{check_split(split)}.json"], "NLVR2 examples")
     index = image_index if image_index is not None else ImageIndex([root])
@@ -73,5 +81,5 @@ def read_nlvr2(
             right = left and locate_image(index, skips, verify_images, f"{stem}-img1.png", None, split)
             if left is not None and right is not None:
                 records.append(Nlvr2Record(identifier, sentence, label, left, right, split))
-    skips.report(logger, f"NLVR2 {path}")
+    skips = report_skips(skips, caller_skips, logger, f"NLVR2 {path}")
     return ReadResult(records, skips)

@@ -20,6 +20,7 @@ from fastvlp.data.readers.common import (
     load_json,
     locate_image,
     optional_int,
+    report_skips,
     require,
     xywh_to_xyxy,
 )
@@ -29,8 +30,16 @@ from fastvlp.data.skips import INVALID_BOX, MALFORMED_ANNOTATION, UNKNOWN_IMAGE,
 logger = logging.getLogger(__name__)
 
 
+def _json_object(record) -> dict:
+    # A null or a string in a list of records is one bad record, not a reason to stop reading.
+    if not isinstance(record, dict):
+        raise MalformedRecord(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _entry_image_id(entry: dict) -> int:
     """Image id of a per-image entry: 'image_id' (1.2+), 'id' (region descriptions) or a nested 'image'."""
+    entry = _json_object(entry)
     for key in ("image_id", "id"):
         if isinstance(entry.get(key), int) and not isinstance(entry.get(key), bool):
             return entry[key]
@@ -41,7 +50,7 @@ def _entry_image_id(entry: dict) -> int:
 
 
 def _object_name(obj: dict) -> str:
-    names = obj.get("names")
+    names = _json_object(obj).get("names")
     if isinstance(names, list) and names and isinstance(names[0], str) and names[0].strip():
         return normalise_name(names[0])
     if isinstance(obj.get("name"), str) and obj["name"].strip():
@@ -50,6 +59,7 @@ def _object_name(obj: dict) -> str:
 
 
 def _object_id(obj: dict) -> int:
+    obj = _json_object(obj)
     value = obj.get("object_id", obj.get("id"))
     if not isinstance(value, int) or isinstance(value, bool):
         raise MalformedRecord("missing key 'object_id'")
@@ -65,10 +75,10 @@ def _attribute_table(content, path: Path, skips: SkipCounter) -> dict[int, tuple
             skips.add(MALFORMED_ANNOTATION, f"attributes entry: {error}")
             continue
         for obj in objects:
-            words = obj.get("attributes") if isinstance(obj, dict) else None
-            if not words:
-                continue
             try:
+                words = _json_object(obj).get("attributes")
+                if not words:
+                    continue
                 if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
                     raise MalformedRecord("attributes: expected a list of strings")
                 table[_object_id(obj)] = tuple(dict.fromkeys(normalise_name(w) for w in words if w.strip()))
@@ -92,7 +102,7 @@ def read_visual_genome(
     malformed entries, objects of unlisted images, boxes with no area (the object only), images whose file is
     missing or (with `verify_images`) does not decode.
     """
-    skips = skips if skips is not None else SkipCounter()
+    caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     root = as_directory(vg_dir, "vg_dir")
     image_data_path = find_file([root], ["image_data.json"], "Visual Genome image data")
     images: dict[int, dict] = {}
@@ -168,5 +178,5 @@ def read_visual_genome(
                 coco_id=optional_int(entry, "coco_id"),
             )
         )
-    skips.report(logger, f"Visual Genome {root}")
+    skips = report_skips(skips, caller_skips, logger, f"Visual Genome {root}")
     return ReadResult(records, skips)

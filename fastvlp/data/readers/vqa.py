@@ -19,6 +19,7 @@ from fastvlp.data.readers.common import (
     find_file,
     load_json,
     locate_image,
+    report_skips,
     require,
     split_base,
     split_names,
@@ -63,7 +64,7 @@ def read_vqa(
     Skipped and counted: malformed questions or answers, unanswered questions when answers are required,
     questions whose image is missing or (with `verify_images`) does not decode.
     """
-    skips = skips if skips is not None else SkipCounter()
+    caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     root = as_directory(vqa_dir, "vqa_dir")
     names = split_names(check_split(split))
     questions_path = find_file([root], [f"v2_OpenEnded_mscoco_{n}_questions.json" for n in names], "VQA questions")
@@ -101,5 +102,5 @@ def read_vqa(
             records.append(
                 VqaRecord(question_id, image_id, image_path, question, all_answers, chosen, question_type, answer_type)
             )
-    skips.report(logger, f"VQA {questions_path}")
+    skips = report_skips(skips, caller_skips, logger, f"VQA {questions_path}")
     return ReadResult(records, skips)
