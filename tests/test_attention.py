@@ -252,6 +252,12 @@ def test_dropout_keep_mask_kernel_matches_torch_replica():
     # Different (batch, head) pairs and rows draw different masks.
     assert not torch.equal(keep[0, 0], keep[1, 2])
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    with pytest.raises(ValueError, match="heads"):
+        dropout_keep_mask(seed, 2, 0, 37, 51, 0.25)
+    with pytest.raises(ValueError, match="dropout_p"):
+        dropout_keep_mask(seed, 2, 3, 37, 51, 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        dropout_keep_mask(seed.int(), 2, 3, 37, 51, 0.25)
 
 
 @pytest.mark.parametrize("causal", [False, True])

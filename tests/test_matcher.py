@@ -5,6 +5,7 @@ from scipy.optimize import linear_sum_assignment as scipy_lsap
 
 from fastvlp.nn import HungarianMatcher
 from fastvlp.ops import box_cxcywh_to_xyxy, generalized_box_iou
+from fastvlp.ops.matching_cost import matching_cost, pad_targets
 
 
 def plain_detr_cost(logits, boxes, labels, target_boxes, cost_class, cost_bbox, cost_giou):
@@ -70,14 +71,86 @@ def test_detr_hungarian_contract():
     assert len(none[0][0]) == 0
 
 
-def test_cost_is_float32_under_bf16_autocast():
-    generator = torch.Generator().manual_seed(3)
-    outputs, targets = random_problem(2, 20, 5, [4, 6], generator)
-    reference = HungarianMatcher(1, 5, 2)(outputs, targets)
+def bf16_model_outputs(outputs, device):
+    """The predictions as a bf16 model under autocast hands them to the matcher."""
+    return {key: value.to(device, torch.bfloat16) for key, value in outputs.items()}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cost_is_float32_for_bf16_predictions_under_autocast(device):
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    counts = [4, 6, 0]
+    outputs, targets = random_problem(len(counts), 20, 5, counts, generator)
+    predictions = bf16_model_outputs(outputs, device)
+    labels, boxes, _ = pad_targets([t["labels"] for t in targets], [t["boxes"] for t in targets], torch.device(device))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        cost = matching_cost(predictions["pred_logits"], predictions["pred_boxes"], labels, boxes, 1, 5, 2)
+    assert cost.dtype == torch.float32 and cost.shape == (len(counts), 20, max(counts))
+    for index, count in enumerate(counts):
+        # The same bf16 values, costed in float64: only float32 rounding may separate them
+        # (a bf16 cost is off by about 1e-2).
+        expected = plain_detr_cost(predictions["pred_logits"][index].cpu(), predictions["pred_boxes"][index].cpu(),
+                                   targets[index]["labels"], targets[index]["boxes"], 1, 5, 2)
+        torch.testing.assert_close(cost[index, :, :count].cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_matches_for_bf16_predictions_under_autocast():
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    counts = [4, 6, 9]
+    outputs, targets = random_problem(len(counts), 20, 5, counts, generator)
+    predictions = bf16_model_outputs(outputs, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = HungarianMatcher(1, 5, 2)(outputs, targets)
-    for (rows, cols), (rows_ref, cols_ref) in zip(under_autocast, reference):
-        assert torch.equal(rows, rows_ref) and torch.equal(cols, cols_ref)
+        matches = HungarianMatcher(1, 5, 2)(predictions, targets)
+    for index, (rows, cols) in enumerate(matches):
+        cost = plain_detr_cost(predictions["pred_logits"][index], predictions["pred_boxes"][index],
+                               targets[index]["labels"], targets[index]["boxes"], 1, 5, 2)
+        expected_rows, expected_cols = scipy_lsap(cost.numpy())
+        assert cost[rows, cols].sum().item() == pytest.approx(cost[expected_rows, expected_cols].sum().item(), rel=1e-5)
+
+
+def test_nan_cost_without_check_finite_gets_valid_placeholder_matches():
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    counts = [5, 12, 3, 0]
+    outputs, targets = random_problem(len(counts), 8, 4, counts, generator)
+    outputs["pred_logits"][1, 6, 2] = float("nan")  # a NaN prediction: image 1's cost row is NaN
+    outputs["pred_logits"][2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"invalid numeric entries \(problem 1\)"):
+        HungarianMatcher(1, 5, 2)(outputs, targets)
+    matches = HungarianMatcher(1, 5, 2, check_finite=False)(outputs, targets)
+    for index in (1, 2):  # Q < T and Q > T
+        rows, cols = matches[index]
+        expected = torch.arange(min(8, counts[index]))
+        assert torch.equal(rows, expected) and torch.equal(cols, expected)
+    assert len(matches[3][0]) == len(matches[3][1]) == 0
+    # The finite image is solved as usual.
+    rows, cols = matches[0]
+    cost = plain_detr_cost(outputs["pred_logits"][0], outputs["pred_boxes"][0],
+                           targets[0]["labels"], targets[0]["boxes"], 1, 5, 2)
+    expected_rows, expected_cols = scipy_lsap(cost.numpy())
+    assert cost[rows, cols].sum().item() == pytest.approx(cost[expected_rows, expected_cols].sum().item(), rel=1e-5)
+
+
+def test_pad_targets_rejects_boxes_that_do_not_match_labels():
+    labels = [torch.tensor([1, 2]), torch.tensor([0, 3, 1])]
+    boxes = [torch.rand(2, 4) * 0.5 + 0.2, torch.rand(2, 4) * 0.5 + 0.2]
+    with pytest.raises(ValueError, match=r"boxes\[1\]: expected 3 boxes like labels\[1\].*got 2"):
+        pad_targets(labels, boxes, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"boxes\[0\]: expected 2 boxes like labels\[0\].*got \[8\]"):
+        pad_targets(labels[:1], [torch.rand(8)], torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"boxes: expected one tensor per image like labels \(2\), got 1"):
+        pad_targets(labels, boxes[:1], torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"labels\[0\]: expected shape \[T\]"):
+        pad_targets([torch.tensor([[1, 2]])], [torch.rand(2, 4)], torch.device("cpu"))
+    outputs, targets = random_problem(2, 5, 3, [2, 3], torch.Generator().manual_seed(1))
+    targets[1]["boxes"] = targets[1]["boxes"][:2]
+    with pytest.raises(ValueError, match=r"boxes\[1\]: expected 3 boxes"):
+        HungarianMatcher()(outputs, targets)
+    # An image without targets may carry its boxes as an empty tensor of any shape.
+    padded_labels, padded_boxes, counts = pad_targets([labels[0], torch.zeros(0, dtype=torch.int64)],
+                                                      [boxes[0], torch.zeros(0)], torch.device("cpu"))
+    assert counts.tolist() == [2, 0] and padded_boxes.shape == (2, 2, 4)
+    torch.testing.assert_close(padded_boxes[0], boxes[0])
+    assert torch.equal(padded_labels[0], labels[0])
 
 
 def test_constructor_and_input_errors():

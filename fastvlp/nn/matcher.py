@@ -18,10 +18,13 @@ class HungarianMatcher(nn.Module):
     The cost is built for the whole batch on targets padded to the largest count (in
     float32, even under autocast) and solved by one batched call on the inputs' device;
     the matches stay on that device. With ``check_finite=True`` a NaN cost raises (on CUDA
-    that check is one host sync per call); ``check_finite=False`` keeps the call free of
-    host syncs, and a problem with NaN costs then gets arbitrary matches (its loss is NaN
-    anyway). ``backend="scipy"`` is DETR's own path (the cost
-    moved to the host and scipy called once per image), kept as the baseline.
+    that check is one host sync per call). ``check_finite=False`` keeps the call free of
+    host syncs, so an image whose cost the solver rejects (NaN or ``-inf``, e.g. from NaN
+    predictions) cannot be singled out on the host: it gets the placeholder matches
+    prediction ``i`` to target ``i`` for ``i < min(num_queries, num_targets)``, valid
+    indices but not a minimal-cost assignment. ``backend="scipy"`` is DETR's own path (the
+    cost moved to the host and scipy called once per image, which raises on NaN either
+    way), kept as the baseline.
 
     Returns, for each image, ``(index_i, index_j)`` int64 tensors: the matched
     prediction indices in increasing order and their target indices, with
@@ -72,11 +75,17 @@ class HungarianMatcher(nn.Module):
 
 def _split_assignment(assignment: torch.Tensor, sizes: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """``[B, Q]`` row-to-column assignment -> per-image ``(rows, cols)`` without a host sync:
-    the number of matches per image, ``min(Q, T_b)``, is known on the host."""
+    the number of matches per image, ``min(Q, T_b)``, is known on the host.
+
+    A problem the solver failed on (``check_finite=False``) has no matched row; it gets
+    row ``i`` to column ``i`` instead of ``-1``, which would index the last target."""
     num_queries = assignment.shape[1]
+    unmatched = assignment < 0
     # Matched rows first, each group in row order: a stable sort on the "unmatched" flag.
-    order = torch.sort((assignment < 0).to(torch.uint8), dim=1, stable=True).indices
+    order = torch.sort(unmatched.to(torch.uint8), dim=1, stable=True).indices
     matched_cols = assignment.gather(1, order)
+    # A row with no match at all sorts to 0..Q-1, so its placeholder columns are its rows.
+    matched_cols = torch.where(unmatched.all(1, keepdim=True), order, matched_cols)
     matches = []
     for index, size in enumerate(sizes):
         count = min(num_queries, size)

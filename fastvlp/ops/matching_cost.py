@@ -16,8 +16,20 @@ def pad_targets(
     padded to the largest ``T`` in the batch (not the sum), and the ``[B]`` target counts.
 
     Padding boxes are ``(0.5, 0.5, 0.5, 0.5)``, a valid box, so that no NaN is computed
-    even outside the extent the solver reads.
+    even outside the extent the solver reads. Raises ``ValueError`` naming the image when
+    its boxes are not ``[T, 4]`` for its ``T`` labels.
     """
+    if len(boxes) != len(labels):
+        raise ValueError(f"boxes: expected one tensor per image like labels ({len(labels)}), got {len(boxes)}")
+    for index, (item_labels, item_boxes) in enumerate(zip(labels, boxes)):
+        if item_labels.dim() != 1:
+            raise ValueError(f"labels[{index}]: expected shape [T], got {list(item_labels.shape)}")
+        # A missing box would otherwise be padded with a valid box and matched as a real target.
+        if item_boxes.shape != (len(item_labels), 4) and not (len(item_labels) == 0 and item_boxes.numel() == 0):
+            got = len(item_boxes) if item_boxes.dim() == 2 and item_boxes.shape[1] == 4 else list(item_boxes.shape)
+            raise ValueError(
+                f"boxes[{index}]: expected {len(item_labels)} boxes like labels[{index}] (shape [T, 4]), got {got}"
+            )
     counts = torch.tensor([len(item) for item in labels], dtype=torch.int64)
     if len(labels) == 0:
         return (torch.zeros((0, 0), dtype=torch.int64, device=device),

@@ -63,10 +63,36 @@ def philox_4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     return c0, c1, c2, c3
 
 
+def check_keep_mask_arguments(seed, batch, heads, query_length, key_length, dropout_p) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument of a keep-mask request that is not
+    a ``[3]`` integer seed, positive ``batch`` and ``heads``, non-negative lengths and
+    ``0 <= dropout_p < 1``."""
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"seed: expected a tensor from draw_dropout_seed, got {type(seed).__name__}")
+    if seed.shape != (3,) or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+        raise ValueError(f"seed: expected an integer tensor of shape [3], got {seed.dtype} {list(seed.shape)}")
+    for name, value, least in (("batch", batch, 1), ("heads", heads, 1),
+                               ("query_length", query_length, 0), ("key_length", key_length, 0)):
+        # bool is an int, and a float would make arange and view disagree on the mask's size.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"{name}: expected {'a positive' if least else 'a non-negative'} int, got {value}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= dropout_p < 1, got {dropout_p}")
+
+
 def dropout_keep_mask_torch(
     seed: torch.Tensor, batch: int, heads: int, query_length: int, key_length: int, dropout_p: float
 ) -> torch.Tensor:
-    """Bool ``[B, H, Lq, Lk]`` keep-mask, bit-identical to the kernels' dropout."""
+    """Bool ``[B, H, Lq, Lk]`` keep-mask, bit-identical to the kernels' dropout.
+
+    ``batch`` and ``heads`` must be positive, the lengths non-negative and
+    ``0 <= dropout_p < 1`` (see :func:`check_keep_mask_arguments`).
+    """
+    check_keep_mask_arguments(seed, batch, heads, query_length, key_length, dropout_p)
     device = seed.device
     seed = seed.to(torch.int64)
     groups = (key_length + 3) // 4

@@ -23,6 +23,68 @@ def causal_keep_mask(query_length: int, key_length: int, device=None) -> torch.T
     return cols <= rows + (key_length - query_length)
 
 
+def _describe(value) -> str:
+    return str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _check_inputs(q, k, v, key_padding_mask, causal, dropout_p, scale, dropout_keep, compute_dtype) -> None:
+    # Kept here rather than shared with dispatch.py, which imports this module through custom_op.
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor [B, L, H, D], got shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    batch, _, heads, head_dim = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if (t.shape[0], t.shape[2], t.shape[3]) != (batch, heads, head_dim) or t.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"{name}: expected shape [{batch}, {k.shape[1]}, {heads}, {head_dim}] (q's batch, heads and "
+                f"head_dim; k's length), got {list(t.shape)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+    if head_dim == 0:
+        raise ValueError("q: head_dim must be positive")
+    if key_padding_mask is not None:
+        # A [B, 1] or [Lk] mask would broadcast and silently mask whole rows.
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask: expected a bool tensor (True = ignore) or None, got {_describe(key_padding_mask)}"
+            )
+        if key_padding_mask.shape != (batch, k.shape[1]):
+            raise ValueError(
+                f"key_padding_mask: expected shape [B, Lk] = [{batch}, {k.shape[1]}], "
+                f"got {list(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask: expected device {q.device} like q, got {key_padding_mask.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= dropout_p < 1, got {dropout_p}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite number, got {scale}")
+    if dropout_keep is not None:
+        if not isinstance(dropout_keep, torch.Tensor) or dropout_keep.dtype != torch.bool:
+            raise TypeError(f"dropout_keep: expected a bool tensor or None, got {_describe(dropout_keep)}")
+        expected = (batch, heads, q.shape[1], k.shape[1])
+        if dropout_keep.shape != expected:
+            raise ValueError(
+                f"dropout_keep: expected shape [B, H, Lq, Lk] = {list(expected)}, got {list(dropout_keep.shape)}"
+            )
+        if dropout_keep.device != q.device:
+            raise ValueError(f"dropout_keep: expected device {q.device} like q, got {dropout_keep.device}")
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TypeError(f"compute_dtype: expected a floating-point torch.dtype or None, got {compute_dtype!r}")
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,7 +110,11 @@ def attention_reference(
     otherwise; the result has the input's dtype. With ``return_lse`` the
     natural-log log-sum-exp of the scaled, masked scores ``[B, H, Lq]`` is also
     returned (``-inf`` for fully masked rows).
+
+    Raises ``TypeError``/``ValueError`` naming the argument for inputs outside these
+    shapes and dtypes, ``causal`` that is not a bool, or ``dropout_p`` outside ``[0, 1)``.
     """
+    _check_inputs(q, k, v, key_padding_mask, causal, dropout_p, scale, dropout_keep, compute_dtype)
     batch, query_length, heads, head_dim = q.shape
     key_length = k.shape[1]
     if compute_dtype is None:
@@ -63,12 +129,15 @@ def attention_reference(
 
     keep = torch.ones(batch, 1, query_length, key_length, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
-        keep = keep & ~key_padding_mask.to(torch.bool)[:, None, None, :]
+        keep = keep & ~key_padding_mask[:, None, None, :]
     if causal:
         keep = keep & causal_keep_mask(query_length, key_length, q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
 
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if key_length:
+        row_max = scores.amax(dim=-1, keepdim=True)
+    else:  # no keys at all: every row is fully masked (amax has nothing to reduce)
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     row_has_key = torch.isfinite(row_max)
     row_max = torch.where(row_has_key, row_max, torch.zeros_like(row_max))
     # where() instead of relying on exp(-inf) so that empty rows give exact zeros

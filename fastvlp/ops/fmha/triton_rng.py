@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout_rng import PHILOX_ROUNDS, dropout_threshold
+from .dropout_rng import PHILOX_ROUNDS, check_keep_mask_arguments, dropout_threshold
 from .kernel_config import INTERPRETED
 
 _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
@@ -85,8 +85,9 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, query_length: 
     Replaying it through ``attention_reference(..., dropout_keep=mask)`` reproduces a
     dropout call exactly. Runs on the seed's device (CUDA, or CPU in the interpreter).
     """
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.shape != (3,):
-        raise ValueError("seed: expected an int64 tensor of shape [3] from draw_dropout_seed")
+    check_keep_mask_arguments(seed, batch, heads, query_length, key_length, dropout_p)
+    if seed.dtype != torch.int64:
+        raise ValueError(f"seed: expected an int64 tensor from draw_dropout_seed, got {seed.dtype}")
     if seed.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError("dropout_keep_mask on CPU needs TRITON_INTERPRET=1 set before fastvlp's kernels are imported")
     keep = torch.empty(batch, heads, query_length, key_length, dtype=torch.int8, device=seed.device)
