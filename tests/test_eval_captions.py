@@ -52,6 +52,73 @@ def test_scores_with_java():
         assert result[key] == pytest.approx(simple[key], abs=1e-9)
 
 
+# Captions that the tokenisation must handle: case, punctuation, clitics, hyphens, numbers, extra spaces.
+AGREEMENT_REFERENCES = {
+    11: ["A dog's red ball lies on the grass.", "a red ball next to a sleeping dog", "The dog isn't playing with it"],
+    12: ["Two cats sit on a sofa.", "cats  resting on a couch", "two cats on the sofa, side by side"],
+    13: ["A man rides a bike down the street!", "a person riding a bicycle (in traffic)", "man on a bike in a city"],
+    14: ["a red circle left of a blue square", "The blue square is right of a red circle.", "a circle and a square"],
+    15: ["A plate of food: rice, beans and 2 eggs.", "food on a white plate", "a well-cooked breakfast on a plate"],
+}
+AGREEMENT_PREDICTIONS = {
+    11: "A dog's red ball on the grass.",
+    12: "two cats on a couch",
+    13: "A man riding a bike down the street",
+    14: "a red circle left of a blue square",
+    15: "a plate of rice and eggs",
+}
+
+
+def direct_scores(gts, res, with_meteor):
+    """BLEU-4, ROUGE-L, CIDEr-D (and METEOR) from pycocoevalcap's scorers on tokenised captions."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    scores = {
+        "bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3],
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+        "cider": Cider().compute_score(gts, res)[0],
+    }
+    if with_meteor:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()
+        try:
+            scores["meteor"] = scorer.compute_score(gts, res)[0]
+        finally:
+            del scorer  # its destructor stops the METEOR jar
+    return scores
+
+
+def assert_scores_agree(ours, direct):
+    assert direct["bleu4"] > 0.1 and direct["cider"] > 0.1  # not a comparison of zeros
+    for key, value in direct.items():
+        assert ours[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs java (PTB tokenizer)")
+def test_scores_equal_pycocoevalcap_run_directly():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in AGREEMENT_REFERENCES.items()})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in AGREEMENT_PREDICTIONS.items()})
+    direct = direct_scores(gts, res, with_meteor=True)
+    ours = caption_scores(AGREEMENT_PREDICTIONS, AGREEMENT_REFERENCES, use_java=True)
+    assert ours["tokenizer"] == "ptb"
+    assert_scores_agree(ours, direct)
+
+
+def test_scores_without_java_equal_pycocoevalcap_scorers_on_simple_tokens():
+    gts = {i: [simple_caption_tokens(c) for c in refs] for i, refs in AGREEMENT_REFERENCES.items()}
+    res = {i: [simple_caption_tokens(c)] for i, c in AGREEMENT_PREDICTIONS.items()}
+    ours = caption_scores(AGREEMENT_PREDICTIONS, AGREEMENT_REFERENCES, use_java=False)
+    assert ours["tokenizer"] == "simple" and "meteor" not in ours
+    assert_scores_agree(ours, direct_scores(gts, res, with_meteor=False))
+
+
 def test_distinct_fraction():
     assert distinct_fraction(["a red circle", "A  red circle", "a blue square"]) == pytest.approx(2 / 3)
     assert distinct_fraction(["one caption"] * 5) == pytest.approx(1 / 5)

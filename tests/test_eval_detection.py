@@ -1,11 +1,18 @@
-"""COCO detection AP through pycocotools on a tiny hand-made ground truth."""
+"""COCO detection AP through pycocotools on a tiny hand-made ground truth, and the detection task's evaluation
+(the ground truth it hands pycocotools) on a small synthetic set with and without malformed annotations."""
 import json
 
 import pytest
 import torch
 
+from train_helpers import SMALL_SCALE
+
+from fastvlp.data.readers.coco import read_coco_instances
+from fastvlp.data.synth import write_synthetic_dataset
 from fastvlp.eval.detection_ap import coco_detection_ap
 from fastvlp.eval.result_files import detection_results
+from fastvlp.models.outputs import DetectionOutput
+from fastvlp.train.tasks import get_task
 
 
 def tiny_ground_truth():
@@ -88,3 +95,82 @@ def test_invalid_inputs():
         coco_detection_ap([{"image_id": 1, "bbox": [0, 0, 1, 1]}], gt)
     with pytest.raises(TypeError, match="coco_gt"):
         coco_detection_ap([], 42)
+
+
+# ---------------------------------------------------------------------------- the detection task's evaluation
+
+
+class RecordDetector:
+    """Stands in for a DetectionModel in DetectionTask.evaluate: for each image, in the reader's order, one
+    query per object of the record (its box, jittered by ``noise`` of its size, and its class with a random
+    confidence) and two no-object queries."""
+
+    with_text = False
+
+    def __init__(self, records, category_ids, noise=0.0, seed=0):
+        self.queue = list(records)
+        self.category_ids = list(category_ids)
+        self.noise = noise
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_queries = max(len(r.objects) for r in records) + 2
+
+    def eval(self):
+        return self
+
+    def detection_outputs(self, images, pixel_mask, input_ids=None, text_attention_mask=None, *, aux_outputs=None):
+        batch = [self.queue.pop(0) for _ in range(images.shape[0])]
+        logits = torch.zeros(len(batch), self.num_queries, len(self.category_ids) + 1)
+        logits[..., -1] = 12.0
+        boxes = torch.rand(len(batch), self.num_queries, 4, generator=self.generator) * 0.4 + 0.1
+        for row, record in enumerate(batch):
+            for query, obj in enumerate(record.objects):
+                x0, y0, x1, y1 = obj.box
+                w, h = x1 - x0, y1 - y0
+                jitter = (torch.rand(4, generator=self.generator) - 0.5) * self.noise
+                box = torch.tensor([(x0 + x1) / 2 / record.width, (y0 + y1) / 2 / record.height,
+                                    w / record.width, h / record.height]) * (1 + jitter)
+                boxes[row, query] = box
+                logits[row, query, -1] = 0.0
+                confidence = 4.0 + 8.0 * torch.rand((), generator=self.generator)
+                logits[row, query, self.category_ids.index(obj.category_id)] = confidence
+        return DetectionOutput(logits, boxes)
+
+
+@pytest.fixture
+def coco_data(tmp_path):
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, 12, seed=0, datasets=("coco",))
+    return root
+
+
+def evaluate_detection(data, noise=0.0):
+    read = read_coco_instances(data / "coco", "val")
+    model = RecordDetector(read.records, [c.id for c in read.categories], noise=noise)
+    result = get_task("detection").evaluate(model, None, data, "val", torch.device("cpu"), 2, SMALL_SCALE)
+    assert not model.queue
+    return result, read
+
+
+def test_task_evaluation_on_clean_data_scores_the_instances_file(coco_data):
+    result, _ = evaluate_detection(coco_data, noise=0.3)
+    direct = coco_detection_ap(result.predictions, coco_data / "coco" / "annotations" / "instances_val.json")
+    assert 0.05 < result.metrics["ap"] < 0.95  # imperfect detections: the comparison is not of two ones
+    assert result.metrics == {key: direct[key] for key in result.metrics}
+    assert not result.skipped and not any("skipped" in note for note in result.notes)
+
+
+def test_task_evaluation_leaves_out_the_annotations_the_reader_skipped(coco_data):
+    path = coco_data / "coco" / "annotations" / "instances_val.json"
+    content = json.loads(path.read_text())
+    annotations = content["annotations"]
+    annotations[0]["bbox"] = "oops"  # malformed: pycocotools cannot read it
+    annotations[1]["bbox"][2] = 0.0  # no area: no detection could ever match it
+    del annotations[2]["area"], annotations[2]["iscrowd"]  # accepted by the reader, needed by COCOeval
+    annotations[3]["id"] = annotations[4]["id"]  # duplicate ids: COCOeval would see one of the two
+    path.write_text(json.dumps(content))
+    result, read = evaluate_detection(coco_data)
+    assert result.skipped == {"malformed_annotation": 1, "invalid_box": 1}
+    assert any("2 annotation entries the reader skipped" in note for note in result.notes)
+    assert sum(len(r.objects) for r in read.records) == len(annotations) - 2
+    # Every remaining annotation is found: AP 1 (a skipped one left in would be a miss, or a crash).
+    assert result.metrics["ap"] == pytest.approx(1.0) and result.metrics["ap50"] == pytest.approx(1.0)

@@ -1,26 +1,29 @@
-"""Retrieval recall against a plain double-loop reference, with ties, infinities and caption-less images."""
+"""Retrieval recall against a sort-based reference, with ties (counted against the target), infinities and
+caption-less images."""
 import pytest
 import torch
 
+from fastvlp.eval import retrieval
 from fastvlp.eval.retrieval import fill_score_matrix, retrieval_ranks, retrieval_recall
 
 
 def reference_recall(scores, text_to_image, ks=(1, 5, 10)):
-    """R@K by loops; a target's rank counts the candidates scoring strictly higher."""
+    """R@K by sorting each query's candidates, best first, with ties broken against the query's targets
+    (among equal scores the targets sort last); a hit when a target's position is below K."""
     scores = scores.tolist()
     owners = text_to_image.tolist()
     num_images, num_texts = len(scores), len(owners)
-    result = {}
     image_ranks = []
     for t in range(num_texts):
-        own = scores[owners[t]][t]
-        image_ranks.append(sum(1 for i in range(num_images) if scores[i][t] > own))
+        order = sorted(range(num_images), key=lambda i: (-scores[i][t], i == owners[t]))
+        image_ranks.append(order.index(owners[t]))
     text_ranks = []
     for i in range(num_images):
-        own_texts = [t for t in range(num_texts) if owners[t] == i]
-        if not own_texts:
+        if i not in owners:
             continue
-        text_ranks.append(min(sum(1 for u in range(num_texts) if scores[i][u] > scores[i][t]) for t in own_texts))
+        order = sorted(range(num_texts), key=lambda u: (-scores[i][u], owners[u] == i))
+        text_ranks.append(min(position for position, u in enumerate(order) if owners[u] == i))
+    result = {}
     for k in ks:
         result[f"txt_r{k}"] = sum(rank < k for rank in text_ranks) / len(text_ranks)
     for k in ks:
@@ -30,7 +33,7 @@ def reference_recall(scores, text_to_image, ks=(1, 5, 10)):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_recall_matches_double_loop_with_ties(seed):
+def test_recall_matches_sorted_reference_with_ties(seed, monkeypatch):
     generator = torch.Generator().manual_seed(seed)
     num_images, num_texts = 13, 40
     # Few distinct values: many ties; some infinities.
@@ -43,6 +46,11 @@ def test_recall_matches_double_loop_with_ties(seed):
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+    # Row blocks that do not divide the images give the same ranks.
+    whole = retrieval_ranks(scores, text_to_image)
+    monkeypatch.setattr(retrieval, "_ROW_BLOCK", 5)
+    blocked = retrieval_ranks(scores, text_to_image)
+    assert all(torch.equal(whole[key], blocked[key]) for key in whole)
 
 
 def test_recall_on_continuous_scores_and_perfect_scores():
@@ -58,6 +66,23 @@ def test_recall_on_continuous_scores_and_perfect_scores():
     assert retrieval_recall(perfect, text_to_image) == {key: 1.0 for key in expected}
 
 
+def test_constant_scores_earn_no_recall_from_ties():
+    generator = torch.Generator().manual_seed(5)
+    num_images = 12
+    text_to_image = torch.arange(num_images).repeat_interleave(3)[torch.randperm(3 * num_images, generator=generator)]
+    value = torch.randn((), generator=generator).item()
+    constant = torch.full((num_images, 3 * num_images), value)
+    ranks = retrieval_ranks(constant, text_to_image)
+    # Every other candidate ties with the target and ranks before it.
+    assert ranks["image_rank"].tolist() == [num_images - 1] * (3 * num_images)
+    assert ranks["text_rank"].tolist() == [3 * num_images - 3] * num_images
+    recall = retrieval_recall(constant, text_to_image)
+    assert recall == {key: 0.0 for key in recall}  # 12 images, 36 captions: no target within 10
+    assert retrieval_recall(constant, text_to_image) == reference_recall(constant, text_to_image)
+    # With all the candidates within K the constant scorer hits, as any scorer would.
+    assert retrieval_recall(constant[:3, :3], torch.tensor([0, 1, 2]), ks=(3,))["img_r3"] == 1.0
+
+
 def test_ranks_small_example():
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.7]])
     ranks = retrieval_ranks(scores, torch.tensor([0, 1, 1]))
@@ -67,6 +92,12 @@ def test_ranks_small_example():
     ranks = retrieval_ranks(scores, torch.tensor([1, 0, 0]))
     assert ranks["image_rank"].tolist() == [1, 1, 1]
     assert ranks["text_rank"].tolist() == [1, 2]
+    # Ties: image 1 scores caption 0 as high as its own image 0 does, which then ranks behind it; image 0's
+    # own caption 2 ties with its caption 0 and never counts against it.
+    tied = torch.tensor([[0.5, 0.1, 0.5], [0.5, 0.8, 0.7]])
+    ranks = retrieval_ranks(tied, torch.tensor([0, 1, 0]))
+    assert ranks["image_rank"].tolist() == [1, 0, 1]
+    assert ranks["text_rank"].tolist() == [0, 0]
 
 
 def test_fill_score_matrix_in_blocks():

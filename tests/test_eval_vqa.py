@@ -47,11 +47,16 @@ def test_matching_after_normalisation():
 
 
 def test_official_rules_apply_only_when_annotators_disagree():
-    # With ten identical answers the official script compares stripped, lower-cased strings only.
+    # With ten identical answers the official script compares the stripped strings only, case included.
     answers = ["2 dogs"] * 10
     assert vqa_accuracy("Two dogs.", answers) == 0.0
-    assert vqa_accuracy(" 2 DOGS\n", answers) == 1.0
+    assert vqa_accuracy(" 2 dogs\n", answers) == 1.0
+    assert vqa_accuracy(" 2 DOGS\n", answers) == 0.0
+    assert vqa_accuracy("yes", ["Yes"] * 10) == 0.0 and vqa_accuracy("\tYes", ["Yes"] * 10) == 1.0
     assert vqa_accuracy("Two dogs.", answers, normalize="always") == 1.0
+    assert vqa_accuracy(" 2 DOGS\n", answers, normalize="always") == 1.0  # the normalisation lower-cases
+    # One dissenting annotator turns the rules on, lower-casing included: 9 matches of 10.
+    assert vqa_accuracy(" 2 DOGS\n", answers[:9] + ["cats"]) == 1.0
 
 
 def test_batch_score_and_formats():

@@ -2,9 +2,12 @@
 
 Text retrieval (``txt_r*``): each image queries every caption; a hit when any of its own captions ranks
 within K. Image retrieval (``img_r*``): each caption queries every image; a hit when its image ranks
-within K. ``r_mean`` is the mean of the six. A target's rank counts the candidates that score strictly
-higher, so tied candidates share the best rank (an optimistic tie rule; scores of trained models rarely
-tie). Values are fractions in [0, 1].
+within K. ``r_mean`` is the mean of the six. Values are fractions in [0, 1].
+
+A target's rank counts the other candidates that score at least as high as it: ties are broken against
+the target (a pessimistic rule), so a scorer gains nothing from ties: a constant one hits only when all the
+candidates fit within K. For text retrieval the target is the image's highest-scoring own caption and the
+other candidates are the captions of other images (its own captions never count against it).
 """
 from __future__ import annotations
 
@@ -33,9 +36,11 @@ def _check_scores(scores: Tensor, text_to_image: Tensor) -> None:
 
 
 def retrieval_ranks(scores: Tensor, text_to_image: Tensor) -> Dict[str, Tensor]:
-    """0-based ranks: ``image_rank`` ``[num_texts]`` of each caption's image among all images, and
-    ``text_rank`` ``[num_images]`` of each image's best-ranked own caption among all captions (a large
-    value for an image without captions, which then never counts as a hit)."""
+    """0-based ranks, ties counted against the target (module docstring): ``image_rank`` ``[num_texts]``,
+    the number of other images that score each caption at least as high as its own image does, and
+    ``text_rank`` ``[num_images]``, the number of other images' captions that score at least as high as
+    the image's best own caption (``num_texts`` for an image without captions, which then never counts
+    as a hit)."""
     _check_scores(scores, text_to_image)
     text_to_image = text_to_image.to(device=scores.device, dtype=torch.int64)
     num_images, num_texts = scores.shape
@@ -48,8 +53,11 @@ def retrieval_ranks(scores: Tensor, text_to_image: Tensor) -> Dict[str, Tensor]:
     # Row blocks bound the temporary comparison matrix (5k x 25k for COCO's test split).
     for start in range(0, num_images, _ROW_BLOCK):
         block = scores[start : start + _ROW_BLOCK]
-        image_rank += (block > target[None, :]).sum(0)
-        text_rank[start : start + _ROW_BLOCK] = (block > best_own[start : start + _ROW_BLOCK, None]).sum(1)
+        rows = torch.arange(start, start + block.shape[0], device=scores.device)
+        # A pair of the block is a competitor when its image and caption do not belong together.
+        other = rows[:, None] != text_to_image[None, :]
+        image_rank += ((block >= target[None, :]) & other).sum(0)
+        text_rank[start : start + _ROW_BLOCK] = ((block >= best_own[start : start + _ROW_BLOCK, None]) & other).sum(1)
     has_caption = torch.zeros(num_images, dtype=torch.bool, device=scores.device)
     has_caption[text_to_image] = True
     text_rank[~has_caption] = num_texts

@@ -8,8 +8,9 @@ punctuation handled (dropped when it touches a space or the text has a digit-com
 replaced by a space; periods dropped unless a digit follows); lower case; number words to digits
 ("two" -> "2", "none" -> "0"); articles removed; apostrophe-less contractions restored ("dont" -> "don't").
 The official script applies that normalisation only when the annotators gave more than one distinct
-answer (otherwise it compares the stripped, lower-cased strings); ``normalize="official"`` reproduces
-that, ``normalize="always"`` normalises every question.
+answer; when they all agree it compares the answers with newlines/tabs turned to spaces and stripped, and
+nothing else (so case matters: "Yes" does not match "yes"). ``normalize="official"`` reproduces that,
+``normalize="always"`` normalises every question.
 """
 from __future__ import annotations
 
@@ -103,11 +104,11 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, normalize: str = "o
     _check_normalize(normalize)
     truths = [_clean_whitespace(answer) for answer in answers]
     guess = _clean_whitespace(prediction)
+    # Only the normalisation lower-cases: answers the annotators agree on are compared case-sensitively.
     if normalize == "always" or len(set(truths)) > 1:
         truths = [normalize_vqa_answer(answer) for answer in truths]
         guess = normalize_vqa_answer(guess)
-    guess = guess.lower()
-    hits = [truth.lower() == guess for truth in truths]
+    hits = [truth == guess for truth in truths]
     total_hits = sum(hits)
     # Leaving annotator i out removes their own hit from the count.
     return sum(min(1.0, (total_hits - hit) / 3.0) for hit in hits) / len(hits)

@@ -4,6 +4,7 @@ over COCO's categories, the decoder's queries reading the encoding of the image 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -15,7 +16,9 @@ from fastvlp.data.collate import nested_tensor_from_images
 from fastvlp.data.datasets.image_records import ImageRecordDataset, ImageRecordView
 from fastvlp.data.image_index import ImageIndex
 from fastvlp.data.readers.coco import coco_annotation_file, read_coco_captions, read_coco_instances
-from fastvlp.data.skips import NO_ANNOTATIONS, SkipCounter
+from fastvlp.data.readers.common import MalformedRecord, load_json, optional_int, require, xywh_to_xyxy
+from fastvlp.data.skips import (INVALID_BOX, MALFORMED_ANNOTATION, MISSING_IMAGE, NO_ANNOTATIONS, UNKNOWN_CATEGORY,
+                                UNKNOWN_IMAGE, UNREADABLE_IMAGE, SkipCounter)
 from fastvlp.data.transforms import eval_transform
 from fastvlp.eval.detection_ap import coco_detection_ap
 from fastvlp.eval.result_files import detection_results
@@ -30,6 +33,8 @@ from fastvlp.train.tasks.text_batch import encode_texts
 # DETR's logging values: they carry no gradient).
 DETECTION_LOSS_KEYS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
 AP_KEYS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+# The reader's skips of single annotations (as opposed to images).
+_SKIPPED_OBJECTS = (MALFORMED_ANNOTATION, UNKNOWN_IMAGE, UNKNOWN_CATEGORY, INVALID_BOX)
 
 
 def _check_categories(categories) -> List[Dict[str, Any]]:
@@ -141,6 +146,50 @@ def _with_captions(records, captions: Mapping[int, Tuple[str, ...]]):
     return [dataclasses.replace(r, captions=captions.get(r.image_id, ())) for r in records]
 
 
+def _accepted_box(annotation, images: Mapping[int, Mapping], category_ids) -> Optional[List[float]]:
+    """The annotation's [x, y, w, h] when :func:`read_coco_instances` keeps it as an object, else None."""
+    try:
+        image_id = require(annotation, "image_id", int)
+        category_id = require(annotation, "category_id", int)
+        bbox = require(annotation, "bbox", list)
+    except MalformedRecord:
+        return None
+    if len(bbox) != 4 or image_id not in images or category_id not in category_ids:
+        return None
+    image = images[image_id]
+    if xywh_to_xyxy(*bbox, optional_int(image, "width"), optional_int(image, "height")) is None:
+        return None
+    return bbox
+
+
+def _evaluation_ground_truth(path: Path, categories) -> Dict[str, Any]:
+    """The instances file at ``path`` as COCOeval gets it: its images, the reader's ``categories`` and only
+    the annotations that :func:`read_coco_instances` keeps (the skipped ones, e.g. a malformed ``bbox``,
+    would make pycocotools fail). Images whose file is missing stay, so that they count as missed. Kept
+    annotations are passed unchanged (their ``area`` sets COCO's size classes), apart from what COCOeval
+    needs and the reader does not require: unique ids, ``iscrowd`` as 0/1 and, when absent, the box's area."""
+    content = load_json(path)
+    images: Dict[int, Mapping] = {}  # the entries the reader lists, whether or not their file is found
+    for entry in content.get("images", []):
+        if isinstance(entry, dict) and isinstance(entry.get("file_name"), str) \
+                and optional_int(entry, "id") is not None:
+            images[entry["id"]] = entry
+    category_ids = {c.id for c in categories}
+    annotations: List[Dict[str, Any]] = []
+    for annotation in content.get("annotations", []):
+        bbox = _accepted_box(annotation, images, category_ids)
+        if bbox is None:
+            continue
+        area = annotation.get("area")
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area):
+            area = float(bbox[2] * bbox[3])
+        # COCOeval indexes annotations by id, which the reader does not require to be unique.
+        annotations.append(dict(annotation, id=len(annotations) + 1, iscrowd=int(bool(annotation.get("iscrowd", 0))),
+                                area=area))
+    return {"images": list(images.values()), "annotations": annotations,
+            "categories": [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in categories]}
+
+
 class DetectionSamples(ImageRecordView):
     """:class:`ImageRecordDataset` samples reduced to what detection trains on: ``image``, ``boxes``
     (normalised cxcywh), ``labels`` (class indices), ``image_id``, ``original_size`` and, with ``with_text``,
@@ -165,7 +214,8 @@ class DetectionTask(Task):
     images without objects are kept (their targets are empty). With ``with_text``, images that have no
     caption in ``captions_train`` are skipped and counted as ``no_annotations``. Evaluation pairs each image
     with its first caption and uses an empty text (``[CLS] [SEP]``) for an image without one, so that
-    every ground-truth image is scored."""
+    every ground-truth image is scored. COCOeval scores the annotations the reader keeps: those it skips
+    and counts (e.g. a malformed ``bbox``) are left out of the ground truth."""
 
     name = "detection"
     loss_keys = ("loss",) + DETECTION_LOSS_KEYS
@@ -238,15 +288,19 @@ class DetectionTask(Task):
                                               outputs.pred_boxes, model.category_ids)
             num_images += len(collated["image_id"])
         metrics: Dict[str, Any] = {}
-        if any(r.objects for r in result.records):
-            ap = coco_detection_ap(predictions, coco_annotation_file(coco_dir, "instances", split))
+        ground_truth = _evaluation_ground_truth(coco_annotation_file(coco_dir, "instances", split), result.categories)
+        left_out = sum(skipped.get(reason, 0) for reason in _SKIPPED_OBJECTS)
+        if left_out:
+            notes.append(f"{left_out} annotation entries the reader skipped are left out of the ground truth")
+        if ground_truth["annotations"]:
+            ap = coco_detection_ap(predictions, ground_truth)
             metrics = {key: float(ap[key]) for key in AP_KEYS}
             empty = [key for key in AP_KEYS if metrics[key] == -1]
             if empty:
                 notes.append(f"{', '.join(empty)}: -1, COCOeval's value when the split has no objects of that size")
         else:
             notes.append(f"split {split!r} has no ground-truth objects: AP not computed")
-        if sum(skipped.values()):
+        if skipped.get(MISSING_IMAGE, 0) or skipped.get(UNREADABLE_IMAGE, 0):
             notes.append("images that could not be read count as missed by COCOeval")
         return EvaluationResult(self.name, split, num_images, metrics, predictions, skipped, notes)
 
