@@ -1,9 +1,10 @@
 """The ``fastvlp`` command line: ``bench``, ``data``, ``pretrain``, ``finetune``, ``evaluate``, ``predict``, ``demo``."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, NoReturn, Optional, Sequence
 
 USAGE = """usage: fastvlp <command> [<args>]
 
@@ -45,6 +46,30 @@ SINGLE_COMMANDS: Dict[str, str] = {
     "predict": "fastvlp.predict_cli",
     "demo": "fastvlp.train.demo",
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count: a bad value is a usage error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def usage_error(parser: argparse.ArgumentParser, error: Exception, aliases: Optional[Dict[str, str]] = None) -> NoReturn:
+    """Exit as argparse does for a bad option (status 2, the usage and the message on stderr) with
+    ``error``'s message, whose leading field name (``max_steps: ...``, the style of the options'
+    validation) is written as its option (``argument --max-steps: ...``). ``aliases`` name the options
+    spelt otherwise than their field (``{"config_overrides": "--set"}``)."""
+    message = str(error)
+    name, sep, rest = message.partition(": ")
+    if sep and name.isidentifier():
+        option = (aliases or {}).get(name, "--" + name.replace("_", "-"))
+        message = f"argument {option}: {rest}"
+    parser.error(message)
 
 
 def _run(module_name: str, argv: Sequence[str]) -> int:

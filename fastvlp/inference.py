@@ -22,16 +22,12 @@ from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import eval_transform
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.train.finetune import CONFIG_FILE, TASK_FILE, default_scale, read_task_file
+from fastvlp.train.loop import checked_device
 from fastvlp.train.pretrain_data import TOKENIZER
 from fastvlp.train.tasks import get_task
 from fastvlp.train.tasks.base import EvaluationResult
 
 ImageLike = Union[str, Path, Image.Image]
-
-
-def default_device() -> torch.device:
-    """CUDA when there is a GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Predictor:
@@ -46,8 +42,9 @@ class Predictor:
     def from_checkpoint(cls, checkpoint: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
                         attention_backend: Optional[str] = None, expected_task: Optional[str] = None) -> "Predictor":
         """Load ``checkpoint`` (a ``checkpoints/step-N`` directory of ``fastvlp finetune``) on ``device``
-        (default: CUDA when available, else the CPU). ``expected_task``, when given, must be the
-        checkpoint's task."""
+        (default: CUDA when available, else the CPU; a device this machine lacks is a ValueError).
+        ``expected_task``, when given, must be the checkpoint's task."""
+        device = checked_device(device)
         checkpoint = Path(checkpoint)
         missing = [name for name in (TASK_FILE, CONFIG_FILE, TOKENIZER, "model.safetensors") if not (checkpoint / name).is_file()]
         if missing:
@@ -62,7 +59,6 @@ class Predictor:
         state = {k: v for k, v in saved.items() if k not in ("task", "preset", "pretraining_rates")}
         model = task.build_model(config, state)
         load_model(model, str(checkpoint / "model.safetensors"), strict=True)
-        device = torch.device(device) if device is not None else default_device()
         model.to(device).eval()
         tokenizer = WordPieceTokenizer.load(checkpoint / TOKENIZER)
         return cls(task, model, tokenizer, default_scale(saved.get("preset")), device)

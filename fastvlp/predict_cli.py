@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastvlp.cli import positive_int, usage_error
+
 TASKS = ("vqa", "nlvr2", "caption", "retrieval", "detection")
 
 
@@ -23,14 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--image2", type=Path, default=None, help="nlvr2: the right image")
     parser.add_argument("--text", default=None)
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--top-k", type=positive_int, default=5)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from fastvlp.inference import Predictor
+    from fastvlp.train.loop import checked_device
+
+    try:  # before the checkpoint loads: a device this machine lacks is a usage error
+        checked_device(args.device)
+    except ValueError as error:
+        usage_error(parser, error)
 
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, expected_task=args.task)

@@ -1,4 +1,6 @@
+import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -95,3 +97,37 @@ def test_write_is_atomic_and_keep_last_prunes(tmp_path):
         ckpt.write_checkpoint(tmp_path, 1, write, keep_last=0)
     with pytest.raises(FileNotFoundError, match="complete"):
         ckpt.load_training_files(tmp_path / "checkpoints" / "step-10", _small_model())
+
+
+def test_what_interrupted_writes_left_is_cleared_and_complete_checkpoints_are_kept(tmp_path):
+    def write(directory):
+        (directory / "trainer_state.json").write_text(json.dumps({"weights": torch.randn(3).tolist()}))
+
+    for step in (2, 4):
+        ckpt.write_checkpoint(tmp_path, step, write)
+    root = tmp_path / "checkpoints"
+    before = {name: (root / name / "trainer_state.json").read_text() for name in ("step-2", "step-4")}
+    # a write that died while filling its directory (its process is gone) ...
+    (root / ".tmp-step-6-999999").mkdir()
+    (root / ".tmp-step-6-999999" / "model.safetensors").write_bytes(b"partial")
+    # ... one that died after putting its new step-4 in place, before deleting the old one ...
+    shutil.copytree(root / "step-4", root / ".old-step-4-77")
+    # ... and one that died between its two renames: the old step-8 is the only copy of step 8
+    (root / ".old-step-8-78").mkdir()
+    write(root / ".old-step-8-78")
+    step8 = (root / ".old-step-8-78" / "trainer_state.json").read_text()
+    # anything else in the folder is not a leftover of a write
+    (root / "notes.txt").write_text("kept")
+
+    ckpt.write_checkpoint(tmp_path, 6, write)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-2", "step-4", "step-6", "step-8"]
+    assert {name: (root / name / "trainer_state.json").read_text() for name in before} == before
+    assert (root / "step-8" / "trainer_state.json").read_text() == step8
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-2", "step-4", "step-6", "step-8"]
+
+    # an incomplete old copy (its deletion had begun) is deleted, never restored
+    (root / ".old-step-10-79").mkdir()
+    (root / ".tmp-step-12-80").mkdir()
+    assert sorted(p.name for p in ckpt.remove_stale_writes(tmp_path)) == [".old-step-10-79", ".tmp-step-12-80"]
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-2", "step-4", "step-6", "step-8"]
+    assert ckpt.remove_stale_writes(tmp_path / "no-run") == []

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastvlp.cli import positive_int, usage_error
+
 TASKS = ("vqa", "nlvr2", "caption", "retrieval", "detection")
 
 
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--split", default=None)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write {task, split, num_examples, metrics} here")
     parser.add_argument("--predictions", type=Path, default=None, help="write the predictions in the official format")
     return parser
@@ -36,8 +38,15 @@ def format_table(result) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from fastvlp.inference import Predictor
+    from fastvlp.train.loop import checked_device
+
+    try:  # before the checkpoint loads: a device this machine lacks is a usage error
+        checked_device(args.device)
+    except ValueError as error:
+        usage_error(parser, error)
 
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, expected_task=args.task)

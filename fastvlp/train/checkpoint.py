@@ -1,9 +1,11 @@
 """Training checkpoints: ``RUN/checkpoints/step-<N>/``, written atomically, the newest ``keep_last`` kept.
 
 A checkpoint holds ``config.json``, ``tokenizer.json``, ``model.safetensors`` (tied weights stored once),
-the label spaces (``objects_vocab.txt``, ``attributes_vocab.txt``, ``category_map.json``),
-``trainer_state.json`` (step, sampler position, counters), and optimizer, scheduler and RNG states as
-safetensors + JSON pairs. Nothing in it needs unpickling.
+the label spaces (``objects_vocab.txt``, ``attributes_vocab.txt``, ``category_map.json``), ``preset.json``
+(the preset the model came from, which decides its image scale), ``trainer_state.json`` (step, sampler
+position, the run's settings, counters), and optimizer, scheduler and RNG states as safetensors + JSON
+pairs. Nothing in it needs unpickling. A checkpoint directory is self-contained: it can be copied away
+from its run.
 """
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ from fastvlp.train.state_files import load_state, save_state
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What an interrupted write leaves: the directory being filled, or the checkpoint it was replacing.
+_PARTIAL_DIR = re.compile(r"^\.(tmp|old)-step-(\d+)-\d+$")
 TRAINER_STATE = "trainer_state.json"
+PRESET_FILE = "preset.json"
+RUN_INFO = "run.json"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -59,16 +65,42 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_writes(run_dir: Path) -> List[Path]:
+    """Clear what interrupted writes left in ``RUN/checkpoints``: a ``.tmp-step-N-<pid>`` directory (a write
+    that did not finish) is deleted; an ``.old-step-N-<pid>`` one (the checkpoint a write was replacing) is
+    renamed back to ``step-N`` when it is complete and no ``step-N`` exists (the write stopped between its
+    two renames), else deleted. ``step-N`` directories are never touched. Only one process writes a run's
+    checkpoints (rank 0), and it calls this before it writes, so every such directory is stale. Returns
+    the directories deleted or restored."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    cleared = []
+    for path in sorted(root.iterdir()):
+        match = _PARTIAL_DIR.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        final = root / f"step-{match.group(2)}"
+        if match.group(1) == "old" and not final.exists() and (path / TRAINER_STATE).is_file():
+            path.rename(final)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        cleared.append(path)
+    return cleared
+
+
 def write_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None], keep_last: Optional[int] = None) -> Path:
     """Create ``step-<step>`` atomically: ``write_files(tmp_dir)`` fills a temporary directory, every file
     is fsynced, then the directory is renamed into place (replacing an older checkpoint of the same step).
-    With ``keep_last``, older checkpoints beyond the newest ``keep_last`` are deleted afterwards."""
+    What earlier interrupted writes left is cleared first (:func:`remove_stale_writes`). With
+    ``keep_last``, older checkpoints beyond the newest ``keep_last`` are deleted afterwards."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: expected a non-negative int, got {step!r}")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last: expected a positive int or None, got {keep_last!r}")
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_writes(run_dir)
     final = checkpoint_dir(run_dir, step)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     if tmp.exists():
@@ -95,6 +127,30 @@ def write_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], Non
         for path in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def write_preset(directory: Path, preset: Optional[str]) -> None:
+    """Record in the checkpoint ``directory`` the preset its model was built from."""
+    (Path(directory) / PRESET_FILE).write_text(json.dumps({"preset": preset}), encoding="utf-8")
+
+
+def checkpoint_preset(directory: Path) -> Optional[str]:
+    """The preset a pre-training checkpoint's model was built from: its own ``preset.json``, else (a
+    checkpoint written before it held one) the ``run.json`` of the run it still sits in; None when
+    neither says."""
+    directory = Path(directory)
+    for path in (directory / PRESET_FILE, directory.parent.parent / RUN_INFO):
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("preset")
+    return None
+
+
+def read_trainer_state(directory: Path) -> Dict[str, Any]:
+    """A complete checkpoint's ``trainer_state.json`` (step, sampler position, the run's settings)."""
+    path = Path(directory) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"directory: {directory} is not a complete checkpoint (no {TRAINER_STATE})")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @dataclass
@@ -135,8 +191,7 @@ def load_training_files(
     """Load the weights into ``model`` (strictly) and, when given, the optimizer and scheduler states;
     returns every state read. The scheduler's schedule itself is rebuilt by the caller."""
     directory = Path(directory)
-    if not (directory / TRAINER_STATE).is_file():
-        raise FileNotFoundError(f"directory: {directory} is not a complete checkpoint (no {TRAINER_STATE})")
+    trainer = read_trainer_state(directory)
     missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=True)
     optimizer_state = load_state(directory, "optimizer")
     if optimizer is not None:
@@ -145,7 +200,6 @@ def load_training_files(
     if scheduler is not None:
         current = scheduler.state_dict()
         scheduler.load_state_dict({**scheduler_state, "lr_lambdas": current.get("lr_lambdas", [None])})
-    trainer = json.loads((directory / TRAINER_STATE).read_text(encoding="utf-8"))
     return TrainingState(trainer, optimizer_state, scheduler_state, load_state(directory, "rng"))
 
 

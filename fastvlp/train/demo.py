@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from fastvlp.models.presets import list_presets
+
 DEMO_IMAGES = 512
 
 
@@ -17,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synthesise data, pre-train E2E-VLP, fine-tune and evaluate VQA and captioning.",
     )
     parser.add_argument("--out", type=Path, default=Path("fastvlp-demo"), help="demo folder (data in OUT/data)")
-    parser.add_argument("--preset", default="tiny", help="model preset (default tiny; the paper's need a GPU)")
+    parser.add_argument("--preset", default="tiny", choices=list_presets(),
+                        help="model preset (default tiny; the paper's need a GPU)")
     parser.add_argument("--num-images", type=int, default=DEMO_IMAGES, help="synthetic images per data set")
     parser.add_argument("--steps", type=int, default=300, help="pre-training steps")
     parser.add_argument("--vqa-steps", type=int, default=300)
@@ -29,10 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_positive(args) -> Optional[str]:
+def _check_arguments(args) -> Optional[str]:
+    """What is wrong with the arguments (None when nothing is), found before any data is written."""
     for name in ("num_images", "steps", "vqa_steps", "caption_steps", "batch_size", "finetune_batch_size"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')}: expected a positive int"
+    from fastvlp.train.loop import checked_device
+
+    try:
+        checked_device(args.device, "--device")
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -59,16 +69,18 @@ def results_table(results: Dict[str, Dict[str, float]], baselines: Dict[str, Dic
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    problem = _check_positive(args)
-    if problem:
-        print(f"fastvlp demo: {problem}", file=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_arguments(args)
+    if problem:  # a usage error, as argparse reports one
+        parser.print_usage(sys.stderr)
+        print(f"fastvlp demo: error: argument {problem}", file=sys.stderr)
         return 2
     from fastvlp.data.readers.vqa import read_vqa
     from fastvlp.data.synth import write_synthetic_dataset
     from fastvlp.inference import Predictor
     from fastvlp.train.finetune import FinetuneOptions, run_finetuning
-    from fastvlp.train.loop import RunExistsError
+    from fastvlp.train.loop import NonFiniteLossError, RunExistsError
     from fastvlp.train.loss_plot import plot_runs
     from fastvlp.train.pretrain import PretrainOptions, run_pretraining
     from fastvlp.train.pretrain_cli import configure_console_logging
@@ -93,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 batch_size=args.finetune_batch_size, device=args.device, save_every=steps, keep_last=1,
                 resume=args.resume,
             ))
-    except RunExistsError as error:
+    except (RunExistsError, NonFiniteLossError, ValueError, FileNotFoundError) as error:
         print(f"fastvlp demo: {error}", file=sys.stderr)
         return 1
 

@@ -20,14 +20,19 @@ from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import ScaleConfig, train_transform
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.presets import PRESETS, get_preset
+from fastvlp.train import checkpoint as ckpt
 from fastvlp.train.distributed import DistributedContext, barrier, init_distributed
 from fastvlp.train.loop import (
+    RESUMABLE_CONFIG_FIELDS,
     LoopOptions,
     TrainingJob,
     TrainingResult,
+    check_config_overrides,
+    checked_device,
     configure_threads,
     logger,
     resume_checkpoint,
+    resumed_config,
     run_directory,
     run_training,
     validate_loop_options,
@@ -53,7 +58,9 @@ class FinetuneOptions:
     the model's pre-training rate to the paper's 1e-4 (1 for the paper's presets, 5 for ``tiny``, which
     learns from random weights at 5e-4). The backbone's rate keeps the ratio to it that the model was
     pre-trained with (a tenth for the paper's presets, equal for ``tiny``). ``task_options`` are task-specific (``num_answers`` for VQA,
-    ``with_text`` for detection, ``num_negatives`` for retrieval)."""
+    ``with_text`` for detection, ``num_negatives`` for retrieval). A resumed run takes its task, model
+    configuration, tokenizer and task state from the checkpoint: ``task``, ``lr`` and ``config_overrides``
+    must agree with it, except the attention and matcher backends."""
 
     task: str
     data: Path
@@ -90,9 +97,16 @@ class FinetuneOptions:
             raise ValueError(f"preset: expected one of {list(PRESETS)}, got {self.preset!r}")
         if self.init is not None and not (Path(self.init) / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"init: {self.init} is not a checkpoint directory (no {CONFIG_FILE})")
+        task = get_task(self.task)
         if self.max_steps is None:
-            self.max_steps = get_task(self.task).default_max_steps
+            self.max_steps = task.default_max_steps
         validate_loop_options(self)
+        checked_device(self.device)
+        if not isinstance(self.task_options, dict):
+            raise TypeError(f"task_options: expected a dict, got {type(self.task_options).__name__}")
+        task.validate_options(self.task_options)
+        base = get_preset(self.preset) if self.preset is not None else _checkpoint_config(Path(self.init))
+        check_config_overrides(base, self.config_overrides)
         if self.lr is not None and not (isinstance(self.lr, float) and self.lr > 0):
             raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
         if self.vocab is not None and not Path(self.vocab).is_file():
@@ -123,41 +137,67 @@ def default_task_lr(task, pretraining_lr: float) -> float:
     return task.paper_lr * pretraining_lr / PAPER_PRETRAINING_LR
 
 
+def _checkpoint_config(checkpoint: Path) -> E2EVLPConfig:
+    return E2EVLPConfig.from_json((Path(checkpoint) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def _config_changes(options: FinetuneOptions) -> Dict[str, Any]:
+    """The configuration changes of the backend options, then ``config_overrides`` (``--set`` wins)."""
+    changes = {name: getattr(options, name) for name in RESUMABLE_CONFIG_FIELDS if getattr(options, name) is not None}
+    changes.update(options.config_overrides)
+    return changes
+
+
 def _task_config(options: FinetuneOptions, task, base: E2EVLPConfig, preset_lr: float, preset_lr_backbone: float) -> E2EVLPConfig:
     lr = options.lr if options.lr is not None else default_task_lr(task, preset_lr)
     changes: Dict[str, Any] = {"lr": lr, "lr_backbone": lr * preset_lr_backbone / preset_lr}
-    if options.attention_backend is not None:
-        changes["attention_backend"] = options.attention_backend
-    if options.matcher_backend is not None:
-        changes["matcher_backend"] = options.matcher_backend
-    changes.update(options.config_overrides)
+    changes.update(_config_changes(options))
     return base.replace(**changes)
+
+
+def _resumed_task_config(options: FinetuneOptions, task, checkpoint: Path, saved_task: Dict[str, Any]) -> E2EVLPConfig:
+    """The model configuration of ``checkpoint``, which a resumed run keeps, with this call's backends; a
+    ``task``, ``lr`` or ``config_overrides`` that would change the run is refused."""
+    if saved_task.get("task") != task.name:
+        raise ValueError(f"--task: the run fine-tunes {saved_task.get('task')!r}, this call gives {task.name!r}; keep it to "
+                         f"resume from {checkpoint}, or choose another --out")
+    config = resumed_config(_checkpoint_config(checkpoint), _config_changes(options))
+    # The optimizer's saved rates replace the configuration's on resume: another --lr would be ignored.
+    if options.lr is not None and options.lr != config.lr:
+        raise ValueError(f"--lr: the run was started with {config.lr}, this call gives {options.lr}; keep it to resume "
+                         f"from {checkpoint}")
+    return config
 
 
 def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Path) -> TrainingResult:
     threads = configure_threads(context)
     task = get_task(options.task)
     resume_from = resume_checkpoint(run_dir, options.resume)
+    # A resumed run's files (config, tokenizer, task state) come from the checkpoint, checked before the data
+    # is read.
+    if resume_from is not None:
+        saved = read_task_file(resume_from)
+        config = _resumed_task_config(options, task, resume_from, saved)
     data = task.read_training_data(Path(options.data), options.task_options)
     if not data.records:
         raise ValueError(f"data: no {task.name} training records under {options.data} ({data.skips.summary()})")
     logger.info("fine-tuning %s on %d records; %d skipped while reading (%s)", task.name, len(data.records),
                 data.skips.total, data.skips.summary())
 
-    # The run's own files (config, tokenizer, task state) come from the checkpoint when resuming.
     preset_name = options.preset
     if resume_from is not None:
-        config = E2EVLPConfig.from_json((resume_from / CONFIG_FILE).read_text(encoding="utf-8"))
         tokenizer = WordPieceTokenizer.load(resume_from / TOKENIZER)
-        saved = read_task_file(resume_from)
         preset_name, source_rates = saved.get("preset"), tuple(saved["pretraining_rates"])
         task_state = {k: v for k, v in saved.items() if k not in ("task", "preset", "pretraining_rates")}
     else:
         if options.init is not None:
-            base = E2EVLPConfig.from_json((Path(options.init) / CONFIG_FILE).read_text(encoding="utf-8"))
+            base = _checkpoint_config(Path(options.init))
             tokenizer = WordPieceTokenizer.load(Path(options.init) / TOKENIZER)
             source_rates = _pretraining_rates(Path(options.init), base)
             preset_name = source_preset(Path(options.init))
+            if preset_name is None:
+                logger.warning("%s does not say which preset its model came from: the paper's image scale is used",
+                               options.init)
         else:
             if options.vocab is not None:
                 tokenizer = WordPieceTokenizer.from_vocab_file(options.vocab)
@@ -181,9 +221,11 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
     model.to(context.device)
     optimizer = build_optimizer(model)
     if task.decay_milestones is not None:
+        warmup = 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepDecay(task.decay_milestones, options.max_steps))
     else:
-        scheduler = build_scheduler(optimizer, default_warmup_steps(options.max_steps), options.max_steps)
+        warmup = default_warmup_steps(options.max_steps)
+        scheduler = build_scheduler(optimizer, warmup, options.max_steps)
 
     task_file = json.dumps({"task": task.name, "preset": preset_name, "pretraining_rates": list(source_rates),
                             **task_state}, indent=1)
@@ -215,8 +257,8 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
     )
     loop = LoopOptions(
         max_steps=options.max_steps, stop_after=options.stop_after, batch_size=options.batch_size,
-        grad_accum=options.grad_accum, seed=options.seed, save_every=options.save_every, keep_last=options.keep_last,
-        log_every=options.log_every, num_workers=options.num_workers,
+        grad_accum=options.grad_accum, seed=options.seed, warmup_steps=warmup, save_every=options.save_every,
+        keep_last=options.keep_last, log_every=options.log_every, num_workers=options.num_workers,
         max_consecutive_nonfinite=options.max_consecutive_nonfinite, progress=options.progress,
         description=f"finetune {task.name}",
     )
@@ -225,14 +267,12 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
 
 
 def source_preset(checkpoint: Path) -> Optional[str]:
-    """The preset a checkpoint's model came from: its ``task.json`` says, else its run's ``run.json``."""
+    """The preset a checkpoint's model came from: a fine-tuned checkpoint's ``task.json`` says, a
+    pre-training checkpoint's ``preset.json`` (or, written before it held one, its run's ``run.json``)."""
     checkpoint = Path(checkpoint)
     if (checkpoint / TASK_FILE).is_file():
         return read_task_file(checkpoint).get("preset")
-    run_info = checkpoint.parent.parent / "run.json"
-    if run_info.is_file():
-        return json.loads(run_info.read_text(encoding="utf-8")).get("preset")
-    return None
+    return ckpt.checkpoint_preset(checkpoint)
 
 
 def _pretraining_rates(checkpoint: Path, config: E2EVLPConfig):

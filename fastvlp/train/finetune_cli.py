@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastvlp.cli import positive_int, usage_error
 from fastvlp.models.presets import list_presets
 from fastvlp.nn.matcher import MATCHER_BACKENDS
 from fastvlp.nn.transformer_layers import ATTENTION_BACKENDS
-from fastvlp.train.pretrain_cli import configure_console_logging, parse_overrides
+from fastvlp.train.pretrain_cli import OPTION_ALIASES, configure_console_logging, parse_overrides
 
 TASKS = ("vqa", "nlvr2", "caption", "retrieval", "detection")
 
@@ -46,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--vocab", type=Path, default=None, help="BERT vocab.txt, with --preset (default: trained)")
-    parser.add_argument("--num-answers", type=int, default=3129, help="vqa: size of the answer vocabulary")
+    parser.add_argument("--num-answers", type=positive_int, default=3129, help="vqa: size of the answer vocabulary")
     parser.add_argument("--no-text", action="store_true", help="detection: encode the image alone, without its caption")
-    parser.add_argument("--num-negatives", type=int, default=3, help="retrieval: hard negatives per positive")
+    parser.add_argument("--num-negatives", type=positive_int, default=3, help="retrieval: hard negatives per positive")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the model's E2EVLPConfig (repeatable), e.g. --set dropout=0.0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,6 +78,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device=args.device, num_workers=args.num_workers, vocab=args.vocab, task_options=task_options,
         config_overrides=overrides, progress=not args.no_progress,
     )
+    try:  # a bad option is a usage error before any work, not a failure of the run
+        options.validate()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        usage_error(parser, error, OPTION_ALIASES)
     try:
         result = run_finetuning(options)
     except (RunExistsError, NonFiniteLossError, ValueError, FileNotFoundError) as error:

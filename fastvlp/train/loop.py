@@ -15,14 +15,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from fastvlp.train import checkpoint as ckpt
-from fastvlp.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier
+from fastvlp.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, resolve_device
 from fastvlp.train.metrics_log import MetricsLog
 from fastvlp.train.optim import BACKBONE_GROUPS, TRANSFORMER_GROUPS, group_learning_rate
 from fastvlp.train.sampler import ResumableBatchSampler
@@ -30,8 +30,18 @@ from fastvlp.train.sampler import ResumableBatchSampler
 logger = logging.getLogger("fastvlp.train")
 
 METRICS = "metrics.jsonl"
-RUN_INFO = "run.json"
+RUN_INFO = ckpt.RUN_INFO
 LOG_FILE = "train.log"
+# Model-configuration fields a resumed run may change: they choose kernels, not the weights or the losses.
+RESUMABLE_CONFIG_FIELDS = ("attention_backend", "matcher_backend")
+# Settings a resumed run must share with its checkpoint (trainer_state.json key, option): the sampler's
+# batches, the batch randomness and the learning-rate schedule all depend on them. --max-steps is one:
+# the schedule's decay (and the default warm-up) are fractions of it; --stop-after stops a run early.
+RESUME_SETTINGS = (
+    ("world_size", "the process count (torchrun --nproc_per_node)"), ("batch_size", "--batch-size"),
+    ("grad_accum", "--grad-accum"), ("seed", "--seed"), ("max_steps", "--max-steps"),
+    ("warmup_steps", "--warmup-steps"),
+)
 
 
 class RunExistsError(RuntimeError):
@@ -44,13 +54,15 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class LoopOptions:
-    """The loop's own settings (the command-line options every training command shares)."""
+    """The loop's own settings (the command-line options every training command shares). ``warmup_steps``
+    is the schedule's warm-up, recorded so that a resume with another one is refused (None: not checked)."""
 
     max_steps: int
     stop_after: Optional[int] = None
     batch_size: int = 8
     grad_accum: int = 1
     seed: int = 0
+    warmup_steps: Optional[int] = None
     save_every: int = 1000
     keep_last: Optional[int] = 3
     log_every: int = 1
@@ -113,6 +125,70 @@ def validate_loop_options(options) -> None:
         raise ValueError(f"num_workers: expected a non-negative int, got {options.num_workers!r}")
 
 
+def checked_device(requested: Optional[Union[str, torch.device]], name: str = "device") -> torch.device:
+    """:func:`~fastvlp.train.distributed.resolve_device` for a device this machine has, else a ValueError
+    naming ``name``: a malformed device (``"cpux"``, which torch rejects with a RuntimeError), a type other
+    than cpu and cuda, or a GPU that is not there."""
+    if requested is not None and not isinstance(requested, (str, torch.device)):
+        raise TypeError(f"{name}: expected a str or torch.device, got {type(requested).__name__}")
+    if requested is not None:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {requested!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {requested!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{name}: {requested!r} asked for, but CUDA is not available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {requested!r} asked for, but there are {torch.cuda.device_count()} GPUs")
+    return resolve_device(None if requested is None else str(requested))
+
+
+def check_config_overrides(base, overrides: Dict[str, Any]) -> None:
+    """Check ``overrides`` (``--set``) against the model configuration ``base`` they will change: known
+    fields, and values it accepts. Raises ValueError naming ``config_overrides``."""
+    if not isinstance(overrides, dict):
+        raise TypeError(f"config_overrides: expected a dict, got {type(overrides).__name__}")
+    unknown = sorted(set(overrides) - set(base.to_dict()))
+    if unknown:
+        raise ValueError(f"config_overrides: unknown model configuration fields {unknown}")
+    try:
+        base.replace(**overrides)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config_overrides: {error}") from None
+
+
+def resumed_config(saved, changes: Dict[str, Any]):
+    """The model configuration of a resumed run: ``saved`` (the checkpoint's ``E2EVLPConfig``) with the
+    backend fields of ``changes`` applied. Any other field of ``changes`` (``--set``) must equal the
+    saved value: the weights, optimizer state and losses were made with it. Raises ValueError naming it."""
+    if not isinstance(changes, dict):
+        raise TypeError(f"changes: expected a dict, got {type(changes).__name__}")
+    for name, value in changes.items():
+        if name in RESUMABLE_CONFIG_FIELDS:
+            continue
+        if not hasattr(saved, name):
+            raise ValueError(f"--set {name}: not a field of the model configuration")
+        if getattr(saved, name) != value:
+            raise ValueError(
+                f"--set {name}={value!r}: the run's checkpoint has {name}={getattr(saved, name)!r}; a resumed run "
+                f"keeps its model configuration (only {', '.join(RESUMABLE_CONFIG_FIELDS)} may change)"
+            )
+    return saved.replace(**{name: value for name, value in changes.items() if name in RESUMABLE_CONFIG_FIELDS})
+
+
+def check_resume_settings(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume from ``checkpoint`` with settings other than those its ``trainer_state.json``
+    (``saved``) records: ``current`` maps the keys of :data:`RESUME_SETTINGS` to this call's values. A
+    setting the checkpoint does not record (an older checkpoint) or that is None on either side is not
+    compared."""
+    for key, option in RESUME_SETTINGS:
+        if saved.get(key) is not None and current.get(key) is not None and saved[key] != current[key]:
+            raise ValueError(f"{option}: the run was started with {saved[key]}, this call gives {current[key]}; keep "
+                             f"it to resume from {checkpoint}" + ("; --stop-after stops a run early" if key == "max_steps" else ""))
+
+
 def holds_run(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     return any((run_dir / name).exists() for name in (METRICS, RUN_INFO, ckpt.CHECKPOINTS))
@@ -135,7 +211,8 @@ def configure_threads(context: DistributedContext) -> int:
 
 @contextlib.contextmanager
 def run_directory(run_dir: Path, resume: bool, context: DistributedContext):
-    """Refuse an ``--out`` that already holds a run unless resuming; create it; log to ``train.log``."""
+    """Refuse an ``--out`` that already holds a run unless resuming; create it; clear what interrupted
+    checkpoint writes left in it; log to ``train.log``."""
     run_dir = Path(run_dir)
     existed = holds_run(run_dir)
     barrier(context)
@@ -149,6 +226,10 @@ def run_directory(run_dir: Path, resume: bool, context: DistributedContext):
         logging.getLogger("fastvlp").addHandler(handler)
         logging.getLogger("fastvlp").setLevel(logging.INFO)
     try:
+        if context.is_main:
+            for path in ckpt.remove_stale_writes(run_dir):
+                logger.info("cleared %s, left by an interrupted checkpoint write", path)
+        barrier(context)  # the other ranks look for the newest checkpoint once rank 0 has restored or cleared
         yield run_dir
     finally:
         if handler is not None:
@@ -201,15 +282,12 @@ def run_training(
     trainer: Dict[str, Any] = {
         "step": 0, "nonfinite_skipped": 0, "consecutive_nonfinite": 0, "unreadable_indices": [], "samples_seen": 0,
     }
+    settings = {"world_size": context.world_size, "batch_size": options.batch_size, "grad_accum": options.grad_accum,
+                "seed": options.seed, "max_steps": options.max_steps, "warmup_steps": options.warmup_steps}
     if resume_from is not None:
+        check_resume_settings(ckpt.read_trainer_state(resume_from), settings, resume_from)
         state = ckpt.load_training_files(resume_from, model, optimizer, scheduler)
         saved = state.trainer
-        for name, value in (("world_size", context.world_size), ("batch_size", options.batch_size),
-                            ("grad_accum", options.grad_accum)):
-            if saved.get(name) != value:
-                raise ValueError(f"--resume: the run used {name}={saved.get(name)}, this call {value}; keep them equal to resume")
-        if saved.get("max_steps") != options.max_steps:
-            logger.warning("--resume: max_steps changes from %s to %d: the schedule is stretched", saved.get("max_steps"), options.max_steps)
         trainer.update({k: saved[k] for k in trainer if k in saved})
         sampler.load_state_dict(saved["sampler"])
         rank_rng = state.rng.get(f"rank{context.rank}")
@@ -223,7 +301,7 @@ def run_training(
     if context.is_main:
         dropped = metrics.truncate_after(step)
         if dropped:
-            logger.info("dropped %d metrics lines logged after the checkpoint at step %d", dropped, step)
+            logger.info("dropped %d metrics lines logged after the checkpoint at step %d or torn", dropped, step)
         (run_dir / RUN_INFO).write_text(json.dumps(job.run_info, indent=1, default=str), encoding="utf-8")
 
     wrapped: torch.nn.Module = model
@@ -253,9 +331,8 @@ def run_training(
 
     def save(step_now: int) -> Path:
         trainer_state = {
-            **trainer, "step": step_now, "sampler": sampler.state_dict(), "max_steps": options.max_steps,
-            "world_size": context.world_size, "batch_size": options.batch_size, "grad_accum": options.grad_accum,
-            "seed": options.seed, "unreadable_indices": sorted(unreadable),
+            **trainer, **settings, "step": step_now, "sampler": sampler.state_dict(),
+            "unreadable_indices": sorted(unreadable),
         }
         rng = all_gather_objects(ckpt.capture_rng_states(), context)
         if context.is_main:

@@ -1,5 +1,6 @@
 """``RUN/metrics.jsonl``: one JSON object a line per logged step, appended; on resume, lines of steps after
-the checkpoint (logged by a run that then died) are dropped so that no step appears twice."""
+the checkpoint (logged by a run that then died) are dropped so that no step appears twice, and so is a
+line torn by the crash, so that no appended step is lost to it."""
 from __future__ import annotations
 
 import json
@@ -38,14 +39,28 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> int:
-        """Drop records with ``step`` greater than ``step`` (rewritten atomically); returns how many."""
-        records = read_metrics(self.path)
-        kept = [r for r in records if not isinstance(r.get("step"), int) or r["step"] <= step]
-        if len(kept) != len(records):
+        """Drop records with ``step`` greater than ``step`` and lines that are not whole records (torn by a
+        crash); returns how many lines were dropped. The file is rewritten atomically whenever a line is
+        dropped or the last line has no newline, so that the next record starts a line of its own."""
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step: expected an int, got {type(step).__name__}")
+        if not self.path.is_file():
+            return 0
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and (not isinstance(record.get("step"), int) or record["step"] <= step):
+                kept.append(record)
+        if len(kept) != len(lines) or (text and not text.endswith("\n")):
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
             os.replace(tmp, self.path)
-        return len(records) - len(kept)
+        return len(lines) - len(kept)
 
     def last_step(self) -> int:
         steps = [r["step"] for r in read_metrics(self.path) if isinstance(r.get("step"), int)]

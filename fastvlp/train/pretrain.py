@@ -14,18 +14,24 @@ import torch
 
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import ScaleConfig, train_transform
+from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import PRESETS, get_preset
+from fastvlp.train import checkpoint as ckpt
 from fastvlp.train.distributed import DistributedContext, barrier, init_distributed
 from fastvlp.train.loop import (
+    RESUMABLE_CONFIG_FIELDS,
     LoopOptions,
     NonFiniteLossError,
     RunExistsError,
     TrainingJob,
     TrainingResult,
+    check_config_overrides,
+    checked_device,
     configure_threads,
     logger,
     resume_checkpoint,
+    resumed_config,
     run_directory,
     run_training,
     validate_loop_options,
@@ -54,7 +60,8 @@ PretrainResult = TrainingResult
 class PretrainOptions:
     """Everything ``fastvlp pretrain`` takes. ``config_overrides`` change the preset (e.g. a smaller
     ``d_model`` for tests); ``scale`` is the transform's scale (a ScaleConfig or a preset name; default ``tiny`` for the tiny
-    model preset, ``paper`` otherwise)."""
+    model preset, ``paper`` otherwise). A resumed run takes its model configuration from the checkpoint:
+    ``preset`` and ``config_overrides`` must agree with it, except the attention and matcher backends."""
 
     preset: str
     data: Path
@@ -85,6 +92,8 @@ class PretrainOptions:
         if self.preset not in PRESETS:
             raise ValueError(f"preset: expected one of {list(PRESETS)}, got {self.preset!r}")
         validate_loop_options(self)
+        checked_device(self.device)
+        check_config_overrides(get_preset(self.preset), self.config_overrides)
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps: expected 0..max_steps={self.max_steps}, got {self.warmup_steps!r}")
         for name in ("exclude_images", "backbone_weights", "vocab"):
@@ -108,6 +117,7 @@ def run_pretraining(options: PretrainOptions) -> PretrainResult:
 def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Path) -> PretrainResult:
     threads = configure_threads(context)
     resume_from = resume_checkpoint(run_dir, options.resume)
+    config = _resumed_config(options, resume_from) if resume_from is not None else None
     corpus = read_corpus(Path(options.data), options.exclude_images)
     if options.exclude_images is not None:
         logger.info("left out %d images listed in %s", corpus.excluded, options.exclude_images)
@@ -127,19 +137,16 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
     tokenizer = WordPieceTokenizer.load(source_dir / TOKENIZER)
     classes, attributes, category_map = load_label_spaces(source_dir)
 
-    overrides = dict(
-        vocab_size=tokenizer.vocab_size,
-        pad_token_id=tokenizer.pad_id,
-        max_text_len=max(tokenizer.max_length, 2),
-        num_classes=len(classes),
-        num_attributes=len(attributes) if attributes is not None else 0,
-    )
-    if options.attention_backend is not None:
-        overrides["attention_backend"] = options.attention_backend
-    if options.matcher_backend is not None:
-        overrides["matcher_backend"] = options.matcher_backend
-    overrides.update(options.config_overrides)
-    config = get_preset(options.preset, **overrides)
+    if config is None:
+        overrides = dict(
+            vocab_size=tokenizer.vocab_size,
+            pad_token_id=tokenizer.pad_id,
+            max_text_len=max(tokenizer.max_length, 2),
+            num_classes=len(classes),
+            num_attributes=len(attributes) if attributes is not None else 0,
+        )
+        overrides.update(_backend_changes(options))
+        config = get_preset(options.preset, **overrides)
 
     torch.manual_seed(options.seed + context.rank)  # DDP copies rank 0's initial weights to the others
     model = E2EVLP(config)
@@ -153,6 +160,7 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
     def save_files(directory: Path) -> None:
         tokenizer.save(directory / TOKENIZER)
         save_label_spaces(directory, classes, attributes, category_map)
+        ckpt.write_preset(directory, options.preset)  # the image scale follows it, also where the step is copied
 
     job = TrainingJob(
         model=model,
@@ -174,8 +182,27 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
     )
     loop = LoopOptions(
         max_steps=options.max_steps, stop_after=options.stop_after, batch_size=options.batch_size,
-        grad_accum=options.grad_accum, seed=options.seed, save_every=options.save_every, keep_last=options.keep_last,
-        log_every=options.log_every, num_workers=options.num_workers,
+        grad_accum=options.grad_accum, seed=options.seed, warmup_steps=warmup, save_every=options.save_every,
+        keep_last=options.keep_last, log_every=options.log_every, num_workers=options.num_workers,
         max_consecutive_nonfinite=options.max_consecutive_nonfinite, progress=options.progress, description="pretrain",
     )
     return run_training(loop, job, context, run_dir, resume_from)
+
+
+def _backend_changes(options: PretrainOptions) -> Dict[str, Any]:
+    """The configuration changes of the backend options, then ``config_overrides`` (``--set`` wins)."""
+    changes = {name: getattr(options, name) for name in RESUMABLE_CONFIG_FIELDS if getattr(options, name) is not None}
+    changes.update(options.config_overrides)
+    return changes
+
+
+def _resumed_config(options: PretrainOptions, checkpoint: Path) -> E2EVLPConfig:
+    """The model configuration of ``checkpoint``, which a resumed run keeps (the vocabulary and label
+    spaces that sized it come from the checkpoint too), with this call's backends; a ``preset`` or
+    ``config_overrides`` that would change it is refused."""
+    preset = ckpt.checkpoint_preset(checkpoint)
+    if preset is not None and preset != options.preset:
+        raise ValueError(f"--preset: the run was started from {preset!r}, this call gives {options.preset!r}; keep it "
+                         f"to resume from {checkpoint}")
+    saved = E2EVLPConfig.from_json((checkpoint / "config.json").read_text(encoding="utf-8"))
+    return resumed_config(saved, _backend_changes(options))

@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fastvlp.cli import usage_error
 from fastvlp.models.presets import list_presets
 from fastvlp.nn.matcher import MATCHER_BACKENDS
 from fastvlp.nn.transformer_layers import ATTENTION_BACKENDS
+
+
+# Options whose names differ from the option fields they set.
+OPTION_ALIASES = {"config_overrides": "--set"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +95,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         exclude_images=args.exclude_images, backbone_weights=args.backbone_weights, vocab=args.vocab,
         progress=not args.no_progress, config_overrides=overrides,
     )
+    try:  # a bad option is a usage error before any work, not a failure of the run
+        options.validate()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        usage_error(parser, error, OPTION_ALIASES)
     try:
         result = run_pretraining(options)
     except (RunExistsError, NonFiniteLossError, ValueError, FileNotFoundError) as error:

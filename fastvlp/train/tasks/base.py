@@ -65,6 +65,10 @@ class Task:
     default_max_steps = 1000
 
     # ---- data
+    def validate_options(self, options: Dict[str, Any]) -> None:
+        """Check the task's own options (``task_options`` of the fine-tuning driver) before any work is
+        done, raising ValueError or TypeError naming the bad one. Tasks without options check nothing."""
+
     def read_training_data(self, data_dir: Path, options: Dict[str, Any]) -> TrainingData:
         raise NotImplementedError
 

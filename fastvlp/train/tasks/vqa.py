@@ -99,6 +99,16 @@ def answer_prior(records: Sequence, answers: Sequence[str]) -> List[float]:
     return (total / max(len(records), 1)).tolist()
 
 
+def _num_answers(options: Dict[str, Any]) -> int:
+    # Only a missing (or None) value takes the default: 0 is an error, not a request for the default.
+    value = options.get("num_answers")
+    if value is None:
+        return NUM_ANSWERS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"num_answers: expected a positive int, got {value!r}")
+    return value
+
+
 class VqaTask(Task):
     name = "vqa"
     loss_keys = ("loss", "loss_vqa")
@@ -106,10 +116,14 @@ class VqaTask(Task):
     eval_split = "val"
     default_max_steps = 3000
 
+    def validate_options(self, options: Dict[str, Any]) -> None:
+        """``num_answers`` (default 3129, VQA's usual answer vocabulary) must be a positive int."""
+        _num_answers(options)
+
     def read_training_data(self, data_dir: Path, options: Dict[str, Any]) -> TrainingData:
+        num_answers = _num_answers(options)
         result = _records(data_dir, "train")
         records = [r for r in result.records if r.answers]
-        num_answers = int(options.get("num_answers") or NUM_ANSWERS)
         answers = build_answer_vocabulary(records, num_answers, normalise=normalize_vqa_answer)
         return TrainingData(records, result.skips, {"answers": answers, "answer_prior": answer_prior(records, answers)})
 
