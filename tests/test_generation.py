@@ -204,6 +204,10 @@ def test_invalid_arguments(model, encoded):
         generate_captions(object(), None, None, **common)
     with pytest.raises(TypeError, match="encoded"):
         generate_captions(model, None, None, **dict(common, encoded="memory"))
+    # An image-text memory (model.encode) would let the caption read the text.
+    with_text = EncoderOutput(encoded.memory, encoded.padding_mask, encoded.pos, 2, encoded.spatial_shape)
+    with pytest.raises(ValueError, match="image-only"):
+        generate_captions(model, None, None, **dict(common, encoded=with_text))
 
 
 def test_torch_attention_backend_cache_agrees():

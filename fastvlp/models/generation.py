@@ -112,6 +112,10 @@ def generate_captions(
                 encoded = model.encode_image_only(images, pixel_mask)
             elif not isinstance(encoded, EncoderOutput):
                 raise TypeError(f"encoded: expected an EncoderOutput, got {type(encoded).__name__}")
+            elif encoded.text_length != 0:
+                # A memory holding text would let the caption read it: captions decode over the image alone.
+                raise ValueError(f"encoded: expected an image-only encoder output (model.encode_image_only), "
+                                 f"got one with {encoded.text_length} text positions")
             banned = sorted({bos_id, pad_id})
             if num_beams == 1:
                 captions, scores = _greedy(model, encoded, bos_id, eos_id, pad_id, max_length, use_cache, banned)

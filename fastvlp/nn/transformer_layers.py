@@ -117,7 +117,7 @@ class _AttentionPathRecorder(nn.Module):
 
 
 class TransformerEncoderLayer(_AttentionPathRecorder):
-    """Post-norm encoder layer: self-attention, then a ReLU feed-forward network, each followed by
+    """Post-norm encoder layer: self-attention, then a feed-forward network (ReLU or GELU, ``activation``), each followed by
     dropout, a residual connection and LayerNorm (DETR's ``forward_post``)."""
 
     def __init__(
@@ -155,8 +155,8 @@ class TransformerEncoderLayer(_AttentionPathRecorder):
 
 class TransformerDecoderLayer(_AttentionPathRecorder):
     """Post-norm decoder layer: self-attention (optionally causal, with key padding), cross-attention
-    to the memory (``pos`` added to the memory keys, ``query_pos`` to the queries), then a ReLU
-    feed-forward network; each followed by dropout, a residual connection and LayerNorm."""
+    to the memory (``pos`` added to the memory keys, ``query_pos`` to the queries), then a feed-forward
+    network (ReLU or GELU, ``activation``); each followed by dropout, a residual connection and LayerNorm."""
 
     def __init__(
         self,
