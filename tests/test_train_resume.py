@@ -135,6 +135,9 @@ def test_finetune_resume_refuses_another_task_lr_or_model(data, vqa_run, capsys)
         run_finetuning(vqa_options(data, vqa_run, config_overrides={"d_model": 64}, resume=True))
     with pytest.raises(ValueError, match=r"^--seed: "):
         run_finetuning(vqa_options(data, vqa_run, seed=2, resume=True))
+    # a smaller answer vocabulary would not fit the run's classifier
+    with pytest.raises(ValueError, match=r"^--resume: the task state .* differs from the run's in \['answer_prior', 'answers'\]"):
+        run_finetuning(vqa_options(data, vqa_run, task_options={"num_answers": 3}, resume=True))
     assert [r["step"] for r in read_metrics(vqa_run / "metrics.jsonl")] == [1]
     # the command reports the refusal, without a traceback
     overrides = [f"--set={name}={value}" for name, value in SMALL_MODEL.items()]

@@ -189,6 +189,14 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
         tokenizer = WordPieceTokenizer.load(resume_from / TOKENIZER)
         preset_name, source_rates = saved.get("preset"), tuple(saved["pretraining_rates"])
         task_state = {k: v for k, v in saved.items() if k not in ("task", "preset", "pretraining_rates")}
+        # The saved state (answer vocabulary, category map, negatives per pair) is what the heads were built
+        # for; one rebuilt differently from this call's data or options would be silently ignored.
+        changed = sorted(key for key in set(task_state) | set(data.task_state)
+                         if task_state.get(key) != data.task_state.get(key))
+        if changed:
+            raise ValueError(f"--resume: the task state built from --data and this call's options differs from "
+                             f"the run's in {changed} (e.g. another --num-answers or --num-negatives, or other "
+                             f"data); keep them to resume from {resume_from}, or choose another --out")
     else:
         if options.init is not None:
             base = _checkpoint_config(Path(options.init))
