@@ -12,7 +12,6 @@ It takes a pre-training checkpoint or a captioning fine-tune (``checkpoints/step
     python scripts/image_dependence.py CHECKPOINT --data DATA [--num-images 64]
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from fastvlp.data.transforms import eval_transform
 from fastvlp.eval.image_dependence import caption_loss, cross_attention_entropy, swap_rows
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
-from fastvlp.train.finetune import default_scale
+from fastvlp.train.finetune import default_scale, source_preset
 from fastvlp.train.tasks.caption import CaptionModel, read_caption_records
 from fastvlp.train.tasks.weights import load_task_weights
 
@@ -46,16 +45,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a data directory with COCO captions")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--scale", choices=("tiny", "paper"), default=None,
-                        help="the image transform; default: from a fine-tune's task.json (pre-training checkpoints need it)")
+                        help="the image transform; default: from the preset the checkpoint records")
     args = parser.parse_args()
     if args.num_images < 2:
         parser.error("--num-images: expected at least 2 (the swap needs another image)")
     scale = args.scale
     if scale is None:
-        task_file = args.checkpoint / "task.json"
-        if not task_file.is_file():
-            parser.error("--scale: required for a pre-training checkpoint (tiny or paper)")
-        scale = default_scale(json.loads(task_file.read_text(encoding="utf-8")).get("preset"))
+        preset = source_preset(args.checkpoint)  # task.json, preset.json or the run's run.json
+        if preset is None:
+            parser.error("--scale: the checkpoint does not say which preset it came from; give tiny or paper")
+        scale = default_scale(preset)
     model = load_vlp(args.checkpoint)
     tokenizer = WordPieceTokenizer.load(args.checkpoint / "tokenizer.json")
     records = read_caption_records(args.data, "test").records[: args.num_images]
