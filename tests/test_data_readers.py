@@ -446,6 +446,24 @@ def test_visual_genome_records_that_are_not_json_objects(tmp_path, file_name, co
     ]
 
 
+def test_visual_genome_objects_read_from_attributes_json_count_each_bad_record_once(tmp_path):
+    """Without objects.json the objects come from attributes.json, which is also the attribute table."""
+    vg = tmp_path / "vg"
+    _small_visual_genome(vg)
+    (vg / "objects.json").unlink()
+    entry = lambda i, obj: {"image_id": i, "attributes": [obj]}  # noqa: E731
+    cup = {"object_id": 10, "x": 1, "y": 2, "w": 5, "h": 6, "names": ["cup"], "attributes": ["red"]}
+    _write_json(vg / "attributes.json", [
+        entry(1, cup),
+        {"image_id": 2, "attributes": [None, {**cup, "object_id": 20, "attributes": "blue"}]},  # bad object; bad words
+        {"image_id": 2},  # an entry without its list
+    ])
+    result = read_visual_genome(vg)
+    assert result.skips.counts == {MALFORMED_ANNOTATION: 3}
+    read = [(r.image_id, [(o.name, o.attributes) for o in r.objects]) for r in result]
+    assert read == [(1, [("cup", ("red",))]), (2, [("cup", ())])]
+
+
 class _Warnings(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)

@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+import torch
 from train_helpers import SMALL_MODEL, write_corpus
 
 from fastvlp.train.checkpoint import list_checkpoints
@@ -40,3 +42,14 @@ def test_two_process_gloo_run_finishes_and_checkpoints(tmp_path):
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert records[-1]["samples_seen"] == 2 * 2 * 2  # 2 steps x 2 processes x batch 2
+
+
+def test_resolve_device_names_the_argument_for_a_malformed_or_missing_device():
+    from fastvlp.train.distributed import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^device: expected cpu, cuda or cuda:N, got 'cpux'"):
+        resolve_device("cpux")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device: 'cuda' asked for, but CUDA is not available"):
+            resolve_device("cuda")

@@ -34,7 +34,10 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     torchrun a bare ``"cuda"`` becomes the rank's own GPU."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # torch's message for "cpux" does not say which argument was wrong
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {requested!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device: {requested!r} asked for, but CUDA is not available")

@@ -66,24 +66,32 @@ def _object_id(obj: dict) -> int:
     return value
 
 
-def _attribute_table(content, path: Path, skips: SkipCounter) -> dict[int, tuple[str, ...]]:
+def _attribute_table(content, path: Path, skips: SkipCounter,
+                     structure_skips: SkipCounter | None = None) -> dict[int, tuple[str, ...]]:
+    """Object id -> its attribute words. Malformed attribute lists are counted in ``skips``; entries and
+    objects that are malformed as such go to ``structure_skips`` (default ``skips``), which the caller
+    discards when it reads the objects from this same file and counts those records there."""
+    structure_skips = skips if structure_skips is None else structure_skips
     table = {}
     for entry in file_section({"entries": content}, "entries", list, path):
         try:
             objects = require(entry, "attributes", list)
         except MalformedRecord as error:
-            skips.add(MALFORMED_ANNOTATION, f"attributes entry: {error}")
+            structure_skips.add(MALFORMED_ANNOTATION, f"attributes entry: {error}")
             continue
         for obj in objects:
             try:
                 words = _json_object(obj).get("attributes")
-                if not words:
-                    continue
-                if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-                    raise MalformedRecord("attributes: expected a list of strings")
-                table[_object_id(obj)] = tuple(dict.fromkeys(normalise_name(w) for w in words if w.strip()))
+                object_id = _object_id(obj) if words else None
             except MalformedRecord as error:
-                skips.add(MALFORMED_ANNOTATION, f"attributes of an object: {error}")
+                structure_skips.add(MALFORMED_ANNOTATION, f"attributes of an object: {error}")
+                continue
+            if not words:
+                continue
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                skips.add(MALFORMED_ANNOTATION, "attributes of an object: attributes: expected a list of strings")
+                continue
+            table[object_id] = tuple(dict.fromkeys(normalise_name(w) for w in words if w.strip()))
     return table
 
 
@@ -113,10 +121,13 @@ def read_visual_genome(
             skips.add(MALFORMED_ANNOTATION, f"image entry: {error}")
 
     attributes_path = root / "attributes.json"
-    attributes = (
-        _attribute_table(load_json(attributes_path), attributes_path, skips) if attributes_path.is_file() else {}
-    )
     objects_path = find_file([root], ["objects.json", "attributes.json"], "Visual Genome objects")
+    # Read for its objects too, attributes.json's malformed records are counted once, by the objects pass.
+    structure_skips = SkipCounter() if objects_path == attributes_path else None
+    attributes = (
+        _attribute_table(load_json(attributes_path), attributes_path, skips, structure_skips)
+        if attributes_path.is_file() else {}
+    )
     objects_key = "objects" if objects_path.name == "objects.json" else "attributes"
     objects: dict[int, list[ObjectAnnotation]] = {image_id: [] for image_id in images}
     for entry in file_section({"entries": load_json(objects_path)}, "entries", list, objects_path):
