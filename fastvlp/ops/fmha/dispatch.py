@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from . import custom_op  # also registers torch.ops.fastvlp.attention_*
+from .arguments import check_attention_arguments
 from .dropout_rng import draw_dropout_seed
 
 BACKENDS = ("auto", "triton", "reference")
@@ -115,55 +116,11 @@ def _select(q: torch.Tensor, backend: str) -> BackendChoice:
     )
 
 
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D tensor [batch, length, heads, head_dim], got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-
-
 def _validate(q, k, v, key_padding_mask, causal, dropout_p, scale, backend, allow_tf32) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
+    check_attention_arguments(q, k, v, key_padding_mask, causal, dropout_p, scale)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
-        if t.shape[0] != q.shape[0] or t.shape[2] != q.shape[2] or t.shape[3] != q.shape[3]:
-            raise ValueError(
-                f"{name}: expected shape [{q.shape[0]}, Lk, {q.shape[2]}, {q.shape[3]}] matching q's batch, heads "
-                f"and head_dim, got {tuple(t.shape)}"
-            )
-    if v.shape[1] != k.shape[1]:
-        raise ValueError(f"v: expected the same length as k ({k.shape[1]}), got {v.shape[1]}")
-    if q.shape[-1] == 0:
-        raise ValueError("q: head_dim must be positive")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"key_padding_mask: expected a bool tensor or None, got {type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = ignore), got {key_padding_mask.dtype}")
-        if tuple(key_padding_mask.shape) != (k.shape[0], k.shape[1]):
-            raise ValueError(
-                f"key_padding_mask: expected shape [batch, Lk] = [{k.shape[0]}, {k.shape[1]}], "
-                f"got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask: expected device {q.device} like q, got {key_padding_mask.device}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected bool, got {type(causal).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p: expected 0 <= dropout_p < 1, got {dropout_p}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale: expected a finite number, got {scale}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if not isinstance(allow_tf32, bool):
