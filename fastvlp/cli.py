@@ -72,6 +72,16 @@ def usage_error(parser: argparse.ArgumentParser, error: Exception, aliases: Opti
     parser.error(message)
 
 
+def require_device(parser: argparse.ArgumentParser, device: Optional[str]) -> None:
+    """A ``--device`` this machine lacks, or a malformed one, is a usage error (checked before anything loads)."""
+    from fastvlp.train.loop import checked_device
+
+    try:
+        checked_device(device)
+    except ValueError as error:
+        usage_error(parser, error)
+
+
 def _run(module_name: str, argv: Sequence[str]) -> int:
     return int(importlib.import_module(module_name).main(list(argv)) or 0)
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fastvlp.cli import positive_int, usage_error
+from fastvlp.cli import positive_int, require_device
 
 TASKS = ("vqa", "nlvr2", "caption", "retrieval", "detection")
 
@@ -33,13 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    require_device(parser, args.device)  # before the checkpoint loads
     from fastvlp.inference import Predictor
-    from fastvlp.train.loop import checked_device
-
-    try:  # before the checkpoint loads: a device this machine lacks is a usage error
-        checked_device(args.device)
-    except ValueError as error:
-        usage_error(parser, error)
 
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, expected_task=args.task)
