@@ -19,9 +19,9 @@ from safetensors.torch import load_model
 
 from fastvlp.data.images import load_rgb_image
 from fastvlp.data.tokenizer import WordPieceTokenizer
-from fastvlp.data.transforms import eval_transform
+from fastvlp.data.transforms import ScaleConfig, eval_transform
 from fastvlp.models.config import E2EVLPConfig
-from fastvlp.train.finetune import CONFIG_FILE, TASK_FILE, default_scale, read_task_file
+from fastvlp.train.finetune import CONFIG_FILE, TASK_FILE, read_task_file, saved_scale, saved_task_state
 from fastvlp.train.loop import checked_device
 from fastvlp.train.pretrain_data import TOKENIZER
 from fastvlp.train.tasks import get_task
@@ -34,7 +34,8 @@ class Predictor:
     """A fine-tuned model with its task, tokenizer and image transform, ready for :meth:`predict` and
     :meth:`evaluate`. Build it with :meth:`from_checkpoint`."""
 
-    def __init__(self, task, model, tokenizer: WordPieceTokenizer, scale: str, device: torch.device) -> None:
+    def __init__(self, task, model, tokenizer: WordPieceTokenizer, scale: Union[str, ScaleConfig],
+                 device: torch.device) -> None:
         self.task, self.model, self.tokenizer, self.scale, self.device = task, model, tokenizer, scale, device
         self.transform = eval_transform(scale)
 
@@ -56,12 +57,12 @@ class Predictor:
         config = E2EVLPConfig.from_json((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
         if attention_backend is not None:
             config = config.replace(attention_backend=attention_backend)
-        state = {k: v for k, v in saved.items() if k not in ("task", "preset", "pretraining_rates")}
+        state = saved_task_state(saved)
         model = task.build_model(config, state)
         load_model(model, str(checkpoint / "model.safetensors"), strict=True)
         model.to(device).eval()
         tokenizer = WordPieceTokenizer.load(checkpoint / TOKENIZER)
-        return cls(task, model, tokenizer, default_scale(saved.get("preset")), device)
+        return cls(task, model, tokenizer, saved_scale(saved), device)
 
     def _image(self, image: ImageLike, argument: str):
         if isinstance(image, (str, Path)):

@@ -2,6 +2,7 @@
 checkpoint, refusing an existing run, option errors and the default learning-rate schedules (short CPU runs
 of a very small model on a small synthetic set)."""
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ from train_helpers import SMALL_MODEL, SMALL_SCALE, small_options
 
 from fastvlp.data.synth.generate import write_synthetic_dataset
 from fastvlp.data.tokenizer import WordPieceTokenizer
+from fastvlp.data.transforms import ScaleConfig
+from fastvlp.inference import Predictor
 from fastvlp.train.checkpoint import list_checkpoints
-from fastvlp.train.finetune import FinetuneOptions, run_finetuning
+from fastvlp.train.finetune import FinetuneOptions, run_finetuning, saved_scale, saved_task_state
 from fastvlp.train.loop import RunExistsError
 from fastvlp.train.metrics_log import read_metrics
 from fastvlp.train.pretrain import run_pretraining
@@ -74,12 +77,38 @@ def test_stop_after_then_resume_is_bitwise_equal_to_a_straight_run(data, straigh
 def test_checkpoint_task_file_and_metrics(straight, data):
     saved = json.loads((straight.checkpoint / "task.json").read_text())
     task_state = get_task("vqa").read_training_data(data, {"num_answers": 8}).task_state
-    assert saved == {"task": "vqa", "preset": "tiny", "pretraining_rates": [TINY_LR, TINY_LR], **task_state}
+    assert saved == {"task": "vqa", "preset": "tiny", "pretraining_rates": [TINY_LR, TINY_LR],
+                     "scale": json.loads(json.dumps(asdict(SMALL_SCALE))), **task_state}
     assert set(task_state) == {"answers", "answer_prior"}
     for record in read_metrics(straight.metrics_path):
         assert record["loss"] > 0 and record["loss"] == pytest.approx(record["loss_vqa"], rel=1e-6)
     run_info = json.loads((straight.run_dir / "run.json").read_text())
     assert run_info["task"] == "vqa" and run_info["config"]["d_model"] == SMALL_MODEL["d_model"]
+
+
+def test_the_fine_tuning_scale_is_what_inference_and_resume_use(data, straight, tmp_path):
+    predictor = Predictor.from_checkpoint(straight.checkpoint, device="cpu")
+    assert predictor.scale == SMALL_SCALE
+    assert predictor.transform.short_sides == (SMALL_SCALE.eval_short_side,)
+    assert predictor.transform.max_size == SMALL_SCALE.max_size
+    out = tmp_path / "run"
+    run_finetuning(vqa_options(data, out, stop_after=2))
+    other = ScaleConfig(short_sides=(64,), max_size=96, eval_short_side=64)
+    with pytest.raises(ValueError, match="scale"):
+        run_finetuning(vqa_options(data, out, resume=True, scale=other))
+    # Left out, the scale comes from the run: the resumed run ends where the straight one does.
+    resumed = run_finetuning(vqa_options(data, out, resume=True, scale=None))
+    a, b = load_file(str(straight.checkpoint / "model.safetensors")), load_file(str(resumed.checkpoint / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_scale_of_older_and_malformed_task_files():
+    assert saved_scale({"task": "vqa", "preset": "tiny"}) == "tiny"
+    assert saved_scale({"task": "vqa", "preset": "e2e-vlp-6-r50"}) == "paper"
+    assert saved_scale({"scale": asdict(SMALL_SCALE)}) == SMALL_SCALE
+    with pytest.raises(ValueError, match="scale"):
+        saved_scale({"scale": {"short_sides": [64]}})
+    assert "scale" not in saved_task_state({"task": "vqa", "scale": "tiny", "answers": ["a"]})
 
 
 def test_default_lr_steps_down_at_half_and_three_quarters(straight):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -122,6 +122,32 @@ def read_task_file(directory: Path) -> Dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+# What task.json says about the run rather than about the task's heads.
+_RUN_KEYS = ("task", "preset", "pretraining_rates", "scale")
+
+
+def saved_task_state(saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """The task state (answer vocabulary, category map, ...) of a ``task.json``'s contents."""
+    return {key: value for key, value in saved.items() if key not in _RUN_KEYS}
+
+
+def saved_scale(saved: Mapping[str, Any]) -> Union[str, ScaleConfig]:
+    """The image scale the checkpoint was fine-tuned at: a scale name or a :class:`ScaleConfig`; for a
+    ``task.json`` written before it held one, the default scale of its preset."""
+    scale = saved.get("scale")
+    if scale is None:
+        return default_scale(saved.get("preset"))
+    if isinstance(scale, str):
+        return scale
+    if not isinstance(scale, Mapping) or set(scale) != {entry.name for entry in fields(ScaleConfig)}:
+        raise ValueError(f"task.json: 'scale' must be a scale name or the fields of ScaleConfig, got {scale!r}")
+    return ScaleConfig(**{**scale, "short_sides": tuple(scale["short_sides"])})
+
+
+def _scale_record(scale: Union[str, ScaleConfig]) -> Union[str, Dict[str, Any]]:
+    return scale if isinstance(scale, str) else asdict(scale)
+
+
 def run_finetuning(options: FinetuneOptions) -> TrainingResult:
     """Fine-tune (or resume fine-tuning) as ``options`` say; returns where the run stopped."""
     if not isinstance(options, FinetuneOptions):
@@ -188,7 +214,7 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
     if resume_from is not None:
         tokenizer = WordPieceTokenizer.load(resume_from / TOKENIZER)
         preset_name, source_rates = saved.get("preset"), tuple(saved["pretraining_rates"])
-        task_state = {k: v for k, v in saved.items() if k not in ("task", "preset", "pretraining_rates")}
+        task_state = saved_task_state(saved)
         # The saved state (answer vocabulary, category map, negatives per pair) is what the heads were built
         # for; one rebuilt differently from this call's data or options would be silently ignored.
         changed = sorted(key for key in set(task_state) | set(data.task_state)
@@ -235,14 +261,20 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
         warmup = default_warmup_steps(options.max_steps)
         scheduler = build_scheduler(optimizer, warmup, options.max_steps)
 
+    scale = options.scale or default_scale(preset_name)
+    if resume_from is not None:
+        run_scale = saved_scale(saved)
+        if options.scale is not None and _scale_record(options.scale) != _scale_record(run_scale):
+            raise ValueError(f"--resume: scale {options.scale!r} differs from the run's {run_scale!r}; keep it to "
+                             f"resume from {resume_from}, or choose another --out")
+        scale = run_scale
     task_file = json.dumps({"task": task.name, "preset": preset_name, "pretraining_rates": list(source_rates),
-                            **task_state}, indent=1)
+                            "scale": _scale_record(scale), **task_state}, indent=1)
 
     def save_files(directory: Path) -> None:
         tokenizer.save(directory / TOKENIZER)
         (directory / TASK_FILE).write_text(task_file, encoding="utf-8")
 
-    scale = options.scale or default_scale(preset_name)
     job = TrainingJob(
         model=model,
         dataset=SeededSamples(task.training_dataset(data.records, train_transform(scale), task_state), options.seed),
@@ -256,7 +288,7 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
         skipped_while_indexing=data.skips.total,
         run_info={
             "task": task.name, "init": None if options.init is None else str(options.init), "preset": preset_name,
-            "config": config.to_dict(), "scale": scale if isinstance(scale, str) else asdict(scale),
+            "config": config.to_dict(), "scale": _scale_record(scale),
             "world_size": context.world_size, "device": str(context.device), "torch": torch.__version__,
             "python": platform.python_version(), "threads": threads,
             "init_report": None if init_report is None else init_report.summary(),
