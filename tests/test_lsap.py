@@ -154,6 +154,25 @@ def test_num_threads_above_cores(generator):
 def test_bad_arguments_are_named(kwargs, error, message):
     with pytest.raises(error, match=message):
         batched_linear_sum_assignment(**kwargs)
+    # The reference keeps the same contract, so a test that compares the two never feeds it a wrong block.
+    reference_kwargs = {k: v for k, v in kwargs.items() if k != "num_threads"}
+    if len(reference_kwargs) == len(kwargs):
+        with pytest.raises(error, match=message):
+            batched_linear_sum_assignment_reference(**reference_kwargs)
+
+
+def test_lazily_negated_costs_are_read_with_their_sign(generator):
+    values = torch.rand(3, 5, 5, generator=generator, dtype=torch.float64)
+    negated = torch.complex(torch.zeros_like(values), values).conj().imag  # a view whose negation is lazy
+    assert negated.is_neg()
+    assert_optimal(-values, batched_linear_sum_assignment(negated))
+    assert_optimal(-values[:1], linear_sum_assignment(negated[0])[1][None])
+
+
+def test_num_threads_takes_any_integer(generator):
+    cost = torch.rand(4, 6, 6, generator=generator)
+    expected = batched_linear_sum_assignment(cost, num_threads=2)
+    assert torch.equal(batched_linear_sum_assignment(cost, num_threads=np.int64(2)), expected)
 
 
 # --- the scipy drop-in -------------------------------------------------------------------------

@@ -161,3 +161,19 @@ def test_constructor_and_input_errors():
     outputs, targets = random_problem(2, 5, 3, [1, 1], torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="targets must hold one dict per image"):
         HungarianMatcher()(outputs, targets[:1])
+
+
+def test_matching_cost_and_pad_targets_name_bad_arguments():
+    logits, boxes = torch.randn(2, 3, 5), torch.rand(2, 3, 4) * 0.2 + 0.3
+    labels, target_boxes = torch.randint(0, 5, (1, 4)), torch.rand(1, 4, 4) * 0.2 + 0.3
+    # One image's targets for a batch of two would pair image 1's predictions with image 0's targets.
+    with pytest.raises(ValueError, match="target_labels: expected the batch size of pred_logits"):
+        matching_cost(logits, boxes, labels, target_boxes)
+    with pytest.raises(TypeError, match="target_labels: expected an integer tensor"):
+        matching_cost(logits, boxes, labels.expand(2, -1).float(), target_boxes.expand(2, -1, -1))
+    with pytest.raises(TypeError, match="pred_logits: expected a torch.Tensor"):
+        matching_cost(logits.numpy(), boxes, labels, target_boxes)
+    with pytest.raises(TypeError, match="labels: expected a sequence of tensors"):
+        pad_targets([[1, 2]], [torch.rand(2, 4)], torch.device("cpu"))
+    with pytest.raises(TypeError, match="boxes: expected a sequence of tensors"):
+        pad_targets([torch.tensor([1])], torch.rand(1, 1, 4), torch.device("cpu"))

@@ -7,6 +7,7 @@ are tested against.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import numpy as np
@@ -79,9 +80,7 @@ def _batched_lsap(
     batch, rows, cols = cost.shape
     if check_finite:
         # Extents are data: they can only be checked where checking may synchronise.
-        for name, extent, limit in (("num_rows", num_rows, rows), ("num_cols", num_cols, cols)):
-            if extent is not None and extent.numel() and bool(((extent < 0) | (extent > limit)).any()):
-                raise ValueError(f"{name} must lie in [0, {limit}], got values outside it")
+        check_extent_values(num_rows, num_cols, rows, cols)
     else:
         num_rows = None if num_rows is None else num_rows.clamp(0, rows)
         num_cols = None if num_cols is None else num_cols.clamp(0, cols)
@@ -114,6 +113,27 @@ def _check_extent(name: str, extent, cost: torch.Tensor) -> Optional[torch.Tenso
     return extent.to(device=cost.device, dtype=torch.int64).contiguous()
 
 
+def check_batched_problem(cost, num_rows=None, num_cols=None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Check the arguments of :func:`batched_linear_sum_assignment` (not the extents' values, which
+    are data); returns the extents as contiguous int64 tensors on ``cost``'s device."""
+    if not isinstance(cost, torch.Tensor):
+        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
+    if cost.dim() != 3:
+        raise ValueError(f"cost must have shape [B, N, M], got {list(cost.shape)}")
+    if cost.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"cost must be float16, bfloat16, float32 or float64, got {cost.dtype}")
+    if cost.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"cost must be on the CPU or a CUDA device, got {cost.device}")
+    return _check_extent("num_rows", num_rows, cost), _check_extent("num_cols", num_cols, cost)
+
+
+def check_extent_values(num_rows: Optional[torch.Tensor], num_cols: Optional[torch.Tensor], rows: int, cols: int) -> None:
+    """Raise ``ValueError`` naming the extent whose values leave ``[0, rows]`` or ``[0, cols]``."""
+    for name, extent, limit in (("num_rows", num_rows, rows), ("num_cols", num_cols, cols)):
+        if extent is not None and extent.numel() and bool(((extent < 0) | (extent > limit)).any()):
+            raise ValueError(f"{name} must lie in [0, {limit}], got values outside it")
+
+
 def batched_linear_sum_assignment(
     cost: torch.Tensor,
     num_rows: Optional[torch.Tensor] = None,
@@ -143,21 +163,17 @@ def batched_linear_sum_assignment(
         ``[B, N]`` int64 tensor on ``cost``'s device: the column assigned to each row, or ``-1``
         (rows beyond ``num_rows[b]``, and rows left over when ``N > M``). Each problem's total
         cost is minimal (maximal with ``maximize``); among tied optima any one may be returned.
+        The duals are float64: finite entries beyond about 1e307 in magnitude can overflow them, and
+        such a problem may be reported infeasible.
     """
-    if not isinstance(cost, torch.Tensor):
-        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
-    if cost.dim() != 3:
-        raise ValueError(f"cost must have shape [B, N, M], got {list(cost.shape)}")
-    if cost.dtype not in _DTYPE_NAMES:
-        raise TypeError(f"cost must be float16, bfloat16, float32 or float64, got {cost.dtype}")
-    if cost.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"cost must be on the CPU or a CUDA device, got {cost.device}")
-    if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1):
-        raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
-    num_rows = _check_extent("num_rows", num_rows, cost)
-    num_cols = _check_extent("num_cols", num_cols, cost)
-    # 0 stands for "torch's thread count", read when the op runs (not while tracing).
-    arguments = (cost.detach(), num_rows, num_cols, bool(maximize), num_threads or 0, bool(check_finite))
+    num_rows, num_cols = check_batched_problem(cost, num_rows, num_cols)
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive integer, got {num_threads!r}")
+        num_threads = int(num_threads)
+    # 0 stands for "torch's thread count", read when the op runs (not while tracing). The native solver
+    # reads raw memory, so a lazily negated view (``Tensor.is_neg()``) is materialised first.
+    arguments = (cost.detach().resolve_neg(), num_rows, num_cols, bool(maximize), num_threads or 0, bool(check_finite))
     if torch.compiler.is_compiling():
         return torch.ops.fastvlp.batched_linear_sum_assignment(*arguments)
     return _batched_lsap(*arguments)

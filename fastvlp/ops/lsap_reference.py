@@ -9,6 +9,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastvlp.ops.lsap import check_batched_problem, check_extent_values
+
 
 def batched_linear_sum_assignment_reference(
     cost: torch.Tensor,
@@ -20,7 +22,9 @@ def batched_linear_sum_assignment_reference(
     ``check_finite=True``), solved by ``scipy.optimize.linear_sum_assignment``."""
     from scipy.optimize import linear_sum_assignment as scipy_lsap
 
+    num_rows, num_cols = check_batched_problem(cost, num_rows, num_cols)
     batch, rows, cols = cost.shape
+    check_extent_values(num_rows, num_cols, rows, cols)
     matrices = cost.detach().to("cpu", torch.float64).numpy()
     row_counts = [rows] * batch if num_rows is None else [int(n) for n in num_rows.tolist()]
     col_counts = [cols] * batch if num_cols is None else [int(m) for m in num_cols.tolist()]

@@ -19,6 +19,10 @@ def pad_targets(
     even outside the extent the solver reads. Raises ``ValueError`` naming the image when
     its boxes are not ``[T, 4]`` for its ``T`` labels.
     """
+    for name, items in (("labels", labels), ("boxes", boxes)):
+        if isinstance(items, torch.Tensor) or not isinstance(items, Sequence) \
+                or not all(isinstance(item, torch.Tensor) for item in items):
+            raise TypeError(f"{name}: expected a sequence of tensors, one per image, got {type(items).__name__}")
     if len(boxes) != len(labels):
         raise ValueError(f"boxes: expected one tensor per image like labels ({len(labels)}), got {len(boxes)}")
     for index, (item_labels, item_boxes) in enumerate(zip(labels, boxes)):
@@ -56,6 +60,10 @@ def matching_cost(
     defines it, computed in float32 even under autocast: a bf16 cost would reorder
     near-tied matches from one step to the next.
     """
+    for name, value in (("pred_logits", pred_logits), ("pred_boxes", pred_boxes), ("target_labels", target_labels),
+                        ("target_boxes", target_boxes)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if pred_logits.dim() != 3:
         raise ValueError(f"pred_logits must be [B, Q, C], got {list(pred_logits.shape)}")
     if pred_boxes.shape != (*pred_logits.shape[:2], 4):
@@ -65,6 +73,11 @@ def matching_cost(
             f"target_labels must be [B, T] and target_boxes [B, T, 4], got {list(target_labels.shape)} "
             f"and {list(target_boxes.shape)}"
         )
+    if target_labels.shape[0] != pred_logits.shape[0]:
+        raise ValueError(f"target_labels: expected the batch size of pred_logits ({pred_logits.shape[0]}), "
+                         f"got {target_labels.shape[0]}")
+    if target_labels.dtype.is_floating_point or target_labels.dtype.is_complex or target_labels.dtype == torch.bool:
+        raise TypeError(f"target_labels: expected an integer tensor, got {target_labels.dtype}")
     with torch.autocast(device_type=pred_logits.device.type, enabled=False):
         probabilities = pred_logits.float().softmax(-1)
         index = target_labels[:, None, :].expand(-1, probabilities.shape[1], -1)
