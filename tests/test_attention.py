@@ -308,9 +308,19 @@ def test_float64_gradcheck_through_the_op():
 def test_double_backward_is_refused_not_silently_wrong():
     q = torch.randn(1, 5, 2, 8, dtype=torch.float64, requires_grad=True)
     out = attention(q, q, q, backend="reference")
-    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad_q.sum().backward()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    # A gradient penalty over a weight that also reaches the output another way: once_differentiable
+    # alone let autograd.grad drop the attention's second-order term here without an error.
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    weight = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    projected = (x @ weight).view(1, 5, 2, 4)
+    out = attention(projected, projected, projected, backend="reference") + projected
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.square().sum(), weight, create_graph=True)
+    # First-order gradients are unaffected.
+    (grad_weight,) = torch.autograd.grad(out.square().sum(), weight)
+    assert torch.isfinite(grad_weight).all() and grad_weight.abs().sum() > 0
 
 
 def test_empty_inputs():

@@ -365,6 +365,35 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(first, replay, atol=0, rtol=0)
 
 
+def test_numpy_dropout_probability_trains_on_the_fast_path():
+    import numpy as np
+
+    module = MultiheadAttention(EMBED, 2, dropout=np.float32(0.25), batch_first=True, dtype=torch.float64).train()
+    x = torch.randn(2, 5, EMBED, dtype=torch.float64)
+    assert module.why_not_fast_path(x, x, x, need_weights=False) is None
+    torch.manual_seed(0)
+    dropped = module(x, x, x, need_weights=False)[0]
+    assert not torch.allclose(dropped, module.eval()(x, x, x, need_weights=False)[0])
+
+
+def test_drops_into_torch_encoder_layer_on_its_inference_fast_path():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(EMBED, 2, 32, dropout=0.0, batch_first=True)
+    reference = nn.TransformerEncoderLayer(EMBED, 2, 32, dropout=0.0, batch_first=True)
+    reference.load_state_dict(layer.state_dict())
+    layer.self_attn = MultiheadAttention(EMBED, 2, batch_first=True)
+    layer.self_attn.load_state_dict(reference.self_attn.state_dict())
+    x = torch.randn(3, 6, EMBED)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    layer.eval(), reference.eval()
+    with torch.no_grad():  # torch's encoder layer asks the module for merge_masks here
+        for mask in (None, padding):
+            torch.testing.assert_close(layer(x, src_key_padding_mask=mask), reference(x, src_key_padding_mask=mask))
+    merged, mask_type = layer.self_attn.merge_masks(None, padding, x)
+    assert mask_type == 1 and merged is padding
+
+
 # ---------------------------------------------------------------------------------------- validation
 
 

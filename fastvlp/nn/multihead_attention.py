@@ -279,6 +279,10 @@ class MultiheadAttention(nn.Module):
 
     # ------------------------------------------------------------------ path selection
 
+    # torch's nn.TransformerEncoderLayer calls this on its inference fast path (which then runs torch's
+    # own fused kernel on this module's weights); the mask logic is torch's, so it is torch's method.
+    merge_masks = nn.MultiheadAttention.merge_masks
+
     def why_not_fast_path(
         self,
         query: Tensor,
@@ -397,7 +401,7 @@ class MultiheadAttention(nn.Module):
             v,
             key_padding_mask=key_padding_mask,
             causal=bool(is_causal),
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=float(self.dropout) if self.training else 0.0,  # the op takes a Python float
             backend=self.backend,
         )
         out = out.flatten(2)  # [B, Lq, E]

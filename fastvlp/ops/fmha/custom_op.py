@@ -145,7 +145,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def refuse_double_backward() -> None:
+    """Raise when the backward is asked to build a graph (``create_graph=True``): its gradients are not
+    differentiable, and ``once_differentiable`` alone lets ``torch.autograd.grad(..., inputs=...)``
+    drop the second-order term silently when another path reaches the same input."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastvlp attention has no double backward, so its gradient cannot be taken with create_graph=True; "
+            "for higher-order gradients use fastvlp.ops.attention_reference or torch's scaled_dot_product_attention"
+        )
+
+
 def _backward(ctx, grad_out, grad_lse):
+    refuse_double_backward()
     grad_q, grad_k, grad_v = torch.ops.fastvlp.attention_backward(*_saved_arguments(ctx, grad_out))
     return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
@@ -164,7 +176,7 @@ class EagerAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        refuse_double_backward()
         grad_q, grad_k, grad_v = backward_impl(*_saved_arguments(ctx, grad_out))
         return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
