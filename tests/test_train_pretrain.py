@@ -129,3 +129,14 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "unreadable" in log and images[0].name in log
     assert "left out 1 images" in log
+
+
+def test_a_visual_genome_copy_of_a_coco_image_shares_its_itm_key(tmp_path):
+    from fastvlp.data.records import ImageRecord
+    from fastvlp.train.pretrain_data import picture_key
+
+    coco = ImageRecord("coco", 9, tmp_path / "a.jpg")
+    vg_copy = ImageRecord("vg", 2417, tmp_path / "b.jpg", coco_id=9)
+    vg_only = ImageRecord("vg", 9, tmp_path / "c.jpg")
+    assert picture_key(coco) == picture_key(vg_copy) == "coco:9"
+    assert picture_key(vg_only) == "vg:9" != picture_key(coco)

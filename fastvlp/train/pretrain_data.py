@@ -134,8 +134,16 @@ class _PretrainingRecords(ImageRecordView):
                 "boxes": sample["boxes"],
                 **({"attributes": sample["attributes"]} if sample["attributes"].shape[1] else {}),
             } if record.objects else None,
-            "image_key": f"{record.source}:{record.image_id}",
+            "image_key": picture_key(record),
         }
+
+
+def picture_key(record: ImageRecord) -> str:
+    """One key per picture across data sets: a Visual Genome image that is also a COCO image (its
+    ``coco_id``) gets the COCO image's key, so ITM never pairs a text of that picture as a mismatch."""
+    if record.coco_id is not None:
+        return f"coco:{record.coco_id}"
+    return f"{record.source}:{record.image_id}"
 
 
 class PretrainingSamples(SeededSamples):
