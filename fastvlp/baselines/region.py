@@ -53,7 +53,7 @@ class RegionPipeline(nn.Module):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         self.box_selection = box_selection
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the weights are drawn on the CPU; CUDA's generator is left alone
             self.detector = BottomUpC4Detector(**detector_kwargs)
             self.transformer = RegionTransformer(bert_config, self.detector.feature_dim, num_answers)
 

@@ -34,7 +34,9 @@ class SeededSamples(Dataset):
         for attempt in range(len(self.inner)):
             current = (index + attempt) % len(self.inner)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_sample_seed(self.seed, epoch, current))
+                # The CPU generator only: torch.manual_seed would also reseed the caller's CUDA generator,
+                # which fork_rng(devices=[]) does not restore.
+                torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, current))
                 sample = self.inner[current]
             if isinstance(sample, SkippedSample):
                 skipped.append((current, sample.reason, sample.path))
