@@ -172,3 +172,23 @@ def test_vqa_and_nlvr2_datasets(synth_dir, tmp_path):
         Nlvr2Dataset(pairs, ImageTransform((128,), 256, horizontal_flip=True))
     with pytest.raises(TypeError, match="transform"):
         VqaDataset(records, lambda image: image)
+
+
+def test_a_box_outside_the_decoded_image_is_dropped_with_its_label_and_attributes(synth_dir):
+    from fastvlp.data.records import ObjectAnnotation
+
+    record = read_pretraining_images(synth_dir).records[0]
+    objects = LabelSpace(["circle", "square"])
+    attributes = LabelSpace(["red", "blue"])
+    from PIL import Image
+
+    width, height = Image.open(record.image_path).size
+    inside = ObjectAnnotation((1.0, 2.0, 11.0, 12.0), "circle", ("red",))
+    # No image size in the annotation: the reader could not clip this one, which lies right of the image.
+    outside = ObjectAnnotation((width + 10.0, 2.0, width + 15.0, 7.0), "square", ("blue",))
+    record = replace(record, objects=(outside, inside), width=None, height=None)
+    sample = ImageRecordDataset([record], ImageTransform((64,), None), objects, attributes)[0]
+    assert sample["labels"].tolist() == [0] and sample["boxes"].shape == (1, 4)
+    assert (sample["boxes"][:, 2:] > 0).all()
+    assert sample["attributes"].tolist() == [[True, False]]
+    assert sample["empty_boxes"] == 1 and sample["unlabelled_objects"] == 0

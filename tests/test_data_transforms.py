@@ -145,3 +145,7 @@ def test_boxes_outside_are_clipped_and_inputs_validated():
 def test_swap_left_right():
     assert swap_left_right("Left of the right one, leftover.") == "Right of the left one, leftover."
     assert swap_left_right("no sides") == "no sides"
+    assert swap_left_right("the leftmost cup, moving Rightwards, a lefthand glove") == \
+        "the rightmost cup, moving Leftwards, a righthand glove"
+    assert swap_left_right("LEFT and Left-hand, bright, copyright, rightly") == \
+        "RIGHT and Right-hand, bright, copyright, rightly"

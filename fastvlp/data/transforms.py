@@ -66,17 +66,22 @@ def xyxy_to_normalised_cxcywh(boxes: torch.Tensor, height: int, width: int) -> t
     return out / torch.tensor([width, height, width, height], dtype=out.dtype)
 
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+# The words and their compounds ("leftmost", "rightwards", "lefthand"), never words that merely contain them.
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most|wards?|hand(?:ed)?)?\b", re.IGNORECASE)
 
 
 def swap_left_right(text: str) -> str:
-    """'left' <-> 'right' (keeping the case of the first letter), for text that goes with a flipped image."""
+    """'left' <-> 'right', also inside 'leftmost', 'leftward(s)' and 'lefthand(ed)', for text that goes with a
+    flipped image. The case is kept: all capitals, a capital first letter, or lower case."""
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
 
     def swap(match: re.Match) -> str:
-        word = "right" if match.group(0).lower() == "left" else "left"
-        return word.capitalize() if match.group(0)[0].isupper() else word
+        original = match.group(0)
+        swapped = ("right" if match.group(1).lower() == "left" else "left") + original[len(match.group(1)):].lower()
+        if original.isupper():
+            return swapped.upper()
+        return swapped.capitalize() if original[0].isupper() else swapped
 
     return _LEFT_RIGHT.sub(swap, text)
 

@@ -21,7 +21,8 @@ class ImageRecordDataset(Dataset):
     image [3, H, W] float; boxes [N, 4] (cx, cy, w, h) / image size; labels [N] int64 class indices;
     attributes [N, A] bool multi-hot (A = len(attribute_space), 0 without one); has_attributes [N] bool;
     captions list[str] (left/right swapped when the image was flipped); image_id; size and original_size
-    (H, W); unlabelled_objects, the objects dropped because their class is not in the label space.
+    (H, W); unlabelled_objects, the objects dropped because their class is not in the label space;
+    empty_boxes, the objects dropped because their box, clamped to the decoded image, has no area.
 
     An object's class is `category_to_label[category_id]` when given and the object has a COCO category,
     otherwise `label_space.get(name)`. With neither, objects are ignored (captioning, retrieval): boxes and
@@ -72,6 +73,14 @@ class ImageRecordDataset(Dataset):
                     labels.append(label)
         boxes = torch.tensor([obj.box for obj in kept], dtype=torch.float32).reshape(-1, 4)
         out = self.transform(image, boxes)
+        # A box the reader could not clip (no image size in the annotation, or a wrong one) can lie outside
+        # the decoded image; clamped to it, it has no area and is dropped, as DETR drops such boxes.
+        has_area = (out.boxes[:, 2] > 0) & (out.boxes[:, 3] > 0)
+        empty_boxes = int((~has_area).sum())
+        if empty_boxes:
+            kept = [obj for obj, keep in zip(kept, has_area.tolist()) if keep]
+            labels = [label for label, keep in zip(labels, has_area.tolist()) if keep]
+        target_boxes = out.boxes[has_area] if empty_boxes else out.boxes
 
         num_attributes = len(self.attribute_space) if self.attribute_space is not None else 0
         attributes = torch.zeros(len(kept), num_attributes, dtype=torch.bool)
@@ -84,7 +93,7 @@ class ImageRecordDataset(Dataset):
         captions = [swap_left_right(c) if out.flipped else c for c in record.captions]
         return {
             "image": out.image,
-            "boxes": out.boxes,
+            "boxes": target_boxes,
             "labels": torch.tensor(labels, dtype=torch.int64),
             "attributes": attributes,
             "has_attributes": attributes.any(dim=1),
@@ -92,7 +101,8 @@ class ImageRecordDataset(Dataset):
             "image_id": record.image_id,
             "size": out.size,
             "original_size": out.original_size,
-            "unlabelled_objects": len(record.objects) - len(kept) if uses_objects else 0,
+            "unlabelled_objects": len(record.objects) - len(kept) - empty_boxes if uses_objects else 0,
+            "empty_boxes": empty_boxes,
         }
 
 
