@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from train_helpers import SMALL_MODEL, SMALL_SCALE, small_options
+from train_helpers import SMALL_MODEL, small_options
 
 from fastvlp.data.synth.generate import write_synthetic_dataset
 from fastvlp.inference import Predictor
@@ -43,11 +43,12 @@ def test_a_copied_step_directory_keeps_the_tiny_scale(data, pretrained, tmp_path
     assert source_preset(copied) == "tiny"
     result = run_finetuning(FinetuneOptions(
         task="vqa", init=copied, data=data, out=tmp_path / "vqa", max_steps=1, batch_size=2, progress=False,
-        scale=SMALL_SCALE, device="cpu", task_options={"num_answers": 4},
-    ))
+        device="cpu", task_options={"num_answers": 4},
+    ))  # no scale given: the preset's decides it
     assert json.loads((result.checkpoint / "task.json").read_text())["preset"] == "tiny"
     assert json.loads((result.run_dir / "run.json").read_text())["preset"] == "tiny"
     predictor = Predictor.from_checkpoint(result.checkpoint, device="cpu")
+    assert json.loads((result.checkpoint / "task.json").read_text())["scale"] == "tiny"
     assert predictor.scale == "tiny" and predictor.model.config.d_model == SMALL_MODEL["d_model"]
 
 
