@@ -144,7 +144,9 @@ def attention(
     Args:
         q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, H, D]``. Any strides (views of a packed
             QKV projection are read in place). float16, bfloat16, float32 or float64.
-        key_padding_mask: bool ``[B, Lk]``, True = ignore that key (anywhere in the row).
+        key_padding_mask: bool ``[B, Lk]``, True = ignore that key (anywhere in the row). Ignored keys
+            and values must still be finite, as with torch's ``scaled_dot_product_attention``: the
+            kernels read whole blocks, and an inf or NaN there reaches the output.
         causal: query ``i`` sees keys ``j <= i + Lk - Lq`` (aligned bottom-right).
         dropout_p: probability of dropping an attention probability; applied whenever
             it is > 0 (pass 0.0 in evaluation). Reproducible under ``torch.manual_seed``.
