@@ -205,3 +205,41 @@ def test_detector_weights_loader(pipeline, tmp_path):
         other.load_detector_weights(tmp_path / "absent.pt")
     with pytest.raises(ValueError, match="box_selection"):
         RegionPipeline("all")
+
+
+def test_the_vqa_head_reads_the_pooled_cls_and_training_mode_is_refused(inputs):
+    pipeline = small_pipeline()
+    images, input_ids, attention_mask = inputs
+    transformer = pipeline.transformer
+    captured = {}
+    hook = transformer.head.register_forward_hook(lambda module, args, output: captured.update(head_input=args[0]))
+    with torch.no_grad():
+        pipeline(images, input_ids, attention_mask)
+        hook.remove()
+        detections = pipeline.roi_heads(pipeline.backbone(images), pipeline.rpn(images, pipeline.backbone(images)),
+                                         tuple(images.shape[-2:]))
+        sequence = {}
+        transformer.bert.encoder.register_forward_hook(lambda m, a, out: sequence.update(last=out.last_hidden_state))
+        transformer(input_ids, attention_mask, [d.features for d in detections], [d.boxes for d in detections],
+                    tuple(images.shape[-2:]))
+    pooler = transformer.bert.pooler.dense
+    expected = torch.tanh(sequence["last"][:, 0] @ pooler.weight.T + pooler.bias)
+    torch.testing.assert_close(captured["head_input"], expected)
+    with pytest.raises(RuntimeError, match=r"\.eval\(\)"):
+        pipeline.train()(images, input_ids, attention_mask)
+
+
+def test_selection_settings_are_checked():
+    with pytest.raises(ValueError, match="conf_thresh"):
+        small_pipeline_with(conf_thresh=1.5)
+    with pytest.raises(ValueError, match="min_boxes, max_boxes"):
+        small_pipeline_with(min_boxes=20, max_boxes=10)
+    with pytest.raises(TypeError, match="min_boxes"):
+        select_boxes(torch.rand(5), min_boxes=2.5)
+    with pytest.raises(ValueError, match="threshold"):
+        select_boxes(torch.rand(5), threshold=float("nan"))
+
+
+def small_pipeline_with(**detector_kwargs):
+    return RegionPipeline("thresholded", bert_config=small_bert(), rpn_pre_nms_top_n=600, rpn_post_nms_top_n=40,
+                          **detector_kwargs)

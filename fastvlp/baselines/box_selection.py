@@ -52,6 +52,11 @@ def select_boxes(
         raise ValueError(f"confidence: expected a tensor [R], got {getattr(confidence, 'shape', type(confidence))}")
     if mode not in BOX_SELECTIONS:
         raise ValueError(f"mode: expected one of {BOX_SELECTIONS}, got {mode!r}")
+    for name, value in (("min_boxes", min_boxes), ("max_boxes", max_boxes), ("fixed_boxes", fixed_boxes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an int, got {value!r}")
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold != threshold:
+        raise ValueError(f"threshold: expected a number, got {threshold!r}")
     if not 0 <= min_boxes <= max_boxes or fixed_boxes < 0:
         raise ValueError(f"min_boxes, max_boxes, fixed_boxes: expected 0 <= min <= max and fixed >= 0, got {min_boxes}, {max_boxes}, {fixed_boxes}")
     order = torch.argsort(confidence, descending=True, stable=True)

@@ -76,6 +76,14 @@ class BottomUpC4Detector(nn.Module):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         if num_classes < 2:
             raise ValueError(f"num_classes: expected >= 2 (background and one class), got {num_classes}")
+        for name, value in (("rpn_nms_thresh", rpn_nms_thresh), ("nms_thresh", nms_thresh), ("conf_thresh", conf_thresh)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+        for name, value in (("min_boxes", min_boxes), ("max_boxes", max_boxes), ("fixed_boxes", fixed_boxes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+        if min_boxes > max_boxes:
+            raise ValueError(f"min_boxes, max_boxes: expected min_boxes <= max_boxes, got {min_boxes} > {max_boxes}")
         # Without trained batch-norm statistics the activations grow about 1.5x per block (to ~1e4 by res4, where
         # the RPN then proposes nothing); zero-initialised residual branches keep random weights usable.
         resnet = torchvision.models.resnet101(weights=None, norm_layer=FrozenBatchNorm2d, zero_init_residual=True)

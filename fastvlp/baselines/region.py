@@ -75,7 +75,10 @@ class RegionPipeline(nn.Module):
                                 [d.boxes for d in detections], image_size)
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> RegionOutput:
-        """``images`` ``[B, 3, H, W]`` (one size for the batch), ``input_ids`` and ``attention_mask`` ``[B, T]``."""
+        """``images`` ``[B, 3, H, W]`` (one size for the batch), ``input_ids`` and ``attention_mask`` ``[B, T]``.
+        A test-time feature extractor: call ``.eval()`` first (torchvision's RPN wants targets in training)."""
+        if self.training:
+            raise RuntimeError("RegionPipeline extracts features at test time only: call .eval() first")
         res4 = self.backbone(images)
         if input_ids.shape[0] != images.shape[0]:
             raise ValueError(f"input_ids: expected {images.shape[0]} rows like the images, got {input_ids.shape[0]}")

@@ -36,14 +36,15 @@ class RegionEmbeddings(nn.Module):
 
 class RegionTransformer(nn.Module):
     """``transformers.BertModel`` over ``[text embeddings; region embeddings]`` with one attention mask,
-    and a VQA head on [CLS]. Images with fewer regions than the batch's longest are padded and masked."""
+    and a VQA head on BERT's pooled [CLS] (the pooler's dense layer and tanh, as UNITER and LXMERT).
+    Images with fewer regions than the batch's longest are padded and masked."""
 
     def __init__(self, config=None, feature_dim: int = 2048, num_answers: int = VQA_ANSWERS):
         super().__init__()
         from transformers import BertModel
 
         config = bert_base_config() if config is None else config
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = BertModel(config, add_pooling_layer=True)
         self.regions = RegionEmbeddings(feature_dim, config.hidden_size, config.layer_norm_eps)
         self.head = VQAHead(config.hidden_size, num_answers, config.layer_norm_eps)
 
@@ -69,4 +70,4 @@ class RegionTransformer(nn.Module):
         additive = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
         additive = additive.masked_fill(~mask, torch.finfo(hidden.dtype).min)[:, None, None, :]
         sequence = self.bert.encoder(hidden, attention_mask=additive).last_hidden_state
-        return self.head(sequence[:, 0])
+        return self.head(self.bert.pooler(sequence))

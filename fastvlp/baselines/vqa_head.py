@@ -1,4 +1,4 @@
-"""The VQA answer head of UNITER and LXMERT: Linear, GELU, LayerNorm, Linear, on [CLS]."""
+"""The VQA answer head of UNITER and LXMERT: Linear, GELU, LayerNorm, Linear, on the pooled [CLS]."""
 from __future__ import annotations
 
 from torch import nn
