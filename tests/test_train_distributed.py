@@ -15,6 +15,9 @@ from fastvlp.train.metrics_log import read_metrics
 
 def test_two_process_gloo_run_finishes_and_checkpoints(tmp_path):
     data = write_corpus(tmp_path)
+    broken = sorted((data / "vg" / "images").glob("*.jpg"))[::2]
+    for image in broken:
+        image.write_bytes(image.read_bytes()[:200])  # truncated JPEGs, met by either rank
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -42,6 +45,10 @@ def test_two_process_gloo_run_finishes_and_checkpoints(tmp_path):
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert records[-1]["samples_seen"] == 2 * 2 * 2  # 2 steps x 2 processes x batch 2
+    # Every skipped record is named in the run's log, whichever rank read it.
+    log = (out / "train.log").read_text()
+    named = [image.name for image in broken if f"/{image.name}" in log]
+    assert records[-1]["skipped_records"] == len(trainer["unreadable_indices"]) == len(named) >= 1
 
 
 def test_resolve_device_names_the_argument_for_a_malformed_or_missing_device():

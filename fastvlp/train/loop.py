@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -358,7 +358,7 @@ def run_training(
         while step < stop_step:
             started = time.perf_counter()
             sums = torch.zeros(2 * len(loss_keys) + 2, dtype=torch.float64)
-            new_unreadable: List[int] = []
+            new_unreadable: List[Tuple[int, str, str]] = []
             for micro in range(options.grad_accum):
                 try:
                     collated = next(loader_iter)
@@ -368,8 +368,7 @@ def run_training(
                 sampler.advance()
                 for index, reason, path in collated["skipped"]:
                     if index not in unreadable:
-                        new_unreadable.append(index)
-                        logger.warning("skipped an unreadable record (%s): %s", reason, path)
+                        new_unreadable.append((index, reason, str(path)))
                 batch = job.build_batch(collated, step_generator(options.seed, context.rank, step, micro))
                 batch = batch.to(context.device)
                 sync = micro == options.grad_accum - 1 or not context.is_distributed
@@ -387,8 +386,13 @@ def run_training(
             sums[-1] = len(new_unreadable)
             total = all_reduce_sum(sums.clone(), context)
             if total[-1] > 0:
-                for indices in all_gather_objects(new_unreadable, context):
-                    unreadable.update(indices)
+                # Every rank's new records, so that the main rank names in RUN/train.log those another rank read.
+                for records in all_gather_objects(new_unreadable, context):
+                    for index, reason, path in records:
+                        if index not in unreadable:
+                            unreadable.add(index)
+                            if context.is_main:
+                                logger.warning("skipped an unreadable record (%s): %s", reason, path)
             trainer["samples_seen"] += options.batch_size * options.grad_accum * context.world_size
             means = {
                 key: (float(total[2 * i] / total[2 * i + 1]) if total[2 * i + 1] > 0 else None)
