@@ -46,3 +46,5 @@ def test_invalid_inputs():
         nested_tensor_from_images([torch.randn(3, 4, 4), torch.randn(1, 4, 4)])
     with pytest.raises(ValueError, match="size_divisibility"):
         nested_tensor_from_images([torch.randn(3, 4, 4)], 0)
+    with pytest.raises(ValueError, match="size_divisibility"):
+        nested_tensor_from_images([torch.randn(3, 4, 4)], True)

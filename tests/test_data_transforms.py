@@ -15,6 +15,7 @@ from fastvlp.data.transforms import (
     resized_size,
     swap_left_right,
     train_transform,
+    xyxy_to_normalised_cxcywh,
 )
 
 BACKGROUND, RECTANGLE = (230, 230, 230), (200, 20, 40)
@@ -140,6 +141,12 @@ def test_boxes_outside_are_clipped_and_inputs_validated():
         transform(np.zeros((10, 10, 3)))
     with pytest.raises(ValueError, match="short_sides"):
         ImageTransform((), 100)
+    # An inverted or NaN box would otherwise reach the matcher as a negative-width target.
+    for bad in ([[5.0, 5.0, 2.0, 8.0]], [[1.0, float("nan"), 4.0, 4.0]]):
+        with pytest.raises(ValueError, match="boxes: expected finite"):
+            transform(Image.new("RGB", (10, 10)), torch.tensor(bad))
+    meta = xyxy_to_normalised_cxcywh(torch.ones(2, 4, device="meta"), 10, 20)
+    assert meta.device.type == "meta"  # the divisor follows the boxes' device
 
 
 def test_swap_left_right():

@@ -32,7 +32,7 @@ def nested_tensor_from_images(images: Sequence[torch.Tensor], size_divisibility:
     """Pad [C, H_i, W_i] images to the largest H and W (rounded up to `size_divisibility`)."""
     if isinstance(images, torch.Tensor) or len(images) == 0:
         raise ValueError("images: expected a non-empty sequence of [C, H, W] tensors")
-    if not isinstance(size_divisibility, int) or size_divisibility < 1:
+    if isinstance(size_divisibility, bool) or not isinstance(size_divisibility, int) or size_divisibility < 1:
         raise ValueError(f"size_divisibility: expected a positive int, got {size_divisibility!r}")
     first = images[0]
     for i, image in enumerate(images):

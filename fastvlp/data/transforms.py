@@ -63,7 +63,7 @@ def resized_size(height: int, width: int, short_side: int, max_size: int | None)
 def xyxy_to_normalised_cxcywh(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     x0, y0, x1, y1 = boxes.unbind(-1)
     out = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-    return out / torch.tensor([width, height, width, height], dtype=out.dtype)
+    return out / torch.tensor([width, height, width, height], dtype=out.dtype, device=out.device)
 
 
 # The words and their compounds ("leftmost", "rightwards", "lefthand"), never words that merely contain them.
@@ -129,6 +129,8 @@ class ImageTransform:
                 f"boxes: expected a tensor [N, 4] of (x0, y0, x1, y1), got {getattr(boxes, 'shape', boxes)}"
             )
         boxes = boxes.to(torch.float32)
+        if not bool(torch.isfinite(boxes).all()) or bool((boxes[:, 2:] < boxes[:, :2]).any()):
+            raise ValueError("boxes: expected finite (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0")
 
         pick = int(torch.randint(len(self.short_sides), (1,), generator=generator))
         new_h, new_w = resized_size(height, width, self.short_sides[pick], self.max_size)
