@@ -184,7 +184,9 @@ def test_vqa_answers_follow_from_pixels(synth_dir):
         }
         annotations = _json(synth_dir / f"vqa/v2_mscoco_{split}_annotations.json")["annotations"]
         assert len(annotations) == len(questions)
-        assert set(Counter(q["image_id"] for q in questions.values()).values()) == {4}
+        per_image = Counter(q["image_id"] for q in questions.values())
+        assert set(per_image.values()) <= {4, 5}
+        assert sum(per_image.values()) == 4 * len(per_image) + (-len(per_image)) % 4
         for a in annotations:
             q = questions[a["question_id"]]
             assert q["image_id"] == a["image_id"] and len(a["answers"]) == 10
@@ -213,21 +215,45 @@ def test_vqa_answers_follow_from_pixels(synth_dir):
 
 def test_vqa_answer_balance(tmp_path):
     write_synthetic_dataset(tmp_path, num_images=200, seed=int(np.random.randint(0, 10_000)), datasets=("coco", "vqa"))
-    annotations = []
+    everything = []
     for split in ("train", "val"):
-        annotations += _json(tmp_path / f"vqa/v2_mscoco_{split}_annotations.json")["annotations"]
-    assert len(annotations) == 800
-    answers = Counter(a["multiple_choice_answer"] for a in annotations)
-    assert answers.most_common(1)[0][1] <= 0.2 * len(annotations)
-    by_type = defaultdict(Counter)
-    for a in annotations:
-        by_type[a["question_type"]][a["multiple_choice_answer"]] += 1
-    assert set(by_type) == {"what color is the", "how many", "is there a", "is the"}
-    for counts in by_type.values():
-        assert counts.most_common(1)[0][1] <= 0.5 * sum(counts.values())
+        annotations = _json(tmp_path / f"vqa/v2_mscoco_{split}_annotations.json")["annotations"]
+        images = {a["image_id"] for a in annotations}
+        # Four questions an image; the yes/no deck is dealt out whole, so a few images get a fifth.
+        assert len(annotations) == 4 * len(images) + (-len(images)) % 4
+        assert set(Counter(a["image_id"] for a in annotations).values()) <= {4, 5}
+        by_type = defaultdict(Counter)
+        for a in annotations:
+            by_type[a["question_type"]][a["multiple_choice_answer"]] += 1
+        assert set(by_type) == {"what color is the", "how many", "is there a", "is the"}
+        for question_type, counts in by_type.items():
+            if question_type in ("is there a", "is the"):
+                assert counts["yes"] == counts["no"] and set(counts) == {"yes", "no"}
+            assert counts.most_common(1)[0][1] <= 0.5 * sum(counts.values()), (split, question_type, counts)
+        everything += annotations
+    answers = Counter(a["multiple_choice_answer"] for a in everything)
+    assert answers.most_common(1)[0][1] <= 0.2 * len(everything)
     # A little annotator noise, but never enough to change the majority answer.
-    disagreeing = sum(any(x["answer"] != a["multiple_choice_answer"] for x in a["answers"]) for a in annotations)
-    assert 0.2 * len(annotations) < disagreeing < 0.9 * len(annotations)
+    disagreeing = sum(any(x["answer"] != a["multiple_choice_answer"] for x in a["answers"]) for a in everything)
+    assert 0.2 * len(everything) < disagreeing < 0.9 * len(everything)
+
+
+def test_plan_questions_balances_each_group_and_never_repeats_a_kind():
+    from fastvlp.data.synth.questions import plan_questions
+
+    rng = np.random.default_rng(int(np.random.randint(0, 10_000)))
+    groups = [str(g) for g in rng.choice(["a", "b", "c"], size=97)]
+    plans = plan_questions(rng, groups)
+    assert len(plans) == len(groups)
+    for group in set(groups):
+        mine = [p for p, g in zip(plans, groups) if g == group]
+        cards = Counter(card for p in mine for card in p.yes_no)
+        assert len(set(cards.values())) == 1 and len(cards) == 4, cards
+        counted = Counter(p.scene.counted for p in mine)
+        assert max(counted.values()) - min(counted.values()) <= 1
+    assert all(len({kind for kind, _ in p.yes_no}) == len(p.yes_no) for p in plans)
+    with pytest.raises(TypeError, match="groups"):
+        plan_questions(rng, "train")
 
 
 def test_visual_genome_attributes_match_pixels(synth_dir):

@@ -26,14 +26,16 @@ _NLVR2_SPLIT_NAMES = {"train": "train", "val": "dev", "test": "test1", "restval"
 def coco_images(num_images: int, seed: int):
     """The coco images of `write_synthetic_dataset(num_images=num_images, seed=seed)`, with their scenes and
     captions, without rendering or writing anything; and the VQA answer plan of each image id."""
-    plans = plan_questions(np.random.default_rng([seed, _PLANS]), num_images)
     ids = np.random.default_rng([seed, _IDS, _COCO]).choice(600_000, size=num_images, replace=False) + 1
     splits = assign_splits(np.random.default_rng([seed, _SPLITS, _COCO]), num_images, with_restval=True)
+    # VQA's splits are the image folders, so the answers are balanced within each folder.
+    folders = ["train" if split == "train" else "val" for split in splits]
+    plans = plan_questions(np.random.default_rng([seed, _PLANS]), folders)
     images = []
     for i, image_id in enumerate(sorted(int(v) for v in ids)):
         rng = np.random.default_rng([seed, _COCO, i])
         scene = sample_scene(rng, plans[i].scene)
-        folder = "train" if splits[i] == "train" else "val"
+        folder = folders[i]
         images.append(
             SynthImage(image_id, f"{image_id:012d}.jpg", folder, splits[i], scene, tuple(describe_scene(rng, scene)))
         )

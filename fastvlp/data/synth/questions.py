@@ -1,13 +1,16 @@
 """VQA questions about a scene, with the answers chosen before the scene is drawn.
 
 `plan_questions` deals the answers from shuffled decks (every colour, every count 1..4, every
-(yes/no kind, answer) pair equally often), so no answer dominates the data set or a question type. Each
-image gets four questions: the colour of the one object of its kind, a count, the colour of a second
-single object, and a yes/no question (existence or a left/above relation).
+(yes/no kind, answer) pair equally often), separately within each group of images (each VQA split), so no
+answer dominates a split or one of its question types. Each image gets four questions: the colour of the one
+object of its kind, a count, the colour of a second single object, and a yes/no question (existence or a
+left/above relation). The yes/no deck is always dealt out whole, so yes and no are exactly even in each
+yes/no question type; the up to three cards beyond one per image become a fifth question of a few images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +33,8 @@ class SynthQuestion:
 @dataclass(frozen=True)
 class QuestionPlan:
     scene: ScenePlan
-    yes_no_kind: str  # "existence" or "relation"
-    yes_no_answer: str  # "yes" or "no"
+    # (kind, answer) of each yes/no question: kind "existence" or "relation", answer "yes" or "no".
+    yes_no: tuple[tuple[str, str], ...]
 
 
 class _Deck:
@@ -46,18 +49,33 @@ class _Deck:
         return self._pending.pop()
 
 
-def plan_questions(rng: np.random.Generator, num_images: int) -> list[QuestionPlan]:
-    """Balanced answer plans for `num_images` images."""
-    if num_images < 0:
-        raise ValueError(f"num_images: expected >= 0, got {num_images}")
+def plan_questions(rng: np.random.Generator, groups: Sequence[str]) -> list[QuestionPlan]:
+    """Answer plans for `len(groups)` images, image i in group `groups[i]`, balanced within every group."""
+    if isinstance(groups, str):
+        raise TypeError("groups: expected a sequence of group names, one per image, got a str")
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    plans: list[QuestionPlan | None] = [None] * len(groups)
+    for group in sorted(members):
+        for i, plan in zip(members[group], _plan_group(rng, len(members[group]))):
+            plans[i] = plan
+    return plans
+
+
+def _plan_group(rng: np.random.Generator, num_images: int) -> list[QuestionPlan]:
     colours = _Deck(rng, COLOUR_NAMES)
     counts = _Deck(rng, tuple(range(MIN_COUNTED, MAX_COUNTED + 1)))
-    yes_no = _Deck(rng, _YES_NO_DECK)
-    plans = []
-    for _ in range(num_images):
-        kind, answer = yes_no.deal()
-        plans.append(QuestionPlan(ScenePlan(colours.deal(), counts.deal()), kind, answer))
-    return plans
+    num_decks = -(-num_images // len(_YES_NO_DECK))
+    cards = [_YES_NO_DECK[i] for _ in range(num_decks) for i in rng.permutation(len(_YES_NO_DECK))]
+    yes_no = [[card] for card in cards[:num_images]]
+    # Each spare card goes to an image that has no question of its kind yet, so no image is asked the same
+    # kind twice; below about eight images there may be no such image, and the card is dropped.
+    for kind, answer in cards[num_images:]:
+        takers = [q for q in yes_no if len(q) == 1 and q[0][0] != kind]
+        if takers:
+            takers[int(rng.integers(len(takers)))].append((kind, answer))
+    return [QuestionPlan(ScenePlan(colours.deal(), counts.deal()), tuple(q)) for q in yes_no]
 
 
 def _existence(rng: np.random.Generator, scene: Scene, answer: str) -> SynthQuestion:
@@ -87,7 +105,8 @@ def _relation(rng: np.random.Generator, scene: Scene, answer: str) -> SynthQuest
 
 
 def ask_questions(rng: np.random.Generator, scene: Scene, plan: QuestionPlan) -> list[SynthQuestion]:
-    """The four questions of an image built from `plan`; every answer is read off the scene."""
+    """The questions of an image built from `plan` (four, or five with a spare yes/no card); every answer is
+    read off the scene."""
     named = scene.only(scene.named_shape)
     partner = scene.only(scene.partner_shape)
     counted = scene.count(scene.counted_shape)
@@ -102,8 +121,9 @@ def ask_questions(rng: np.random.Generator, scene: Scene, plan: QuestionPlan) ->
         ),
         SynthQuestion(f"What color is the {partner.shape}?", "what color is the", "other", partner.colour),
     ]
-    make = _existence if plan.yes_no_kind == "existence" else _relation
-    questions.append(make(rng, scene, plan.yes_no_answer))
+    for kind, answer in plan.yes_no:
+        make = _existence if kind == "existence" else _relation
+        questions.append(make(rng, scene, answer))
     return questions
 
 
