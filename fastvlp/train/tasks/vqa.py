@@ -63,7 +63,8 @@ def typed_annotations(records) -> List[Dict[str, Any]]:
 
 def vqa_baselines(train_records: Sequence, eval_records: Sequence) -> Dict[str, float]:
     """The trivial baselines' VQA accuracy on ``eval_records``: the most frequent training answer for every
-    question, and the most frequent training answer of each question's ``question_type``. Where the
+    question, and the most frequent training answer of each question's ``question_type``; a tie goes to the
+    alphabetically first answer. Where the
     records carry an ``answer_type``, each baseline is also given per answer type, under its key plus
     ``_`` plus :func:`answer_type_key` (``question_type_prior_yes_no``, ...)."""
     overall = Counter(normalize_vqa_answer(r.multiple_choice_answer) for r in train_records if r.multiple_choice_answer)
