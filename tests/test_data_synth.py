@@ -251,9 +251,17 @@ def test_plan_questions_balances_each_group_and_never_repeats_a_kind():
         assert len(set(cards.values())) == 1 and len(cards) == 4, cards
         counted = Counter(p.scene.counted for p in mine)
         assert max(counted.values()) - min(counted.values()) <= 1
+        colours = Counter(c for p in mine for c in (p.scene.named_colour, p.scene.partner_colour))
+        assert len(colours) == len(COLOURS) and max(colours.values()) - min(colours.values()) <= 1
     assert all(len({kind for kind, _ in p.yes_no}) == len(p.yes_no) for p in plans)
     with pytest.raises(TypeError, match="groups"):
         plan_questions(rng, "train")
+    from fastvlp.data.synth.scene import ScenePlan
+
+    with pytest.raises(ValueError, match="partner_colour"):
+        ScenePlan(next(iter(COLOURS)), 1, partner_colour="mauve")
+    scene = sample_scene(rng, ScenePlan(next(iter(COLOURS)), 2, partner_colour=list(COLOURS)[-1]))
+    assert scene.only(scene.partner_shape).colour == list(COLOURS)[-1]
 
 
 def test_visual_genome_attributes_match_pixels(synth_dir):

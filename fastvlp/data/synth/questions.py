@@ -1,8 +1,8 @@
 """VQA questions about a scene, with the answers chosen before the scene is drawn.
 
-`plan_questions` deals the answers from shuffled decks (every colour, every count 1..4, every
-(yes/no kind, answer) pair equally often), separately within each group of images (each VQA split), so no
-answer dominates a split or one of its question types. Each image gets four questions: the colour of the one
+`plan_questions` deals the answers from shuffled decks (every colour, over both colour questions; every
+count 1..4; every (yes/no kind, answer) pair) equally often, separately within each group of images (each
+VQA split), so no answer dominates a split or one of its question types. Each image gets four questions: the colour of the one
 object of its kind, a count, the colour of a second single object, and a yes/no question (existence or a
 left/above relation). The yes/no deck is always dealt out whole, so yes and no are exactly even in each
 yes/no question type; the up to three cards beyond one per image become a fifth question of a few images.
@@ -75,7 +75,12 @@ def _plan_group(rng: np.random.Generator, num_images: int) -> list[QuestionPlan]
         takers = [q for q in yes_no if len(q) == 1 and q[0][0] != kind]
         if takers:
             takers[int(rng.integers(len(takers)))].append((kind, answer))
-    return [QuestionPlan(ScenePlan(colours.deal(), counts.deal()), tuple(q)) for q in yes_no]
+    # Both colour questions' answers come from the one deck, so the colours are even over the question type.
+    plans = []
+    for q in yes_no:
+        named_colour, counted = colours.deal(), counts.deal()
+        plans.append(QuestionPlan(ScenePlan(named_colour, counted, partner_colour=colours.deal()), tuple(q)))
+    return plans
 
 
 def _existence(rng: np.random.Generator, scene: Scene, answer: str) -> SynthQuestion:

@@ -37,14 +37,18 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class ScenePlan:
-    """What the scene must contain: the colour of the single `named` object and the `counted` copies."""
+    """What the scene must contain: the colour of the single `named` object, the `counted` copies, and the
+    colour of the single `partner` object (drawn with the scene when None)."""
 
     named_colour: str
     counted: int
+    partner_colour: str | None = None
 
     def __post_init__(self) -> None:
         if self.named_colour not in COLOUR_NAMES:
             raise ValueError(f"named_colour: expected one of {COLOUR_NAMES}, got {self.named_colour!r}")
+        if self.partner_colour is not None and self.partner_colour not in COLOUR_NAMES:
+            raise ValueError(f"partner_colour: expected None or one of {COLOUR_NAMES}, got {self.partner_colour!r}")
         if not MIN_COUNTED <= self.counted <= MAX_COUNTED:
             raise ValueError(f"counted: expected {MIN_COUNTED}..{MAX_COUNTED}, got {self.counted}")
 
@@ -191,7 +195,7 @@ def sample_scene(rng: np.random.Generator, plan: ScenePlan | None = None) -> Sce
     def colour() -> str:
         return str(rng.choice(COLOUR_NAMES))
 
-    kinds = [(named, plan.named_colour), (partner, colour())]
+    kinds = [(named, plan.named_colour), (partner, plan.partner_colour or colour())]
     kinds += [(counted, colour()) for _ in range(plan.counted)]
     kinds += [(kind, colour()) for kind in fillers]
     objects = _place(rng, kinds, width, height)
