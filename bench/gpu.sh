@@ -1,54 +1,87 @@
 #!/usr/bin/env bash
-# The one GPU script: builds fastvlp, runs the CUDA tests, then every GPU benchmark, most
-# important first; results land in bench/results/<gpu>/. Where $OUT is set (the device
-# machine), logs and results are packed into $OUT/gpu.tar.gz after every step, so a run
-# stopped early still returns what it measured.
+# The one GPU script: checks that a GPU is visible, builds fastvlp, runs the CUDA tests, then every GPU
+# benchmark, most important first; results land in bench/results/<gpu>/, with this run's logs in
+# bench/results/<gpu>/logs/ and its summary in bench/results/<gpu>/gpu_run.{json,md} (each step's
+# outcome, and which result files this run wrote, complete or partial). Every result file records the
+# run id, commit, command, host and versions. Where $OUT is set (the device machine), logs and results
+# are packed into $OUT/gpu.tar.gz after every step, so a run stopped early still returns what it measured.
+#
+# No GPU visible or a failed build stops the run (exit 1). Failed or timed-out CUDA tests, or a test run
+# in which no test passed (all skipped), are recorded in the summary and in every result file
+# (provenance.gpu_tests), and make the script exit 1 at the end; so does any failed or timed-out step.
 #
 #   bash bench/gpu.sh                    # everything
 #   BUDGET_S=420 bash bench/gpu.sh       # stop starting steps after 420 s; each is cut at what is left
 #   SKIP_SANITIZER=1 bash bench/gpu.sh
-#   ONLY="bench-e2e bench-attention" bash bench/gpu.sh   # the build, then only the steps named
-set -uo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-OUT=${OUT:-}
-BUDGET_S=${BUDGET_S:-0}
-ONLY=${ONLY:-}
-LOG_DIR=bench/results/logs
-mkdir -p "$LOG_DIR"
-failures=()
-started=$(date +%s)
-
+#   ONLY="bench-e2e bench-attention" bash bench/gpu.sh   # the checks and build, then only the steps named
+#   RESULTS_ROOT=/tmp/r bash bench/gpu.sh   # results under /tmp/r/<gpu>/ instead of bench/results/<gpu>/
+#   FASTVLP_BENCH_GIT_COMMIT=<sha> bash bench/gpu.sh   # a tree copied without .git: name its commit
+#                                                     # (every file also records a digest of the sources)
+#
+# Sourced (`source bench/gpu.sh`), it only defines its functions.
 seconds_left() {
   if [ "$BUDGET_S" -gt 0 ]; then echo $((BUDGET_S - ($(date +%s) - started))); else echo 100000; fi
 }
 
-pack() {  # everything measured so far, in one file (the device machine returns few files)
-  if [ -n "$OUT" ]; then tar czf "$OUT/gpu.tar.gz.tmp" bench/results && mv "$OUT/gpu.tar.gz.tmp" "$OUT/gpu.tar.gz"; fi
+summarize() {  # the run summary beside the results, rewritten after every step
+  $PYTHON -m fastvlp.bench.run_summary "$RESULTS_DIR" "$STEPS" "$RUN_ID" \
+    || echo "could not write $RESULTS_DIR/gpu_run.json"
 }
 
-step() {  # step NAME CAP_S COMMAND...: run under min(CAP_S, time left), log, remember failures, keep going
+pack() {  # everything measured so far, in one file (the device machine returns few files)
+  summarize
+  if [ -n "$OUT" ]; then tar czf "$OUT/gpu.tar.gz.tmp" "$RESULTS_ROOT" && mv "$OUT/gpu.tar.gz.tmp" "$OUT/gpu.tar.gz"; fi
+}
+
+record() {  # record NAME STATUS SECONDS DETAIL
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(echo "$4" | tr '\t\n' '  ')" >>"$STEPS"
+  case $2 in failed|"timed out") failures+=("$1($2)") ;; esac
+}
+
+last_status=skipped
+step() {  # step NAME CAP_S COMMAND...: run under min(CAP_S, time left), log, record the outcome, keep going
   local name=$1 cap=$2; shift 2
-  if [ -n "$ONLY" ] && [ "$name" != build ] && [[ " $ONLY " != *" $name "* ]]; then echo "=== $name: not in ONLY"; return; fi
+  last_status=skipped
+  if [ -n "$ONLY" ] && [[ " gpu-check build $ONLY " != *" $name "* ]]; then
+    echo "=== $name: not in ONLY"; record "$name" skipped 0 "not in ONLY"; return
+  fi
   local left; left=$(seconds_left)
   [ "$left" -lt "$cap" ] && cap=$left
-  if [ "$cap" -lt 10 ]; then echo "=== $name: skipped, out of time"; failures+=("$name(skipped)"); return; fi
-  echo "=== $name (at most ${cap}s)"
-  local begin; begin=$(date +%s)
-  if timeout --kill-after=10 "$cap" "$@" >"$LOG_DIR/$name.log" 2>&1; then
-    tail -n 25 "$LOG_DIR/$name.log"
-  else
-    tail -n 60 "$LOG_DIR/$name.log"; failures+=("$name")
+  if [ "$cap" -lt 10 ]; then
+    echo "=== $name: skipped, out of time"; record "$name" "timed out" 0 "not started: out of time"; pack; return
   fi
-  echo "--- $name took $(($(date +%s) - begin))s"
+  echo "=== $name (at most ${cap}s)"
+  local begin code detail; begin=$(date +%s)
+  timeout --kill-after=10 "$cap" "$@" >"$LOG_DIR/$name.log" 2>&1
+  code=$?
+  if [ $code -eq 0 ]; then
+    last_status=ok; detail="log: logs/$name.log"; tail -n 25 "$LOG_DIR/$name.log"
+  elif [ $code -eq 124 ] || [ $code -eq 137 ]; then
+    last_status="timed out"; detail="cut at ${cap}s; what it wrote may be partial (log: logs/$name.log)"
+    tail -n 60 "$LOG_DIR/$name.log"
+  else
+    last_status=failed; detail="exit $code (log: logs/$name.log)"; tail -n 60 "$LOG_DIR/$name.log"
+  fi
+  echo "--- $name: $last_status, took $(($(date +%s) - begin))s"
+  record "$name" "$last_status" "$(($(date +%s) - begin))" "$detail"
   pack
+}
+
+gpu_pytest() {  # pytest that fails when no test passed: on a GPU machine, all-skipped means nothing ran
+  local log; log=$(mktemp)
+  "$PYTHON" -m pytest "$@" 2>&1 | tee "$log"
+  local code=${PIPESTATUS[0]}
+  if [ "$code" -eq 0 ] && ! grep -Eq "[0-9]+ passed" "$log"; then
+    echo "FAILED: no test passed (every test was skipped or none was collected)"; code=1
+  fi
+  rm -f "$log"; return "$code"
 }
 
 train_step() {  # the paper's 6-r50 model on 800x1333-class images: batch 32, or the largest both backends fit
   local batch
   for batch in 32 16 8 4; do
     if $PYTHON -m fastvlp.bench.train_step --preset e2e-vlp-6-r50 --image-size 800x1216 --batch-size $batch \
-         --amp --repeats 10 >"$LOG_DIR/train-step-b$batch.log" 2>&1; then
+         --amp --repeats 20 --out-dir "$RESULTS_ROOT" >"$LOG_DIR/train-step-b$batch.log" 2>&1; then
       tail -n 12 "$LOG_DIR/train-step-b$batch.log"; return 0
     fi
     grep -q "OutOfMemoryError" "$LOG_DIR/train-step-b$batch.log" || { tail -n 40 "$LOG_DIR/train-step-b$batch.log"; return 1; }
@@ -57,35 +90,86 @@ train_step() {  # the paper's 6-r50 model on 800x1333-class images: batch 32, or
   return 1
 }
 
+stop() {  # stop MESSAGE: a precondition failed, so nothing after it would measure working code
+  echo "STOPPED: $1"; pack; echo "FAILED: ${failures[*]:-}"; exit 1
+}
+
+if [ "${BASH_SOURCE[0]}" != "$0" ]; then return 0; fi  # sourced: the functions only
+
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+OUT=${OUT:-}
+BUDGET_S=${BUDGET_S:-0}
+ONLY=${ONLY:-}
+RESULTS_ROOT=${RESULTS_ROOT:-bench/results}
+started=$(date +%s)
+commit=$(git rev-parse HEAD 2>/dev/null || echo "${FASTVLP_BENCH_GIT_COMMIT:-}")
+RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-${commit:0:9}
+RUN_ID=${RUN_ID%-}
+export FASTVLP_BENCH_RUN_ID=$RUN_ID FASTVLP_BENCH_GPU_TESTS="not run"
+
+# The results folder: the benchmarks' own name for the GPU; what nvidia-smi calls it when torch sees none.
+device=
+if command -v nvidia-smi >/dev/null 2>&1; then
+  device=$($PYTHON -c "from fastvlp.bench.common import device_name; print(device_name('cuda'))" 2>/dev/null)
+  [ -n "$device" ] || device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 \
+                               | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+fi
+device=${device:-no-gpu}
+RESULTS_DIR=$RESULTS_ROOT/$device
+LOG_DIR=$RESULTS_DIR/logs
+mkdir -p "$LOG_DIR"
+STEPS=$LOG_DIR/steps.tsv
+: >"$STEPS"
+failures=()
+
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee "$LOG_DIR/gpu.txt" || true
+step gpu-check 60 $PYTHON -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; print(torch.cuda.get_device_name(0))"
+[ "$last_status" = ok ] || stop "no CUDA device visible to torch ($LOG_DIR/gpu-check.log)"
 if [ -z "${FASTVLP_CUDA_ARCHS:-}" ]; then  # build for this card only: a third of the compile time
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
   [ -n "$cap" ] && export FASTVLP_CUDA_ARCHS=$cap
 fi
 step build 300 $PYTHON -m pip install --no-build-isolation --no-deps -e .
+[ "$last_status" = ok ] || stop "the build failed ($LOG_DIR/build.log): no benchmark would time the built code"
 $PYTHON -c "import fastvlp, torch, triton; print(fastvlp.build_info()); print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$LOG_DIR/gpu.txt"
 # Compiling and tuning the Triton kernels' variants is most of the tests' time: spread it over the cores.
 parallel=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8")
-step cuda-tests 200 $PYTHON -m pytest -q -m cuda -p no:cacheprovider $parallel tests
-export PYTHON LOG_DIR; export -f train_step
+export PYTHON LOG_DIR RESULTS_ROOT; export -f train_step gpu_pytest
+step cuda-tests 200 bash -c "gpu_pytest -q -m cuda -p no:cacheprovider $parallel tests"
+case $last_status in
+  ok) FASTVLP_BENCH_GPU_TESTS=passed ;;
+  skipped) FASTVLP_BENCH_GPU_TESTS="not run" ;;
+  *) FASTVLP_BENCH_GPU_TESTS="$last_status (see logs/cuda-tests.log)"
+     echo "WARNING: the CUDA tests $last_status; every result file of this run records it" ;;
+esac
+export FASTVLP_BENCH_GPU_TESTS
 # What the committed results lack comes first: the attention host-time diagnosis, the attention scenarios
-# with the current kernels (FlexAttention included), the end-to-end query time and generation; then the
-# training step and the solver, measured in earlier runs.
-step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead
-step bench-attention 300 $PYTHON -m fastvlp bench attention
+# with the current kernels (FlexAttention and the modules included), the end-to-end query time and
+# generation; then the training step and the solver, measured in earlier runs.
+step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
+step bench-attention 300 $PYTHON -m fastvlp bench attention --out-dir "$RESULTS_ROOT"
 step bench-e2e 400 $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
-  --batch-size 1 --repeats 20 --amp --compile
+  --batch-size 1 --repeats 20 --amp --compile --out "$RESULTS_DIR/e2e.json"
 step bench-generation 200 $PYTHON -m fastvlp bench generation --preset e2e-vlp-6-r50 --device cuda --batch-size 16 \
-  --max-length 20 --repeats 5
+  --max-length 20 --repeats 5 --out-dir "$RESULTS_ROOT"
 step bench-train-step 300 bash -c train_step
-step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda
-if [ -z "${SKIP_SANITIZER:-}" ] && command -v compute-sanitizer >/dev/null 2>&1; then
-  step sanitizer-memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTHON -m pytest -q -x tests/test_lsap_cuda.py
-  step sanitizer-racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTHON -m pytest -q -x -k "small or ragged" tests/test_lsap_cuda.py
+step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda --out-dir "$RESULTS_ROOT"
+if [ -n "${SKIP_SANITIZER:-}" ]; then
+  echo "=== sanitizer: skipped (SKIP_SANITIZER is set)"
+  record sanitizer skipped 0 "SKIP_SANITIZER is set"
+elif ! command -v compute-sanitizer >/dev/null 2>&1; then
+  echo "=== sanitizer: skipped (compute-sanitizer not found on PATH)"
+  record sanitizer skipped 0 "compute-sanitizer not found on PATH"
+else
+  step sanitizer-memcheck 150 compute-sanitizer --tool memcheck --target-processes all --error-exitcode 1 \
+    bash -c "gpu_pytest -q -x -p no:cacheprovider tests/test_lsap_cuda.py"
+  step sanitizer-racecheck 150 compute-sanitizer --tool racecheck --target-processes all --error-exitcode 1 \
+    bash -c "gpu_pytest -q -x -p no:cacheprovider -k 'small or ragged' tests/test_lsap_cuda.py"
 fi
 
-device=$($PYTHON -c "from fastvlp.bench.common import device_name; print(device_name('cuda'))" 2>/dev/null)
-echo "results: bench/results/$device/ (logs: $LOG_DIR/)"
+echo "results: $RESULTS_DIR/ (summary: $RESULTS_DIR/gpu_run.md, logs: $LOG_DIR/)"
 pack
 if [ ${#failures[@]} -gt 0 ]; then echo "FAILED: ${failures[*]}"; exit 1; fi

@@ -6,11 +6,9 @@ Each round gets a fresh batch from a pool (prepared outside the timed call).
 """
 import itertools
 
-import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 
-from fastvlp.bench.lsap import SHAPES, _cpu_contenders, make_pool, shape_label
+from fastvlp.bench.lsap import SHAPES, _cpu_contenders, assignment_is_optimal, make_pool, shape_label
 
 pytest.importorskip("pytest_benchmark")
 CONTENDERS = _cpu_contenders(max_threads=2)
@@ -25,11 +23,6 @@ def test_lsap_cpu(benchmark, shape, contender):
     batches = itertools.cycle(make_pool(shape, 20))
     benchmark.group = f"lsap-cpu-{shape_label(shape)}"
     benchmark.pedantic(solve, setup=lambda: ((next(batches),), {}), rounds=15, warmup_rounds=2)
-    if contender.startswith("fastvlp"):  # the timed solver's own answers, against scipy's optimum
+    if contender.startswith("fastvlp"):  # the timed solver's own answers: a full matching at scipy's optimum
         batch = make_pool(shape, 1, seed=1)[0]
-        columns = solve(batch).numpy()
-        for matrix, row_columns in zip(batch.astype(np.float64), columns):
-            rows = np.flatnonzero(row_columns >= 0)
-            expected_rows, expected_cols = linear_sum_assignment(matrix)
-            assert len(rows) == len(expected_rows)
-            assert np.isclose(matrix[rows, row_columns[rows]].sum(), matrix[expected_rows, expected_cols].sum(), rtol=1e-6)
+        assert assignment_is_optimal(batch, solve(batch))

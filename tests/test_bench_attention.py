@@ -31,16 +31,26 @@ def test_speedup_summary_compares_with_the_fastest_kernel_peer():
         {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "fastvlp", "median_ms": 2.0},
         {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "sdpa-cudnn", "median_ms": 3.0},
         {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "sdpa-efficient", "median_ms": 5.0},
-        # Modules are not kernel peers, and unavailable peers have no time.
-        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "torch-mha-detr (module)", "median_ms": 1.0},
+        # Modules are not kernel peers, unavailable peers have no time, a wrong result never counts.
+        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "torch-mha-detr (module, reference only)",
+         "median_ms": 1.0},
         {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "xformers", "median_ms": None},
+        {"name": "E", "dropout_p": 0.0, "mode": "fwd", "contender": "sdpa-math", "median_ms": 0.5,
+         "status": "wrong result: max_abs_diff_vs_reference 0.9 > 0.01"},
         {"name": "X", "dropout_p": 0.1, "mode": "fwd+bwd", "contender": "fastvlp", "median_ms": 4.0},
         {"name": "X", "dropout_p": 0.1, "mode": "fwd+bwd", "contender": "sdpa-cudnn", "median_ms": 2.0},
+        # The module ratio is against torch's module called the same way, never against DETR's call.
+        {"name": "X", "dropout_p": 0.1, "mode": "fwd+bwd", "contender": "fastvlp-mha (module)", "median_ms": 5.0},
+        {"name": "X", "dropout_p": 0.1, "mode": "fwd+bwd", "contender": "torch-mha (module)", "median_ms": 6.0},
+        {"name": "X", "dropout_p": 0.1, "mode": "fwd+bwd", "contender": "torch-mha-detr (module, reference only)",
+         "median_ms": 9.0},
     ]
     lines = attention.speedup_summary(rows).splitlines()[1:]
-    assert len(lines) == 2
+    assert len(lines) == 4
     assert lines[0].split()[3:] == ["2.000", "sdpa-cudnn", "3.000", "1.50x"]
     assert lines[1].split()[3:] == ["4.000", "sdpa-cudnn", "2.000", "0.50x"]
+    assert lines[2].startswith("modules")
+    assert lines[3].split()[3:] == ["5.000", "torch-mha", "(module)", "6.000", "1.20x"]
 
 
 def test_versions_name_a_source_tree_run(monkeypatch):
@@ -94,26 +104,26 @@ def test_fastvlp_module_row_calls_the_fused_path(scenario):
     # The path depends on shapes, dtypes and flags, not on values: broadcast views keep the big scenarios cheap.
     query = torch.randn(width).expand(query_length, batch, width)
     key = torch.randn(width).expand(key_length, batch, width)
-    arguments = attention._module_arguments("fastvlp", scenario, "cpu")
-    assert arguments["need_weights"] is False and arguments["is_causal"] is scenario["causal"]
-    assert module.why_not_fast_path(query, key, key, **arguments) is None
-    # DETR's call, which the torch row keeps, is the one that would miss it.
-    detr = attention._module_arguments("torch", scenario, "cpu")
+    for kind in ("fastvlp", "torch"):  # torch's module is called the same way: its fair peer
+        arguments = attention._module_arguments(kind, scenario, "cpu")
+        assert arguments["need_weights"] is False and arguments["is_causal"] is scenario["causal"]
+        assert module.why_not_fast_path(query, key, key, **arguments) is None
+    # DETR's call, kept as a reference row only, is the one that would miss it.
+    detr = attention._module_arguments("detr", scenario, "cpu")
     assert "need_weights" not in detr and (detr["attn_mask"] is not None) is scenario["causal"]
     assert module.why_not_fast_path(query, key, key, **detr) is not None
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal-self", "cross"])
-def test_module_rows_compute_the_same_attention(causal, monkeypatch):
+def test_module_rows_share_weights_and_compute_the_same_attention(causal, monkeypatch):
     from fastvlp.ops.fmha import dispatch
 
     generator = torch.Generator().manual_seed(7)
     query_length = 12 if causal else 5
     scenario = dict(name="tiny", batch=3, heads=2, head_dim=8, query_length=query_length, key_length=12,
                     mask=attention.text_padding(3, 12, seed=3), causal=causal)
+    # No weights are copied here: every module row of a scenario starts from the same weights.
     fast, fast_call = attention._module_call("fastvlp", scenario, 0.0, "cpu", torch.float32)
-    reference, reference_call = attention._module_call("torch", scenario, 0.0, "cpu", torch.float64)
-    reference.load_state_dict({name: value.double() for name, value in fast.state_dict().items()})
     fused_calls = []
     real_attention = dispatch.attention
 
@@ -125,6 +135,157 @@ def test_module_rows_compute_the_same_attention(causal, monkeypatch):
     q, k, v = (torch.randn(3, length, 2, 8, generator=generator) for length in (query_length, 12, 12))
     out = fast_call(q, k, v)
     assert fused_calls == [causal]
-    expected = reference_call(q.double(), k.double(), v.double())
-    assert out.shape == expected.shape == (3, query_length, 2, 8)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    for kind in ("torch", "detr"):
+        reference, reference_call = attention._module_call(kind, scenario, 0.0, "cpu", torch.float64)
+        assert all(torch.equal(a.double(), b) for a, b in zip(fast.state_dict().values(),
+                                                              reference.state_dict().values()))
+        expected = reference_call(q.double(), k.double(), v.double())
+        assert out.shape == expected.shape == (3, query_length, 2, 8)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- run() on the CPU, tiny shapes
+
+def tiny_scenarios(count=1):
+    """Small scenarios with padding (cross) and with causality plus padding (self)."""
+    shapes = [dict(query_length=5, key_length=12, causal=False), dict(query_length=12, key_length=12, causal=True)]
+    # Padding in both batch rows (7 and 10 valid keys of 12).
+    padding = torch.arange(12)[None, :] >= torch.tensor([[7], [10]])
+    return [dict(name=f"tiny{index}", batch=2, heads=2, head_dim=8, mask=padding.clone(), **shapes[index % 2])
+            for index in range(count)]
+
+
+def cpu_run(contenders, count=1, **kwargs):
+    return attention.run(repeats=kwargs.pop("repeats", 2), warmup=kwargs.pop("warmup", 1), dtype=torch.float32,
+                         contenders=contenders, progress=False, device="cpu", scenario_list=tiny_scenarios(count),
+                         compile_backend="eager", **kwargs)
+
+
+def flex_forward_rows(rows):
+    return [row for row in rows if row["contender"] == "flex-compiled" and row["dropout_p"] == 0.0
+            and row["mode"] == "fwd"]
+
+
+def test_flex_rows_stay_compiled_in_every_scenario():
+    # The limit is cut to 1 so that the shared cache would overflow on the second scenario without a reset.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        rows = cpu_run(["flex-compiled"], count=2)
+    forward = flex_forward_rows(rows)
+    assert [row["name"] for row in forward] == ["tiny0", "tiny1"]
+    for row in forward:
+        assert "status" not in row and len(row["raw_ms"]) == 2, row.get("status")
+        assert row["max_abs_diff_vs_reference"] < 1e-4
+
+
+def test_a_flex_row_that_would_run_uncompiled_is_reported_not_timed(monkeypatch):
+    torch._dynamo.reset()  # a clean start, then caches shared across scenarios, as without the per-scenario reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        rows = cpu_run(["flex-compiled"], count=2)
+    first, second = flex_forward_rows(rows)
+    assert "status" not in first
+    assert second["median_ms"] is None and second["raw_ms"] == []
+    assert "recompile limit" in second["status"]
+
+
+def test_sdpa_gets_its_best_mask_prepared_outside_the_calls(monkeypatch):
+    import torch.nn.attention as nn_attention
+    import torch.nn.functional as F
+
+    seen, entered = [], []
+    real_sdpa, real_kernel = F.scaled_dot_product_attention, nn_attention.sdpa_kernel
+
+    def recorded_sdpa(*args, **kwargs):
+        seen.append(kwargs["attn_mask"])
+        return real_sdpa(*args, **kwargs)
+
+    def recorded_kernel(*args, **kwargs):
+        entered.append(args)
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recorded_sdpa)
+    monkeypatch.setattr(nn_attention, "sdpa_kernel", recorded_kernel)
+    rows = cpu_run(["sdpa-math"], count=2, repeats=5, warmup=2)
+    masks = [mask for mask in seen if mask is not None]
+    assert masks and all(mask.dtype == torch.float32 for mask in masks)  # never a bool converted per call
+    assert all(mask.stride(-2) % 16 == 0 for mask in masks)  # aligned: no per-call copy either
+    # The backend choice is entered around a row's calls (trial, check, each mode), not per call.
+    assert len(entered) <= 2 * 2 * 4 < len(seen)
+    builds = [row for row in rows if row["contender"] == "sdpa-mask-build"]
+    assert [row["name"] for row in builds] == ["tiny0", "tiny1"] and all(len(row["raw_ms"]) >= 3 for row in builds)
+    timed = [row for row in rows if row["contender"] == "sdpa-math" and row["dropout_p"] == 0.0]
+    assert all("status" not in row for row in timed)
+    assert {row["mode"] for row in timed} == {"fwd", "fwd+bwd"}
+    assert all(row.get("max_abs_diff_vs_reference", row.get("max_abs_grad_diff_vs_reference")) < 1e-5
+               for row in timed)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["cross-padding", "causal-padding"])
+def test_sdpa_mask_forms_match_the_keep_mask_and_the_overhead_benchmark(index):
+    from fastvlp.bench import attention_masks
+
+    scenario = tiny_scenarios(2)[index]
+    additive, is_causal = attention_masks.sdpa_mask(scenario, "cpu", torch.float16)
+    keep = attention_masks.keep_mask(scenario, "cpu")
+    expected_shape = (2, 1, 12, 12) if scenario["causal"] else (2, 1, 1, 12)
+    assert additive.shape == expected_shape and additive.dtype == torch.float16 and not is_causal
+    broadcast = torch.broadcast_to(additive, keep.shape)
+    assert torch.equal(broadcast == 0, keep) and torch.isinf(broadcast[~keep]).all()
+    # The host-overhead benchmark hands SDPA the very same mask form (not the dense bool mask).
+    overhead_mask = attention_overhead.sdpa_default(scenario, "cpu", torch.float16).attn_mask
+    assert torch.equal(overhead_mask, additive) and overhead_mask.stride() == additive.stride()
+    # And SDPA with it computes the masked attention.
+    from fastvlp.ops.fmha.reference import attention_reference
+
+    q, k, v = (torch.randn(2, length, 2, 8, dtype=torch.float64) for length in (scenario["query_length"], 12, 12))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=additive.double()).transpose(1, 2)
+    expected = attention_reference(q, k, v, key_padding_mask=scenario["mask"], causal=scenario["causal"])
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_peer_with_a_wrong_result_is_flagged_and_left_out_of_the_ratios(monkeypatch):
+    def wrong_peer(scenario, dropout_p, setup):  # ignores the mask: not the scenario's attention
+        return attention.Prepared(attention._sdpa_call(None, False, dropout_p))
+
+    monkeypatch.setitem(attention.CONTENDERS, "sdpa-math", wrong_peer)
+    rows = cpu_run(["fastvlp", "sdpa-math"])
+    by_key = {(row["contender"], row["mode"], row["dropout_p"]): row for row in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        assert "status" not in by_key[("fastvlp", mode, 0.0)]
+        assert by_key[("sdpa-math", mode, 0.0)]["status"].startswith("wrong result")
+        assert by_key[("sdpa-math", mode, 0.0)]["raw_ms"]  # timed, but never compared
+        # Its dropout rows cannot be checked, and are not trusted either.
+        assert by_key[("sdpa-math", mode, 0.1)]["status"].startswith("wrong result at dropout 0")
+    # With its only peer wrong, fastvlp has nothing to be compared with.
+    assert attention.speedup_summary(rows).splitlines()[1:] == []
+
+
+def test_module_rows_include_the_fair_torch_peer_and_clear_their_gradients(monkeypatch):
+    rows = cpu_run(list(attention.MODULE_ROWS))
+    forward = {row["contender"]: row for row in rows if row["dropout_p"] == 0.0 and row["mode"] == "fwd"}
+    assert forward["torch-mha (module)"]["need_weights"] is False
+    assert forward["fastvlp-mha (module)"]["need_weights"] is False
+    assert forward["torch-mha-detr (module, reference only)"]["need_weights"] is True
+    assert all(row["max_abs_diff_vs_reference"] < 1e-5 and "status" not in row for row in forward.values())
+    summary = attention.speedup_summary(rows)
+    assert "torch-mha (module)" in summary and "detr" not in summary
+
+
+def test_the_attention_cli_marks_files_written_mid_run_as_partial(tmp_path, monkeypatch):
+    written = []
+
+    def fake_run(repeats, warmup, dtype, names, contenders, after_scenario):
+        rows = [common.result_row("E", "fastvlp", "s", [1.0], mode="fwd", dropout_p=0.0)]
+        after_scenario(rows)
+        written.append(json.loads((tmp_path / "fake-gpu" / "attention.json").read_text()))
+        return rows
+
+    monkeypatch.setattr(attention, "run", fake_run)
+    monkeypatch.setattr(attention, "device_name", lambda device: "fake-gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert attention.main(["--out-dir", str(tmp_path), "--repeats", "3"]) == 0
+    assert written[0]["complete"] is False
+    final = json.loads((tmp_path / "fake-gpu" / "attention.json").read_text())
+    assert final["complete"] is True and final["repeats"] == 3 and "provenance" in final

@@ -1,16 +1,20 @@
-"""`fastvlp bench e2e` at a tiny size: the result files and their schema (no speeds asserted)."""
+"""`fastvlp bench e2e` at a tiny size: the result files and their schema (no speeds asserted), and the
+guards that keep a compiled row from reporting an uncompiled or compiling run as a timing."""
 import argparse
 import json
 
 import pytest
 import torch
 
+from fastvlp.bench import common
+
 pytest.importorskip("transformers")
 
+from fastvlp.bench import e2e
 from fastvlp.bench.e2e import E2EQuery, RegionQuery, _compiled, build_contenders, main
 
 TINY = ["--device", "cpu", "--preset", "tiny", "--image-sizes", "64x64", "--native-size", "64x96", "--batch-size", "1",
-        "--repeats", "1", "--warmup", "0", "--bert-layers", "1", "--bert-hidden", "64", "--rpn-pre-nms", "300",
+        "--repeats", "2", "--warmup", "0", "--bert-layers", "1", "--bert-hidden", "64", "--rpn-pre-nms", "300",
         "--rpn-post-nms", "20", "--text-length", "6"]
 
 
@@ -18,10 +22,16 @@ def test_e2e_bench_writes_every_row_and_stage(tmp_path):
     out = tmp_path / "e2e.json"
     assert main(TINY + ["--out", str(out)]) == 0
     payload = json.loads(out.read_text())
-    assert set(payload) == {"device", "versions", "amp", "results"}
+    assert set(payload) == {"benchmark", "device", "complete", "provenance", "versions", "amp", "repeats", "warmup",
+                            "batch_size", "text_length", "image_sizes", "native_size", "compile", "results"}
+    assert payload["benchmark"] == "e2e" and payload["complete"] is True
+    assert (payload["repeats"], payload["warmup"], payload["batch_size"], payload["text_length"]) == (2, 0, 1, 6)
+    assert payload["image_sizes"] == ["64x64"] and payload["native_size"] == "64x96" and payload["compile"] is False
     assert payload["amp"] is False and payload["versions"]["transformers"] != "missing"
+    assert payload["provenance"]["command"] and "torch_threads" in payload["provenance"]
     rows = payload["results"]
-    keys = {"pipeline", "preset", "image_size", "native", "compiled", "batch_size", "median_ms", "p10_ms", "p90_ms", "stages"}
+    keys = {"pipeline", "preset", "image_size", "native", "compiled", "batch_size", "median_ms", "p10_ms", "p90_ms",
+            "raw_ms", "stages", "stages_raw_ms"}
     assert all(set(row) == keys for row in rows)
     found = {(row["pipeline"], row["image_size"], row["native"]) for row in rows}
     assert found == {("e2e-fastvlp", "64x64", False), ("e2e-torch", "64x64", False),
@@ -29,13 +39,18 @@ def test_e2e_bench_writes_every_row_and_stage(tmp_path):
                      ("region-thresholded", "64x96", True), ("region-36", "64x96", True)}
     for row in rows:
         expected = ("backbone", "encoder", "head") if row["pipeline"].startswith("e2e") else ("backbone", "rpn", "roi_heads", "bert")
-        assert tuple(row["stages"]) == expected
+        assert tuple(row["stages"]) == tuple(row["stages_raw_ms"]) == expected
         assert all(value > 0 for value in row["stages"].values())
+        assert len(row["raw_ms"]) == 2 and all(len(values) == 2 for values in row["stages_raw_ms"].values())
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
-        assert row["median_ms"] == pytest.approx(sum(row["stages"].values()), rel=1e-6)  # one run: the stages add up
+        assert row["median_ms"] == pytest.approx(sum(row["raw_ms"]) / 2)
+        for repeat in range(2):  # each run's stages add up to its total
+            stage_sum = sum(values[repeat] for values in row["stages_raw_ms"].values())
+            assert row["raw_ms"][repeat] == pytest.approx(stage_sum, rel=1e-6)
         assert row["preset"] == ("tiny" if row["pipeline"].startswith("e2e") else "r101-c4+bert-base")
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| region-36 |") == 2 and "roi_heads ms" in table
+    assert "Repeats 2 after 0 warm-up runs" in table and "Command:" in table and "TF32 matmul" in table
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -48,6 +63,68 @@ def test_e2e_bench_rejects_bad_arguments(tmp_path):
         main(TINY + ["--image-sizes", "64by64"])
     with pytest.raises(SystemExit):
         main(TINY + ["--repeats", "0"])
+    with pytest.raises(SystemExit):  # compiled rows compile in their warm-up: none would put it in the timing
+        main(TINY + ["--compile"])
+
+
+def _scale(x, factor):
+    return x * factor + 1
+
+
+class CompiledQuery:
+    """A one-stage query around a compiled (or, with ``compile=False``, plain) function; ``shapes`` gives
+    each run's input length."""
+
+    def __init__(self, shapes, compile=True):
+        self.function = torch.compile(_scale, backend="eager", dynamic=False) if compile else _scale
+        self.shapes = iter(shapes)
+
+    def stages(self, images, input_ids, text_mask):
+        length = next(self.shapes)
+        return (("backbone", lambda: self.function(torch.ones(length), 2.0)),)
+
+
+def _time(query, repeats, warmup, compiled=True):
+    images = torch.zeros(1, 3, 4, 4)
+    return e2e.time_query(query, images, None, None, repeats, warmup, False, torch.device("cpu"), compiled=compiled)
+
+
+def test_a_compiled_query_that_compiles_while_timed_is_refused():
+    torch._dynamo.reset()
+    measured = _time(CompiledQuery([3, 3, 3]), repeats=2, warmup=1)
+    assert len(measured["raw_ms"]) == 2
+    torch._dynamo.reset()
+    with pytest.raises(common.CompiledDuringTiming):
+        _time(CompiledQuery([3, 4, 5]), repeats=2, warmup=1)  # new shapes after the warm-up
+
+
+def test_compiled_rows_are_compiled_afresh_and_a_fallback_is_reported(monkeypatch):
+    # Four compiled rows over one function: without the reset before each, the shared cache would pass
+    # the (lowered) recompile limit and the later rows would time uncompiled code.
+    torch._dynamo.reset()
+    queries = [CompiledQuery([length] * 3, compile=index >= 2) for index, length in enumerate((3, 4, 5, 6))]
+    contenders = [(f"e2e-q{index}", "tiny", query) for index, query in enumerate(queries[:2])]
+    compiled = iter(queries[2:])
+    monkeypatch.setattr(e2e, "build_contenders", lambda args, device: list(contenders))
+    monkeypatch.setattr(e2e, "_compiled", lambda query: next(compiled))
+    args = argparse.Namespace(device="cpu", compile=True, seed=0, batch_size=1, text_length=4, image_sizes=[(4, 4)],
+                              native_size=(4, 4), repeats=2, warmup=1, amp=False)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        payload = e2e.run(args)
+    rows = payload["results"]
+    assert [row["compiled"] for row in rows] == [False, False, True, True]
+    assert all("status" not in row and len(row["raw_ms"]) == 2 for row in rows)
+    # Without the reset the second compiled row reaches the limit: it is reported, not timed.
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    queries[:] = [CompiledQuery([length] * 3, compile=index >= 2) for index, length in enumerate((3, 4, 5, 6))]
+    contenders[:] = [(f"e2e-q{index}", "tiny", query) for index, query in enumerate(queries[:2])]
+    compiled = iter(queries[2:])
+    with torch._dynamo.config.patch(recompile_limit=1):
+        rows = e2e.run(args)["results"]
+    assert "status" not in rows[2]
+    assert rows[3]["median_ms"] is None and rows[3]["raw_ms"] == [] and "recompile limit" in rows[3]["status"]
+    assert "recompile limit" in e2e.markdown(dict(payload, results=rows))
 
 
 def test_compiled_contenders_leave_the_eager_ones_uncompiled():

@@ -16,6 +16,7 @@ def test_generation_bench_writes_one_row_per_backend_and_measurement(tmp_path, o
     payload = json.loads(json_path.read_text())
     assert payload["benchmark"] == "generation" and payload["backends"] == ["fastvlp", "torch"]
     assert payload["image_size"] == "64x96" and payload["versions"]["torch"] != "missing"
+    assert (payload["repeats"], payload["warmup"]) == (1, 0) and payload["complete"] is True
     rows = payload["results"]
     measurements = {"caption-beam4-cache", "caption-beam4-no-cache", "vqa"}
     assert sorted((row["contender"], row["name"]) for row in rows) == sorted(

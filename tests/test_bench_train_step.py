@@ -36,6 +36,9 @@ def test_a_timed_contender_frees_its_gradients_and_optimizer(monkeypatch):
     assert measured["peak_memory_above_start_mb"] is None  # measured on CUDA only
     stages = measured["stages"]
     assert set(stages) == STAGES and all(value > 0 for value in stages.values())
+    assert {name: len(values) for name, values in measured["stages_raw_ms"].items()} == dict.fromkeys(STAGES, 1)
+    # The matcher is timed as the model builds it, and the row says how.
+    assert measured["matcher_check_finite"] is model.criterion.matcher.check_finite is True
     # One repeat: the medians are single runs, and the forward's time contains the matcher's.
     assert stages["matcher"] < stages["forward_with_matcher"]
 
@@ -44,7 +47,9 @@ def test_train_bench_writes_the_relative_peak_and_named_stages(tmp_path):
     assert train_step.main(["--device", "cpu", "--batch-size", "1", "--image-size", "64x64", "--repeats", "1",
                             "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*/train_step.json")
-    rows = json.loads(path.read_text())["results"]
+    payload = json.loads(path.read_text())
+    assert (payload["repeats"], payload["warmup"]) == (1, 0) and payload["provenance"]["torch_threads"] >= 1
+    rows = payload["results"]
     assert [row["contender"] for row in rows] == ["fastvlp", "torch-scipy"]
     for row in rows:
         assert "peak_memory_mb" not in row and row["peak_memory_above_start_mb"] is None

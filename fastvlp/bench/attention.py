@@ -11,25 +11,55 @@ Scenarios (H=8, D=32 unless noted; ``[B, L, H, D]`` tensors):
 each at dropout 0 and 0.1, forward alone and forward+backward.
 
 Contenders: fastvlp's Triton kernels; SDPA under each of its backends (flash,
-efficient, cudnn, math), rows for the ones that reject the call; FlexAttention
-compiled, with a BlockMask built outside the timing (dropout 0 only; the build is
-timed as its own row); xformers' memory_efficient_attention when installed; and, as
-DETR calls it, ``nn.MultiheadAttention`` (``need_weights`` left True) against
-``fastvlp.nn.MultiheadAttention`` called for its fused path (``need_weights=False``,
-``is_causal`` with the causal mask): these two module rows include the input and
-output projections, so compare them with each other, not with the kernel rows.
+efficient, cudnn, math), rows for the ones that reject the call, and SDPA's default
+dispatch handed the bool mask; FlexAttention compiled (dropout 0 only); xformers'
+memory_efficient_attention when installed. Masks follow one rule (see
+``fastvlp.bench.attention_masks``): each peer gets its mask in its own best form, built
+outside the timing, and each build is timed as its own ``mask build`` row; the
+``sdpa-default-boolmask`` row shows what converting a bool mask inside every call costs.
+SDPA's backend choice (``sdpa_kernel``) is entered once around a row's calls, not timed.
+
+FlexAttention is compiled with ``fullgraph=True``; Dynamo's caches are reset at the start
+of every scenario, and a row whose compilation would fall back to running uncompiled
+(Dynamo's recompile limit) or that compiles during its timed calls is reported as not
+timed, with the reason.
+
+Module rows, which include the input and output projections and share one set of
+weights: ``fastvlp.nn.MultiheadAttention`` called for its fused path
+(``need_weights=False``, ``is_causal`` with the causal mask) against
+``torch.nn.MultiheadAttention`` called the same way, its fair peer (it then runs SDPA);
+and, for reference only and never in a ratio, ``nn.MultiheadAttention`` as DETR calls it
+(``need_weights`` left True, so it materialises the head-averaged weights).
+
+Correctness is checked at dropout 0, where the peers compute the same function: every
+kernel row's output (forward) and input gradients (forward+backward) against a float32
+reference, every module row's output against float32 ``nn.MultiheadAttention`` with the
+same weights. A row over the dtype's tolerance keeps its timings but gets a
+``wrong result`` status, which keeps it out of every ratio. Dropout rows are not checked:
+each implementation draws its own dropout mask.
 
 TFLOP/s count only unmasked work: 4*D per visible (query, key) pair per head
 forward, 3.5 times that for forward+backward. Peak memory is the allocator's peak
-above the inputs during one call.
+above the inputs during one call (CUDA only). ``run`` also takes ``device="cpu"`` (host
+timings, the reference backend for fastvlp) so that its bookkeeping can be tested
+without a GPU; the numbers that matter come from a GPU.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+import contextlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 
-from fastvlp.bench.common import device_name, result_row, time_cuda_calls, unavailable_row, write_results
+from fastvlp.bench.attention_masks import (
+    flex_block_mask, sdpa_bool_mask, sdpa_mask, xformers_bias,
+)
+from fastvlp.bench.common import (
+    device_name, error_reason, result_row, strict_compilation, time_compiled_calls, time_cuda_calls,
+    time_host_calls, unavailable_row, write_results,
+)
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 
@@ -87,152 +117,146 @@ def scenarios() -> List[Dict[str, object]]:
 
 
 # ---------------------------------------------------------------- contenders
-# Each builder returns a function (q, k, v) -> output on [B, L, H, D] tensors, or
-# raises with the reason it cannot take the call.
 
-def _fastvlp(scenario, dropout_p):
+@dataclass(frozen=True)
+class Setup:
+    """Where and how a run's contenders run: the device, the inputs' dtype and torch.compile's backend."""
+
+    device: str = "cuda"
+    dtype: torch.dtype = torch.float16
+    compile_backend: str = "inductor"
+
+
+@dataclass
+class Prepared:
+    """A contender ready to time. ``call(q, k, v)`` runs it on ``[B, L, H, D]`` tensors; ``hold()`` is a
+    context entered once around its trial, warm-up and timed calls (so its own cost stays out of every
+    call); ``compiled`` marks calls that run torch.compile'd code; ``zero_grad`` clears its parameters'
+    gradients after each forward+backward; ``fields`` are added to its rows."""
+
+    call: Callable
+    hold: Callable[[], ContextManager] = contextlib.nullcontext
+    compiled: bool = False
+    zero_grad: Optional[Callable[[], None]] = None
+    fields: Dict[str, object] = field(default_factory=dict)
+
+
+# Each builder takes (scenario, dropout_p, setup) and returns a Prepared, or raises with the reason it
+# cannot take the call. Masks are built here, outside the timing.
+
+def _fastvlp(scenario, dropout_p, setup: Setup) -> Prepared:
     from fastvlp.ops.fmha.dispatch import attention
 
     mask, causal = scenario["mask"], scenario["causal"]
-    return lambda q, k, v: attention(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=dropout_p,
-                                     backend="triton")
+    # The kernels on CUDA; on a CPU (bookkeeping tests) the reference, since the kernels need a GPU.
+    backend = "triton" if torch.device(setup.device).type == "cuda" else "reference"
+    return Prepared(lambda q, k, v: attention(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=dropout_p,
+                                              backend=backend),
+                    fields={"backend": backend, "mask_form": "bool key padding [B, Lk], as the model holds it"})
 
 
-def _keep_mask(scenario, device):
-    """Bool ``[B, 1, Lq, Lk]`` (True = attend) for peers that take a dense mask, or None."""
-    mask, causal = scenario["mask"], scenario["causal"]
-    query_length, key_length = scenario["query_length"], scenario["key_length"]
-    if mask is None and not causal:
-        return None
-    keep = torch.ones(scenario["batch"], 1, query_length, key_length, dtype=torch.bool, device=device)
-    if mask is not None:
-        keep &= ~mask[:, None, None, :]
-    if causal:
-        rows = torch.arange(query_length, device=device)[:, None]
-        keep &= torch.arange(key_length, device=device)[None, :] <= rows + key_length - query_length
-    return keep
-
-
-def _sdpa(backend_name):
-    def build(scenario, dropout_p):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        import torch.nn.functional as F
-
-        backend = getattr(SDPBackend, backend_name)
-        only_causal = scenario["causal"] and scenario["mask"] is None and \
-            scenario["query_length"] == scenario["key_length"]
-        keep = None if only_causal else _keep_mask(scenario, "cuda")
-        if keep is not None and scenario["mask"] is not None and not scenario["causal"]:
-            keep = keep[:, :, :1, :]  # [B, 1, 1, Lk]: broadcast over queries, as DETR-style padding is
-
-        def call(q, k, v):
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     attn_mask=keep, dropout_p=dropout_p, is_causal=only_causal)
-            return out.transpose(1, 2)
-
-        return call
-
-    return build
-
-
-def _flex(scenario, dropout_p):
-    if dropout_p > 0:
-        raise RuntimeError("FlexAttention has no dropout")
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    mask, causal = scenario["mask"], scenario["causal"]
-    offset = scenario["key_length"] - scenario["query_length"]
-
-    def mask_mod(b, h, q_index, kv_index):
-        keep = kv_index >= 0
-        if mask is not None:
-            keep = keep & ~mask[b, kv_index]
-        if causal:
-            keep = keep & (kv_index <= q_index + offset)
-        return keep
-
-    block_mask = create_block_mask(mask_mod, scenario["batch"], None, scenario["query_length"],
-                                   scenario["key_length"], device="cuda")
-    compiled = torch.compile(flex_attention, dynamic=False)
+def _sdpa_call(attn_mask, is_causal, dropout_p):
+    import torch.nn.functional as F
 
     def call(q, k, v):
-        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
         return out.transpose(1, 2)
 
     return call
 
 
-def _flex_block_mask_build(scenario):
-    from torch.nn.attention.flex_attention import create_block_mask
+def _sdpa(backend_name):
+    def build(scenario, dropout_p, setup: Setup) -> Prepared:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    mask, causal = scenario["mask"], scenario["causal"]
-    offset = scenario["key_length"] - scenario["query_length"]
+        backend = getattr(SDPBackend, backend_name)
+        attn_mask, is_causal = sdpa_mask(scenario, setup.device, setup.dtype)
+        return Prepared(_sdpa_call(attn_mask, is_causal, dropout_p), hold=lambda: sdpa_kernel([backend]),
+                        fields={"mask_form": "additive in the inputs' dtype, 16-aligned, prebuilt"})
 
-    def mask_mod(b, h, q_index, kv_index):
-        keep = kv_index >= 0
-        if mask is not None:
-            keep = keep & ~mask[b, kv_index]
-        if causal:
-            keep = keep & (kv_index <= q_index + offset)
-        return keep
-
-    return lambda: create_block_mask(mask_mod, scenario["batch"], None, scenario["query_length"],
-                                     scenario["key_length"], device="cuda")
+    return build
 
 
-def _xformers(scenario, dropout_p):
-    import xformers.ops as xops
+def _sdpa_default_boolmask(scenario, dropout_p, setup: Setup) -> Prepared:
+    attn_mask, is_causal = sdpa_bool_mask(scenario, setup.device)
+    return Prepared(_sdpa_call(attn_mask, is_causal, dropout_p),
+                    fields={"mask_form": "bool, converted by SDPA inside every call"})
 
-    keep = _keep_mask(scenario, "cuda")
-    heads, query_length, key_length = scenario["heads"], scenario["query_length"], scenario["key_length"]
-    if keep is None:
-        bias = None
-    elif scenario["mask"] is None and scenario["causal"]:
-        bias = xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
-    else:
-        # A dense additive bias, the only form xformers takes for arbitrary padding;
-        # its last dim is allocated to a multiple of 8 as the kernels require.
-        padded = (key_length + 7) // 8 * 8
-        storage = torch.zeros(scenario["batch"], heads, query_length, padded, device="cuda", dtype=torch.float16)
-        bias = storage[..., :key_length]
-        bias.masked_fill_(~keep.expand(-1, heads, -1, -1), float("-inf"))
+
+def _flex(scenario, dropout_p, setup: Setup) -> Prepared:
+    if dropout_p > 0:
+        raise RuntimeError("FlexAttention has no dropout")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = flex_block_mask(scenario, setup.device)
+    # fullgraph: a graph break would run part of it eagerly, which is not what the row names.
+    compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True, backend=setup.compile_backend)
 
     def call(q, k, v):
-        return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p)
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+        return out.transpose(1, 2)
 
-    return call
+    return Prepared(call, compiled=True, fields={"mask_form": "BlockMask, prebuilt"})
+
+
+def _xformers(scenario, dropout_p, setup: Setup) -> Prepared:
+    import xformers.ops as xops
+
+    bias = xformers_bias(scenario, scenario["heads"], setup.device, setup.dtype)
+    return Prepared(lambda q, k, v: xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p),
+                    fields={"mask_form": "dense additive bias, prebuilt" if isinstance(bias, torch.Tensor)
+                            else "attn_bias object"})
+
+
+MODULE_KINDS = ("detr", "torch", "fastvlp")
 
 
 def _module_arguments(kind: str, scenario, device) -> Dict[str, object]:
-    """Keyword arguments of a module row's call. ``"torch"``: as DETR calls ``nn.MultiheadAttention``
-    (``need_weights`` left True, causality as a bool ``attn_mask``). ``"fastvlp"``: the call that takes
-    fastvlp's fused path (``need_weights=False``, and the causal mask with the ``is_causal`` hint)."""
-    if kind not in ("torch", "fastvlp"):
-        raise ValueError(f"kind: expected 'torch' or 'fastvlp', got {kind!r}")
+    """Keyword arguments of a module row's call. ``"detr"``: as DETR calls ``nn.MultiheadAttention``
+    (``need_weights`` left True, causality as a bool ``attn_mask``). ``"torch"`` and ``"fastvlp"``: the
+    call the model's layers make, ``need_weights=False`` with the causal mask and its ``is_causal`` hint;
+    it takes fastvlp's fused path and torch's SDPA path."""
+    if kind not in MODULE_KINDS:
+        raise ValueError(f"kind: expected one of {MODULE_KINDS}, got {kind!r}")
     mask, causal = scenario["mask"], scenario["causal"]
     attn_mask = None
     if causal:
         query_length, key_length = scenario["query_length"], scenario["key_length"]
         rows = torch.arange(query_length, device=device)[:, None]
         attn_mask = torch.arange(key_length, device=device)[None, :] > rows + key_length - query_length
-    arguments = dict(key_padding_mask=mask, attn_mask=attn_mask)
-    if kind == "fastvlp":
+    arguments = dict(key_padding_mask=None if mask is None else mask.to(device), attn_mask=attn_mask)
+    if kind != "detr":
         arguments.update(need_weights=False, is_causal=causal)
     return arguments
 
 
+def _module_weights(scenario) -> Dict[str, torch.Tensor]:
+    """One set of MultiheadAttention weights per scenario, shared by every module row."""
+    if "module_weights" not in scenario:
+        width = scenario["heads"] * scenario["head_dim"]
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        scenario["module_weights"] = torch.nn.MultiheadAttention(width, scenario["heads"]).state_dict()
+        torch.random.set_rng_state(generator_state)
+    return scenario["module_weights"]
+
+
 def _module_call(kind: str, scenario, dropout_p: float, device, dtype: torch.dtype):
-    """``(module, call)``: a ``kind`` MultiheadAttention of the scenario's width on ``device`` in training
-    mode, and a function (q, k, v) -> output on ``[B, L, H, D]`` tensors that runs it as the row does."""
+    """``(module, call)``: a ``kind`` MultiheadAttention (torch's for ``"detr"`` and ``"torch"``) of the
+    scenario's width with the scenario's shared weights, on ``device`` in training mode, and a function
+    (q, k, v) -> output on ``[B, L, H, D]`` tensors that runs it as the row does."""
+    if kind not in MODULE_KINDS:
+        raise ValueError(f"kind: expected one of {MODULE_KINDS}, got {kind!r}")
     heads, head_dim = scenario["heads"], scenario["head_dim"]
     width = heads * head_dim
-    if kind == "torch":
-        module = torch.nn.MultiheadAttention(width, heads, dropout=dropout_p)
-    else:
+    if kind == "fastvlp":
         from fastvlp.nn.multihead_attention import MultiheadAttention
 
         module = MultiheadAttention(width, heads, dropout=dropout_p)
+    else:
+        module = torch.nn.MultiheadAttention(width, heads, dropout=dropout_p)
+    module.load_state_dict(_module_weights(scenario))
     module = module.to(device, dtype).train()
     arguments = _module_arguments(kind, scenario, device)
 
@@ -250,22 +274,70 @@ def _module_call(kind: str, scenario, dropout_p: float, device, dtype: torch.dty
 
 
 def _module(kind):
-    def build(scenario, dropout_p):
-        return _module_call(kind, scenario, dropout_p, "cuda", _DTYPE[0])[1]
+    def build(scenario, dropout_p, setup: Setup) -> Prepared:
+        module, call = _module_call(kind, scenario, dropout_p, setup.device, setup.dtype)
+        return Prepared(call, zero_grad=lambda: module.zero_grad(set_to_none=True),
+                        fields={"need_weights": kind == "detr"})
 
     return build
 
 
-_DTYPE = [torch.float16]  # set by run(); the module builders read it
+KERNEL_REFERENCE = "float32 attention_reference"
+MODULE_ROWS = {
+    "torch-mha (module)": "torch",
+    "fastvlp-mha (module)": "fastvlp",
+    "torch-mha-detr (module, reference only)": "detr",
+}
 
 CONTENDERS: Dict[str, Callable] = {
     "fastvlp": _fastvlp,
     **{f"sdpa-{name.split('_')[0].lower()}": _sdpa(name) for name in SDPA_BACKENDS},
+    "sdpa-default-boolmask": _sdpa_default_boolmask,
     "flex-compiled": _flex,
     "xformers": _xformers,
-    "torch-mha-detr (module)": _module("torch"),
-    "fastvlp-mha (module)": _module("fastvlp"),
+    **{name: _module(kind) for name, kind in MODULE_ROWS.items()},
 }
+
+# Mask preparations, timed as their own rows: (row contender, the contenders that use it, builder).
+# fastvlp has none: it reads the bool key padding the model holds.
+MASK_BUILDS = (
+    ("sdpa-mask-build", tuple(f"sdpa-{name.split('_')[0].lower()}" for name in SDPA_BACKENDS),
+     lambda scenario, setup: sdpa_mask(scenario, setup.device, setup.dtype)[0]),
+    ("flex-blockmask-build", ("flex-compiled",), lambda scenario, setup: flex_block_mask(scenario, setup.device)),
+    ("xformers-bias-build", ("xformers",),
+     lambda scenario, setup: xformers_bias(scenario, scenario["heads"], setup.device, setup.dtype)),
+)
+
+
+def _mask_build_rows(scenario, setup: Setup, contenders, timer, repeats: int, shape: str,
+                     common: Dict[str, object]) -> List[Dict[str, object]]:
+    """A timed row per mask preparation that a selected peer uses; none where there is nothing to build,
+    and none for xformers when it is not installed (its row says so)."""
+    rows = []
+    for row_name, users, build in MASK_BUILDS:
+        if contenders and not set(users) & set(contenders):
+            continue
+        if row_name.startswith("xformers") and importlib.util.find_spec("xformers") is None:
+            continue
+        try:
+            if build(scenario, setup) is None:
+                continue
+            timings = timer(lambda _: build(scenario, setup), repeats=max(3, repeats // 4), warmup=1)
+            rows.append(result_row(scenario["name"], row_name, shape, timings, mode="mask build", **common,
+                                   dropout_p=0.0))
+        except Exception as error:
+            rows.append(unavailable_row(scenario["name"], row_name, shape, _error(error), mode="mask build",
+                                        **common, dropout_p=0.0))
+    return rows
+
+
+# Largest max-abs difference to the float32 reference, relative to the reference's largest magnitude
+# (at least 1), that still counts as the same result.
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float32: 1e-3}
+
+
+def is_module_row(contender: str) -> bool:
+    return contender in MODULE_ROWS
 
 
 # ---------------------------------------------------------------- measurement
@@ -280,121 +352,236 @@ def _peak_memory_mb(call: Callable[[], object]) -> float:
 
 
 def _error(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".replace("\n", " ")
-    return text[:300]
+    return error_reason(error)
+
+
+def _kernel_reference(scenario, q, k, v, grad_out):
+    """Float32 output and input gradients of the scenario's attention (dropout 0)."""
+    from fastvlp.ops.fmha.reference import attention_reference
+
+    inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():
+        out = attention_reference(*inputs, key_padding_mask=scenario["mask"], causal=scenario["causal"])
+        grads = torch.autograd.grad(out, inputs, grad_out.float())
+    return out.detach(), [g.detach() for g in grads]
+
+
+def _module_reference(scenario, q, k, v, device):
+    module, call = _module_call("torch", scenario, 0.0, device, torch.float32)
+    with torch.no_grad():
+        return call(q.float(), k.float(), v.float())
+
+
+def _difference(found: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> tuple:
+    """(max abs difference, scale of the expected values) over matching tensors."""
+    difference = max(float((a.float() - b).abs().max()) for a, b in zip(found, expected))
+    scale = max(1.0, max(float(b.abs().max()) for b in expected))
+    return difference, scale
+
+
+def _input_gradients(prepared: Prepared, q, k, v, grad_out):
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():
+        prepared.call(*inputs).backward(grad_out)
+    if prepared.zero_grad is not None:
+        prepared.zero_grad()
+    return [t.grad for t in inputs]
+
+
+def _check(label: Dict[str, object], key: str, found, expected, dtype) -> Optional[str]:
+    """Record the difference in ``label``; the wrong-result status if it exceeds the tolerance."""
+    difference, scale = _difference(found, expected)
+    label[key] = difference
+    tolerance = TOLERANCE.get(dtype, 1e-3) * scale
+    if not difference <= tolerance:  # also catches NaN
+        return f"wrong result: {key} {difference:.3g} > {tolerance:.3g}"
+    return None
+
+
+def _verify(contender: str, prepared: Prepared, out: torch.Tensor, label: Dict[str, object],
+            references: Dict[str, object], scenario, tensors, device, dtype):
+    """Check one contender at dropout 0: ``(per-mode row fields, per-mode wrong-result status or None)``.
+    Kernels: the output (fwd) and the input gradients (fwd+bwd) against a float32 reference; modules:
+    the output against float32 ``nn.MultiheadAttention`` with the same weights."""
+    q, k, v, grad_out = tensors
+    labels = {"fwd": dict(label), "fwd+bwd": dict(label)}
+    wrong: Dict[str, Optional[str]] = {"fwd": None, "fwd+bwd": None}
+    if is_module_row(contender):
+        if "module" not in references:
+            references["module"] = _module_reference(scenario, q, k, v, device)
+        labels["fwd"]["checked_against"] = "float32 torch.nn.MultiheadAttention"
+        wrong["fwd"] = _check(labels["fwd"], "max_abs_diff_vs_reference", [out], [references["module"]], dtype)
+        return labels, wrong
+    if "kernel" not in references:
+        references["kernel"] = _kernel_reference(scenario, q, k, v, grad_out)
+    expected_out, expected_grads = references["kernel"]
+    labels["fwd"]["checked_against"] = KERNEL_REFERENCE
+    wrong["fwd"] = _check(labels["fwd"], "max_abs_diff_vs_reference", [out], [expected_out], dtype)
+    try:
+        with prepared.hold(), _strict_if(prepared.compiled):
+            grads = _input_gradients(prepared, q, k, v, grad_out)
+    except Exception:  # no backward: the fwd+bwd timing reports why
+        return labels, wrong
+    labels["fwd+bwd"]["checked_against"] = KERNEL_REFERENCE
+    wrong["fwd+bwd"] = _check(labels["fwd+bwd"], "max_abs_grad_diff_vs_reference", grads, expected_grads, dtype)
+    return labels, wrong
 
 
 def run(repeats: int = 20, warmup: int = 5, dtype: torch.dtype = torch.float16,
         names: Optional[Sequence[str]] = None, contenders: Optional[Sequence[str]] = None,
         progress: bool = True,
-        after_scenario: Optional[Callable[[List[Dict[str, object]]], None]] = None) -> List[Dict[str, object]]:
+        after_scenario: Optional[Callable[[List[Dict[str, object]]], None]] = None,
+        device: str = "cuda", scenario_list: Optional[Sequence[Dict[str, object]]] = None,
+        compile_backend: str = "inductor") -> List[Dict[str, object]]:
     """Time every contender on every scenario; returns result rows. ``after_scenario`` receives the rows
-    so far after each scenario (the CLI writes them, so a run stopped early keeps what it measured)."""
-    _DTYPE[0] = dtype
+    so far after each scenario (the CLI writes them, so a run stopped early keeps what it measured).
+    ``scenario_list`` replaces :func:`scenarios` (small shapes for tests)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats/warmup: expected >= 1 and >= 0, got {repeats} and {warmup}")
+    unknown = set(contenders or ()) - set(CONTENDERS)
+    if unknown:
+        raise ValueError(f"contenders: unknown {sorted(unknown)}; expected names from {list(CONTENDERS)}")
+    from torch import _dynamo
+
+    setup = Setup(device, dtype, compile_backend)
+    cuda = torch.device(device).type == "cuda"
+    timer = time_cuda_calls if cuda else time_host_calls
     rows: List[Dict[str, object]] = []
-    for scenario in scenarios():
+    for scenario in (scenario_list if scenario_list is not None else scenarios()):
         if names and scenario["name"] not in names:
             continue
+        # Dynamo keys its caches on flex_attention's code object, shared by every scenario's compiled
+        # wrapper: without a reset, a few scenarios reach its recompile limit and later ones run uncompiled.
+        _dynamo.reset()
         batch, heads, head_dim = scenario["batch"], scenario["heads"], scenario["head_dim"]
         query_length, key_length = scenario["query_length"], scenario["key_length"]
         if scenario["mask"] is not None:
-            scenario["mask"] = scenario["mask"].cuda()
+            scenario["mask"] = scenario["mask"].to(device)
         pairs = visible_pairs(batch, query_length, key_length, scenario["mask"], scenario["causal"])
         forward_flops = 4.0 * head_dim * heads * pairs
         shape = f"B{batch} H{heads} D{head_dim} {query_length}x{key_length}"
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(batch, query_length, heads, head_dim, device="cuda", dtype=dtype, generator=generator)
-        k = torch.randn(batch, key_length, heads, head_dim, device="cuda", dtype=dtype, generator=generator)
-        v = torch.randn(batch, key_length, heads, head_dim, device="cuda", dtype=dtype, generator=generator)
-        grad_out = torch.randn_like(q)
+        generator = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(batch, query_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
+        k = torch.randn(batch, key_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
+        v = torch.randn(batch, key_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
+        grad_out = torch.randn(q.shape, device=device, dtype=dtype, generator=generator)
         padded = 0.0 if scenario["mask"] is None else float(scenario["mask"].float().mean())
         common = dict(visible_pairs=pairs, key_padding_fraction=round(padded, 4), causal=scenario["causal"],
                       dtype=str(dtype).replace("torch.", ""))
+        references: Dict[str, object] = {}  # computed once per scenario, on first use
+        wrong_without_dropout = set()  # contenders whose dropout rows cannot be trusted either
 
         for dropout_p in (0.0, 0.1):
-            reference_out = None
             for contender, builder in CONTENDERS.items():
                 if contenders and contender not in contenders:
                     continue
                 label = dict(common, dropout_p=dropout_p)
                 try:
-                    function = builder(scenario, dropout_p)
-                    with torch.no_grad():
-                        out = function(q, k, v)  # also rejects unsupported calls before timing
-                    torch.cuda.synchronize()
+                    prepared = builder(scenario, dropout_p, setup)
+                    label.update(prepared.fields)
+                    with prepared.hold(), _strict_if(prepared.compiled):
+                        with torch.no_grad():
+                            out = prepared.call(q, k, v)  # also rejects unsupported calls before timing
+                    if cuda:
+                        torch.cuda.synchronize()
                 except Exception as error:  # a peer that rejects the call is reported, not dropped
                     for mode in ("fwd", "fwd+bwd"):
                         rows.append(unavailable_row(scenario["name"], contender, shape, _error(error), mode=mode,
                                                     **label))
                     if progress:
-                        print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<24} unavailable: "
+                        print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<28} unavailable: "
                               f"{_error(error)[:90]}")
                     continue
-                if dropout_p == 0.0:
-                    if contender == "fastvlp":
-                        reference_out = out.float()
-                    elif reference_out is not None and not contender.endswith("(module)"):
-                        label["max_abs_diff_vs_fastvlp"] = float((out.float() - reference_out).abs().max())
+
+                if dropout_p == 0.0:  # where every peer computes the same function
+                    mode_labels, wrong = _verify(contender, prepared, out, label, references, scenario,
+                                                 (q, k, v, grad_out), device, dtype)
+                    if any(wrong.values()):
+                        wrong_without_dropout.add(contender)
+                else:
+                    mode_labels = {"fwd": dict(label), "fwd+bwd": dict(label)}
+                    untrusted = "wrong result at dropout 0 (dropout rows are not checked)"
+                    wrong = dict.fromkeys(mode_labels, untrusted if contender in wrong_without_dropout else None)
+                del out
 
                 inputs = [t.detach().requires_grad_() for t in (q, k, v)]
 
-                def forward(_, function=function):
+                def forward(_, call=prepared.call):
                     with torch.no_grad():
-                        function(q, k, v)
+                        call(q, k, v)
 
-                def forward_backward(_, function=function, inputs=inputs):
-                    function(*inputs).backward(grad_out)
+                def forward_backward(_, prepared=prepared, inputs=inputs):
+                    prepared.call(*inputs).backward(grad_out)
                     for t in inputs:
                         t.grad = None
+                    if prepared.zero_grad is not None:
+                        prepared.zero_grad()
 
                 for mode, call, flops in (("fwd", forward, forward_flops),
                                           ("fwd+bwd", forward_backward, 3.5 * forward_flops)):
+                    mode_label = mode_labels[mode]
                     try:
-                        timings = time_cuda_calls(call, repeats=repeats, warmup=warmup)
-                        peak = _peak_memory_mb(lambda: call(0))
+                        with prepared.hold():
+                            if prepared.compiled:
+                                timings = time_compiled_calls(timer, call, repeats, warmup)
+                            else:
+                                timings = timer(call, repeats=repeats, warmup=warmup)
+                            with _strict_if(prepared.compiled):
+                                peak = _peak_memory_mb(lambda: call(0)) if cuda else None
                     except Exception as error:
                         rows.append(unavailable_row(scenario["name"], contender, shape, _error(error), mode=mode,
-                                                    **label))
+                                                    **mode_label))
+                        if progress:
+                            print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<28} {mode:<8} "
+                                  f"unavailable: {_error(error)[:80]}")
                         continue
                     row = result_row(scenario["name"], contender, shape, timings, mode=mode, peak_memory_mb=peak,
-                                     **label)
+                                     **mode_label)
                     row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
+                    if wrong[mode]:
+                        row["status"] = wrong[mode]
                     rows.append(row)
                     if progress:
-                        print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<24} {mode:<8} "
-                              f"{row['median_ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s {peak:9.1f} MB")
+                        memory = f"{peak:9.1f} MB" if peak is not None else ""
+                        print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<28} {mode:<8} "
+                              f"{row['median_ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s {memory}"
+                              + (f"  {wrong[mode]}" if wrong[mode] else ""))
 
-        if not contenders or "flex-compiled" in contenders:
-            try:
-                build = _flex_block_mask_build(scenario)
-                timings = time_cuda_calls(lambda _: build(), repeats=max(3, repeats // 4), warmup=1)
-                rows.append(result_row(scenario["name"], "flex-blockmask-build", shape, timings, mode="mask build",
-                                       **common, dropout_p=0.0))
-            except Exception as error:
-                rows.append(unavailable_row(scenario["name"], "flex-blockmask-build", shape, _error(error),
-                                            mode="mask build", **common, dropout_p=0.0))
+        rows += _mask_build_rows(scenario, setup, contenders, timer, repeats, shape, common)
         if after_scenario is not None:
             after_scenario(rows)
     return rows
 
 
+def _strict_if(compiled: bool) -> ContextManager:
+    return strict_compilation() if compiled else contextlib.nullcontext()
+
+
 def speedup_summary(rows: Sequence[Dict[str, object]]) -> str:
-    """fastvlp's speed-up over the fastest accepting SDPA backend and the other kernel peers."""
+    """fastvlp's speed-up over the fastest kernel peer, then the fastvlp module's over torch's module
+    called the same way. Rows without a timing or with a status (wrong result) are left out; the
+    DETR-style module row and the mask builds are never compared."""
     lines = ["scenario  p     mode      fastvlp ms  best peer (ms)                      speed-up"]
     groups: Dict[tuple, Dict[str, float]] = {}
     for row in rows:
-        if row.get("median_ms") is None or row.get("mode") == "mask build":
+        if row.get("median_ms") is None or row.get("status") or row.get("mode") == "mask build":
             continue
         key = (row["name"], row["dropout_p"], row["mode"])
         groups.setdefault(key, {})[row["contender"]] = row["median_ms"]
+    module_lines = []
     for (name, dropout_p, mode), times in groups.items():
         ours = times.get("fastvlp")
-        peers = {c: t for c, t in times.items() if c != "fastvlp" and not c.endswith("(module)")}
-        if ours is None or not peers:
-            continue
-        best = min(peers, key=peers.get)
-        lines.append(f"{name:<9} {dropout_p:<5} {mode:<9} {ours:10.3f}  {best:<22} {peers[best]:9.3f}"
-                     f"  {peers[best] / ours:6.2f}x")
+        peers = {c: t for c, t in times.items() if c != "fastvlp" and not is_module_row(c)}
+        if ours is not None and peers:
+            best = min(peers, key=peers.get)
+            lines.append(f"{name:<9} {dropout_p:<5} {mode:<9} {ours:10.3f}  {best:<22} {peers[best]:9.3f}"
+                         f"  {peers[best] / ours:6.2f}x")
+        module, peer = times.get("fastvlp-mha (module)"), times.get("torch-mha (module)")
+        if module is not None and peer is not None:
+            module_lines.append(f"{name:<9} {dropout_p:<5} {mode:<9} {module:10.3f}  {'torch-mha (module)':<22} "
+                                f"{peer:9.3f}  {peer / module:6.2f}x")
+    if module_lines:
+        lines += ["modules (need_weights=False on both sides):", *module_lines]
     return "\n".join(lines)
 
 
@@ -409,20 +596,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--contenders", nargs="*", default=None, help=f"subset of {', '.join(CONTENDERS)}")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats must be >= 1 and --warmup >= 1 (the compiled rows compile in the warm-up)")
+    if args.contenders and set(args.contenders) - set(CONTENDERS):
+        parser.error(f"--contenders: unknown {sorted(set(args.contenders) - set(CONTENDERS))}")
     if not torch.cuda.is_available():
         parser.error("the attention benchmark needs a CUDA GPU")
     device = device_name("cuda")
     print(f"attention on {device}, {args.dtype}, medians of {args.repeats}:")
     columns = ("name", "contender", "mode", "dropout_p", "shape", "median_ms", "tflops", "peak_memory_mb")
 
-    def write(rows):
-        return write_results("attention", rows, device, args.out_dir, table_columns=columns)
+    def write(rows, complete=False):
+        return write_results("attention", rows, device, args.out_dir, table_columns=columns, complete=complete,
+                             extra={"repeats": args.repeats, "warmup": args.warmup})
 
     rows = run(args.repeats, args.warmup, getattr(torch, args.dtype), args.scenarios, args.contenders,
                after_scenario=write)
-    path = write(rows)
+    path = write(rows, complete=True)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     print(speedup_summary(rows))
     return 0

@@ -5,10 +5,12 @@ call and as medians: the host time to issue a forward and a forward+backward (a 
 call, synchronised before each, so launch queues never fill), and the device time of the same call
 between CUDA events. Contenders: the public ``attention`` (eager path), the registered
 ``torch.ops.fastvlp.attention_forward`` op with autograd (the path ``torch.compile`` traces), the bare
-kernel launchers (forward, then backward with saved outputs), and SDPA's default dispatch. The backward
+kernel launchers (forward, then backward with saved outputs), and SDPA's default dispatch, given the same
+prebuilt additive mask as in ``fastvlp bench attention`` (``fastvlp.bench.attention_masks``). The backward
 launchers are also timed from a second Python thread (autograd runs a CUDA backward on its own device
 thread), next to that thread's bare round trip, to show whether issuing them off the main thread costs
 more. A ``torch.profiler`` table of one scenario's fastvlp forward+backward follows, by self CPU time.
+In the results, ``host_us`` is host time and ``device_median_ms`` (also ``median_ms``) device time.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .attention import _keep_mask, scenarios
+from .attention import scenarios
+from .attention_masks import sdpa_mask
 from .common import device_name, result_row, time_cuda_calls, write_results
 
 
@@ -65,6 +68,20 @@ class WorkerThread:
             raise failure[0]
 
 
+def sdpa_default(scenario, device, dtype) -> Callable:
+    """SDPA's default dispatch on ``[B, L, H, D]`` tensors, with the mask ``fastvlp bench attention``
+    gives its SDPA rows: built here, once, outside the timed calls."""
+    attn_mask, is_causal = sdpa_mask(scenario, device, dtype)
+
+    def sdpa(a, b, c):
+        return torch.nn.functional.scaled_dot_product_attention(
+            a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), attn_mask=attn_mask,
+            is_causal=is_causal).transpose(1, 2)
+
+    sdpa.attn_mask = attn_mask
+    return sdpa
+
+
 def _contenders(scenario, q, k, v, grad_out, worker: WorkerThread) -> Dict[str, Dict[str, Callable[[], object]]]:
     from fastvlp.ops.fmha.backward_kernels import attention_backward_triton
     from fastvlp.ops.fmha.dispatch import attention
@@ -96,12 +113,7 @@ def _contenders(scenario, q, k, v, grad_out, worker: WorkerThread) -> Dict[str, 
     def launch_backward():
         return attention_backward_triton(grad_out, q, k, v, out, lse, mask, None, causal, 0.0, scale, False)
 
-    keep = _keep_mask(scenario, q.device)
-
-    def sdpa(a, b, c):
-        return torch.nn.functional.scaled_dot_product_attention(
-            a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), attn_mask=keep).transpose(1, 2)
-
+    sdpa = sdpa_default(scenario, q.device, q.dtype)
     launch_forward()  # the backward launcher reads the forward's outputs
     return {
         "fastvlp": {"fwd": lambda: public(q, k, v), "fwd+bwd": fwd_bwd(public)},
@@ -138,6 +150,7 @@ def run(names: Sequence[str] = ("S", "C-self", "C-cross", "X"), repeats: int = 5
                 device = time_cuda_calls(lambda _: call(), repeats, warmup)
                 row = result_row(scenario["name"], contender, shape, device, mode=mode,
                                  host_us=statistics.median(host), host_raw_us=host)
+                row["device_median_ms"] = row["median_ms"]
                 rows.append(row)
                 print(f"  {scenario['name']:<8} {contender:<26} {mode:<8} host {row['host_us']:8.1f} us   "
                       f"device {row['median_ms'] * 1e3:8.1f} us")
@@ -183,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"attention host overhead on {device}, float16, medians of {args.repeats}:")
     rows = run(args.scenarios, args.repeats, args.warmup)
     path = write_results("attention_overhead", rows, device, args.out_dir,
-                         table_columns=("name", "contender", "mode", "shape", "host_us", "median_ms"))
+                         extra={"repeats": args.repeats, "warmup": args.warmup},
+                         table_columns=("name", "contender", "mode", "shape", "host_us", "device_median_ms"))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     if args.profile:
         print(profile_table(args.profile))

@@ -1,14 +1,24 @@
-"""What every benchmark shares: the device's name, library versions, timing, and result files."""
+"""What every benchmark shares: the device's name, library versions, the run's provenance, timing
+(compiled calls included), and result files."""
 from __future__ import annotations
 
+import contextlib
+import datetime
+import functools
+import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
+import shlex
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -54,6 +64,184 @@ def versions() -> Dict[str, str]:
     except Exception as error:  # the benchmark still reports the peers
         found["fastvlp_build"] = f"unavailable: {error}"
     return found
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_STARTED_UTC = _utc_now()  # when the benchmark's process imported this module: the run's start
+
+
+def _run(command: Sequence[str], cwd: Optional[Path] = None) -> str:
+    """A command's stripped stdout; raises OSError or CalledProcessError when it cannot run or fails."""
+    done = subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, timeout=20, check=True)
+    return done.stdout.strip()
+
+
+def _git_state() -> Dict[str, object]:
+    """The commit of the source tree fastvlp is imported from, and whether tracked files differ from it.
+    A tree copied without its ``.git`` can name its commit in ``FASTVLP_BENCH_GIT_COMMIT``."""
+    import fastvlp
+
+    tree = Path(fastvlp.__file__).resolve().parent.parent
+    try:
+        commit = _run(["git", "rev-parse", "HEAD"], cwd=tree)
+        dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=tree))
+    except (OSError, subprocess.SubprocessError) as error:  # an installed copy, or no git
+        stated = os.environ.get("FASTVLP_BENCH_GIT_COMMIT")
+        if stated:
+            return {"git_commit": f"{stated} (stated by FASTVLP_BENCH_GIT_COMMIT)", "git_dirty": None}
+        return {"git_commit": f"unavailable: {type(error).__name__}", "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """SHA-256 over the paths and contents of fastvlp's Python sources and, beside a source checkout,
+    ``csrc/``: it identifies the code that ran even where git cannot."""
+    import fastvlp
+
+    package = Path(fastvlp.__file__).resolve().parent
+    files = sorted(package.rglob("*.py"))
+    csrc = package.parent / "csrc"
+    if csrc.is_dir():
+        files += sorted(path for path in csrc.rglob("*") if path.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(package.parent)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _driver_version() -> str:
+    if not torch.cuda.is_available():
+        return "none (no CUDA device)"
+    try:
+        return _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as error:
+        return f"unavailable: {type(error).__name__}"
+
+
+def _cudnn_version() -> Optional[int]:
+    try:
+        return torch.backends.cudnn.version()
+    except Exception:  # a build without cuDNN
+        return None
+
+
+def provenance() -> Dict[str, object]:
+    """What identifies the run that wrote a results file: the code (git commit, whether the tree was
+    dirty, and a digest of the sources), the command line, the host, when it started and when the file was written (UTC), the library
+    and driver versions, the device, the thread count and the TF32 switches. ``run_id`` and ``gpu_tests``
+    come from ``FASTVLP_BENCH_RUN_ID`` / ``FASTVLP_BENCH_GPU_TESTS``, which ``bench/gpu.sh`` sets, so that
+    the files of one scripted run can be told from older ones beside them."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "missing"
+    cuda = torch.cuda.is_available()
+    return {
+        "run_id": os.environ.get("FASTVLP_BENCH_RUN_ID"),
+        "gpu_tests": os.environ.get("FASTVLP_BENCH_GPU_TESTS"),
+        **_git_state(),
+        "source_sha256": source_digest(),
+        "command": " ".join(shlex.quote(part) for part in [Path(sys.executable).name, *sys.argv]),
+        "hostname": socket.gethostname(),
+        "started_utc": _STARTED_UTC,
+        "written_utc": _utc_now(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_toolkit": torch.version.cuda or "none",
+        "cudnn": _cudnn_version(),
+        "driver": _driver_version(),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "cpu": _cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
+
+
+def header_lines(payload: Dict[str, object]) -> List[str]:
+    """The lines under a results table's title: a partial-run warning, the provenance, the versions."""
+    lines = []
+    if payload.get("complete") is False:
+        lines += ["**Partial results: the benchmark stopped before its last measurement.**", ""]
+    origin = payload.get("provenance") or {}
+    if origin:
+        dirty = " (dirty tree)" if origin.get("git_dirty") else ""
+        lines += [f"Run: commit {origin.get('git_commit')}{dirty}, run id {origin.get('run_id')}, "
+                  f"host {origin.get('hostname')}, started {origin.get('started_utc')}, "
+                  f"written {origin.get('written_utc')}; GPU tests: {origin.get('gpu_tests') or 'not recorded'}", "",
+                  f"Command: `{origin.get('command')}`", "",
+                  f"Device: GPU {origin.get('gpu')}, driver {origin.get('driver')}, cuDNN {origin.get('cudnn')}, "
+                  f"CPU {origin.get('cpu')} ({origin.get('cpu_count')} cores, {origin.get('torch_threads')} torch "
+                  f"threads), TF32 matmul {origin.get('tf32_matmul')}, TF32 cuDNN {origin.get('tf32_cudnn')}", ""]
+    versions_found = payload.get("versions") or {}
+    lines += ["Versions: " + ", ".join(f"{key} {value}" for key, value in versions_found.items()
+                                        if key != "fastvlp_build"), ""]
+    return lines
+
+
+# ---------------------------------------------------------------- compiled calls
+
+class CompiledDuringTiming(RuntimeError):
+    """torch.compile compiled (or recompiled) a frame during the timed calls."""
+
+
+def compiled_frames() -> int:
+    """Frames Dynamo has tried to compile in this process: it grows on every cache miss."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
+@contextlib.contextmanager
+def strict_compilation() -> Iterator[None]:
+    """Within it, a function that reaches Dynamo's recompile limit raises instead of silently running
+    eagerly (uncompiled) from then on; the previous setting is restored on exit."""
+    from torch._dynamo import config
+
+    # Older torch names the switch after the "cache size" limit.
+    name = "fail_on_recompile_limit_hit" if hasattr(config, "fail_on_recompile_limit_hit") else "fail_on_cache_limit_hit"
+    with config.patch(**{name: True}):
+        yield
+
+
+def time_compiled_calls(timer: Callable[..., List[float]], call: Callable[[int], object], repeats: int,
+                        warmup: int) -> List[float]:
+    """``timer(call, repeats, warmup)`` for a call that runs ``torch.compile``'d code. It runs under
+    :func:`strict_compilation`, and raises :class:`CompiledDuringTiming` if anything was compiled during
+    the timed calls: compilation belongs to the warm-up, so ``warmup`` must be at least 1."""
+    if warmup < 1:
+        raise ValueError(f"warmup: a compiled call needs at least 1 warm-up call to compile outside the "
+                         f"timing, got {warmup}")
+    frames_at_first_timed_call: List[int] = []
+
+    def counted(index: int):
+        if index == warmup:
+            frames_at_first_timed_call.append(compiled_frames())
+        return call(index)
+
+    with strict_compilation():
+        timings = timer(counted, repeats, warmup)
+    compiled = compiled_frames() - frames_at_first_timed_call[0]
+    if compiled:
+        raise CompiledDuringTiming(f"torch.compile compiled {compiled} frame(s) during the timed calls")
+    return timings
+
+
+def error_reason(error: BaseException, limit: int = 300) -> str:
+    """One line naming why a contender was not timed; a recompile-limit hit is named as such."""
+    if type(error).__name__ in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit"):
+        return ("not timed: torch.compile hit Dynamo's recompile limit, past which it would have run "
+                "the function uncompiled")
+    if isinstance(error, CompiledDuringTiming):
+        return f"not timed: {error}"
+    return f"{type(error).__name__}: {error}".replace("\n", " ")[:limit]
 
 
 def summarize(raw_ms: Sequence[float]) -> Dict[str, float]:
@@ -108,6 +296,14 @@ def unavailable_row(name: str, contender: str, shape: str, reason: str, **extra)
             "p90_ms": None, "raw_ms": [], "status": reason, **extra}
 
 
+def result_payload(benchmark: str, rows: List[Dict[str, object]], device: str,
+                   extra: Optional[Dict[str, object]] = None, complete: bool = True) -> Dict[str, object]:
+    """A results file's content: the benchmark, device, whether it finished (``complete``), the run's
+    provenance and versions, the benchmark's own fields, and the rows (raw per-repeat timings in each)."""
+    return {"benchmark": benchmark, "device": device, "complete": bool(complete), "provenance": provenance(),
+            "versions": versions(), **(extra or {}), "results": rows}
+
+
 def write_results(
     benchmark: str,
     rows: List[Dict[str, object]],
@@ -115,11 +311,13 @@ def write_results(
     out_dir: Optional[Path] = None,
     extra: Optional[Dict[str, object]] = None,
     table_columns: Sequence[str] = ("name", "contender", "shape", "median_ms", "p10_ms", "p90_ms"),
+    complete: bool = True,
 ) -> Path:
-    """Write ``<out_dir>/<device>/<benchmark>.json`` and a Markdown table beside it; returns the JSON path."""
+    """Write ``<out_dir>/<device>/<benchmark>.json`` and a Markdown table beside it; returns the JSON path.
+    ``complete=False`` marks a file written before the benchmark finished (it is rewritten at the end)."""
     folder = Path(out_dir if out_dir is not None else DEFAULT_RESULTS_DIR) / device
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": benchmark, "device": device, "versions": versions(), **(extra or {}), "results": rows}
+    payload = result_payload(benchmark, rows, device, extra, complete)
     json_path = folder / f"{benchmark}.json"
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     (folder / f"{benchmark}.md").write_text(markdown_table(payload, table_columns))
@@ -140,8 +338,7 @@ def markdown_table(payload: Dict[str, object], columns: Sequence[str]) -> str:
     lines = [
         f"# {payload['benchmark']} on {payload['device']}",
         "",
-        "Versions: " + ", ".join(f"{key} {value}" for key, value in payload["versions"].items() if key != "fastvlp_build"),
-        "",
+        *header_lines(payload),
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]

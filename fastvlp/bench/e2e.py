@@ -8,6 +8,16 @@ pipelines also once at their own 600x1000 ("native"). Every side answers with th
 are timed between synchronisations (E2E-VLP: backbone, encoder, head; region: backbone, rpn, roi_heads,
 bert); a batch's time is divided by its size. Inputs are random: the time does not depend on the pixels,
 except for the thresholded selection's box count, which random weights keep at its minimum of 10.
+
+Each row keeps its per-repeat totals (``raw_ms``) and per-stage timings (``stages_raw_ms``); the file
+records the repeats, warm-up, batch size, question length and the run's provenance (commit, command, host,
+versions, TF32 switches). With ``--compile``, Dynamo's caches are reset before every compiled row, its
+calls run where reaching the recompile limit raises instead of silently running uncompiled, and a row
+that compiled during its timed runs or fell back is reported with the reason and no timing.
+
+The region pipelines are this project's re-implementation, with a Python loop over per-class NMS: on a
+GPU those launch-bound calls weigh more than in the original detector, which matters when reading a GPU
+ratio against them.
 """
 from __future__ import annotations
 
@@ -17,11 +27,14 @@ import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastvlp.bench.common import DEFAULT_RESULTS_DIR, device_name, summarize, versions
+from fastvlp.bench.common import (
+    DEFAULT_RESULTS_DIR, CompiledDuringTiming, compiled_frames, device_name, error_reason, header_lines, result_payload,
+    strict_compilation, summarize,
+)
 
 E2E_STAGES = ("backbone", "encoder", "head")
 REGION_STAGES = ("backbone", "rpn", "roi_heads", "bert")
@@ -79,14 +92,23 @@ class RegionQuery:
         return (("backbone", backbone), ("rpn", rpn), ("roi_heads", roi_heads), ("bert", bert))
 
 
-def time_query(query, images, input_ids, text_mask, repeats: int, warmup: int, amp: bool, device) -> Dict[str, object]:
-    """Per-query timings (ms): the whole query's runs and each stage's median."""
+def time_query(query, images, input_ids, text_mask, repeats: int, warmup: int, amp: bool, device,
+               compiled: bool = False) -> Dict[str, object]:
+    """Per-query timings (ms): the whole query's runs (``raw_ms``, with median and percentiles), each
+    stage's runs (``stages_raw_ms``) and median (``stages``). With ``compiled``, the runs happen under
+    strict compilation and :class:`CompiledDuringTiming` is raised if Dynamo compiled anything after the
+    warm-up (which must be at least 1 run)."""
+    if compiled and warmup < 1:
+        raise ValueError(f"warmup: compiled queries need at least 1 warm-up run to compile, got {warmup}")
     batch = images.shape[0]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     totals: List[float] = []
     parts: Dict[str, List[float]] = {}
-    with torch.inference_mode(), autocast:
+    frames_after_warmup = None
+    with torch.inference_mode(), autocast, (strict_compilation() if compiled else nullcontext()):
         for run in range(warmup + repeats):
+            if run == warmup:
+                frames_after_warmup = compiled_frames()
             stages = query.stages(images, input_ids, text_mask)
             _synchronize(device)
             start = mark = time.perf_counter()
@@ -100,7 +122,12 @@ def time_query(query, images, input_ids, text_mask, repeats: int, warmup: int, a
                 totals.append((mark - start) * 1e3 / batch)
                 for name, value in spent.items():
                     parts.setdefault(name, []).append(value)
-    return {**summarize(totals), "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()}}
+    if compiled and compiled_frames() != frames_after_warmup:
+        raise CompiledDuringTiming(
+            f"torch.compile compiled {compiled_frames() - frames_after_warmup} frame(s) during the timed runs")
+    return {**summarize(totals), "raw_ms": totals,
+            "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()},
+            "stages_raw_ms": parts}
 
 
 def _parse_size(text: str) -> Tuple[int, int]:
@@ -177,6 +204,8 @@ def _compiled(query):
 def run(args) -> Dict[str, object]:
     from tqdm import tqdm
 
+    from torch import _dynamo
+
     device = torch.device(args.device)
     contenders = build_contenders(args, device)
     if args.compile:
@@ -193,22 +222,55 @@ def run(args) -> Dict[str, object]:
         name, preset, query = contenders[index]
         compiled = args.compile and index >= len(contenders) // 2
         images = torch.randn(args.batch_size, 3, height, width, generator=generator).to(device)
-        measured = time_query(query, images, input_ids, text_mask, args.repeats, args.warmup, args.amp, device)
-        rows.append({"pipeline": name, "preset": preset, "image_size": f"{height}x{width}", "native": native,
-                     "compiled": compiled, "batch_size": args.batch_size, **measured})
-    return {"device": device_name(args.device), "versions": versions(), "amp": args.amp, "results": rows}
+        row = {"pipeline": name, "preset": preset, "image_size": f"{height}x{width}", "native": native,
+               "compiled": compiled, "batch_size": args.batch_size}
+        if compiled:
+            # One compiled row at a time: the region pipelines' res4/res5 share Sequential.forward's code
+            # object, so without a reset the sizes add up to Dynamo's recompile limit.
+            _dynamo.reset()
+        try:
+            row.update(time_query(query, images, input_ids, text_mask, args.repeats, args.warmup, args.amp, device,
+                                  compiled=compiled))
+        except Exception as error:
+            if not compiled:
+                raise
+            row.update({"median_ms": None, "p10_ms": None, "p90_ms": None, "raw_ms": [], "stages": {},
+                        "stages_raw_ms": {}, "status": error_reason(error)})
+        rows.append(row)
+    extra = {"amp": args.amp, "repeats": args.repeats, "warmup": args.warmup, "batch_size": args.batch_size,
+             "text_length": args.text_length, "image_sizes": [f"{h}x{w}" for h, w in args.image_sizes],
+             "native_size": "x".join(str(side) for side in args.native_size), "compile": args.compile}
+    return result_payload("e2e", rows, device_name(args.device), extra=extra)
+
+
+def _precision(payload: Dict[str, object]) -> str:
+    if payload["amp"]:
+        return "bf16 autocast"
+    origin = payload.get("provenance") or {}
+    # On a GPU, fp32 convolutions and matmuls may run in TF32: say which.
+    return f"fp32; TF32 matmul {origin.get('tf32_matmul')}, TF32 cuDNN {origin.get('tf32_cudnn')}"
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def markdown(payload: Dict[str, object]) -> str:
     stage_names = list(dict.fromkeys(name for row in payload["results"] for name in row["stages"]))
-    lines = [f"# End-to-end time per query on {payload['device']} ({'bf16 autocast' if payload['amp'] else 'fp32'})", "",
+    with_status = any("status" in row for row in payload["results"])
+    lines = [f"# End-to-end time per query on {payload['device']} ({_precision(payload)})", "",
+             *header_lines(payload),
+             f"Repeats {payload.get('repeats')} after {payload.get('warmup')} warm-up runs, batch "
+             f"{payload.get('batch_size')}, question length {payload.get('text_length')}; raw timings in the JSON.", "",
              "| pipeline | preset | image size | native | compiled | batch | median ms | p10 ms | p90 ms | "
-             + " | ".join(f"{name} ms" for name in stage_names) + " |",
-             "|" + "---|" * (9 + len(stage_names))]
+             + " | ".join(f"{name} ms" for name in stage_names) + (" | status |" if with_status else " |"),
+             "|" + "---|" * (9 + len(stage_names) + with_status)]
     for row in payload["results"]:
         cells = [row["pipeline"], row["preset"], row["image_size"], row["native"], row["compiled"], row["batch_size"],
-                 f"{row['median_ms']:.1f}", f"{row['p10_ms']:.1f}", f"{row['p90_ms']:.1f}"]
-        cells += [f"{row['stages'][name]:.1f}" if name in row["stages"] else "-" for name in stage_names]
+                 _ms(row["median_ms"]), _ms(row["p10_ms"]), _ms(row["p90_ms"])]
+        cells += [_ms(row["stages"].get(name)) for name in stage_names]
+        if with_status:
+            cells.append(row.get("status", ""))
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -264,6 +326,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or not args.image_sizes:
         parser.error("--batch-size and --repeats must be >= 1, --warmup >= 0, --image-sizes not empty")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1: the compiled rows compile in their warm-up")
     if not 3 <= args.text_length <= 40:
         parser.error("--text-length must be in 3..40 (E2E-VLP's learned text positions)")
     payload = run(args)

@@ -196,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                backends, (height, width), args.question_length)
     path = write_results(
         "generation", rows, device, args.out_dir,
-        extra={"preset": args.preset, "image_size": f"{height}x{width}", "backends": backends},
+        extra={"preset": args.preset, "image_size": f"{height}x{width}", "backends": backends,
+               "repeats": args.repeats, "warmup": args.warmup},
         table_columns=("name", "contender", "shape", "median_ms", "p10_ms", "p90_ms", "tokens_per_s",
                        "questions_per_s", "attention"),
     )

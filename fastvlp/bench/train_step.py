@@ -1,10 +1,13 @@
 """One E2E-VLP pre-training step, fastvlp backends against torch/scipy, with the same weights and batches.
 
 Each contender is timed twice over the same batches: plainly (the step time, images/s and peak memory) and
-with synchronising hooks around the matcher (the step's parts, which the hooks' synchronisation perturbs a
-little on a GPU): ``forward_with_matcher`` (the forward and its losses, the matcher included), ``backward``,
-``optimizer`` (gradient clipping and the step) and ``matcher`` (the matcher alone, also counted in the
-forward). ``peak_memory_above_start_mb`` is the allocator's peak during the timed steps minus what was
+with synchronising hooks around the matcher and between the parts (the step's parts). Those extra host
+syncs cost time on a GPU, so the parts' medians can add up to clearly more than the plain step: read them
+as a breakdown, never as the step time. The parts: ``forward_with_matcher`` (the forward and its losses,
+the matcher included), ``backward``, ``optimizer`` (gradient clipping and the step) and ``matcher`` (the
+matcher alone, also counted in the forward; it runs as the model builds it, and each row records its
+``check_finite``).
+``peak_memory_above_start_mb`` is the allocator's peak during the timed steps minus what was
 allocated when the contender started (the weights and the batches), so it counts the contender's
 activations, gradients and optimiser state. After each contender its gradients and optimiser are freed, so
 the next one starts from the same memory. The batches are random pixels, tokens and boxes of the requested size: what a
@@ -153,6 +156,7 @@ def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device)
             torch.cuda.empty_cache()
     return {"raw_ms": totals, "peak_memory_above_start_mb": peak,
             "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()},
+            "stages_raw_ms": parts, "matcher_check_finite": model.criterion.matcher.check_finite,
             "backends": model.backend_report()}
 
 
@@ -205,7 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     speedup = rows[1]["median_ms"] / rows[0]["median_ms"]
     print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x")
     path = write_results("train_step", rows, device_name(args.device), args.out_dir,
-                         extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp},
+                         extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp,
+                                "repeats": args.repeats, "warmup": args.warmup},
                          table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "images_per_s",
                                         "peak_memory_above_start_mb", "stages"))
     print(f"wrote {path} and {path.with_suffix('.md')}")
