@@ -228,6 +228,76 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    previous, previous_warn = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def _with_tuned_tiles(monkeypatch, block_m, block_n, run):
+    """``run()`` while autotuning can only pick one (block_m, block_n) tile, as if another process
+    had tuned to it."""
+    import triton
+
+    from fastvlp.ops.fmha import backward_kernels, forward_kernel
+
+    warps = 4 if DEVICE == "cuda" else 1
+    tiles = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=1)]
+    with monkeypatch.context() as patch:
+        for kernel in (forward_kernel.attention_forward_kernel, backward_kernels.attention_backward_dkdv_kernel,
+                       backward_kernels.attention_backward_dq_kernel):
+            patch.setattr(kernel, "configs", tiles)
+            patch.setattr(kernel, "cache", {})
+        return run()
+
+
+def test_deterministic_mode_does_not_depend_on_the_tuned_tiles(monkeypatch, deterministic_algorithms):
+    """Two processes may tune to different tiles, which sum in a different order: in deterministic
+    mode the kernels run one fixed tile, so outputs and gradients are bitwise equal anyway."""
+    q, k, v = _inputs(1, 70, 70, 1, 32, torch.float32, seed=19)
+    mask = _padding("random", 1, 70)
+
+    def run():
+        return _run(q, k, v, key_padding_mask=mask, causal=True)
+
+    torch.use_deterministic_algorithms(False)
+    tuned = [_with_tuned_tiles(monkeypatch, 32, 32, run), _with_tuned_tiles(monkeypatch, 64, 64, run)]
+    # Without it the two tunings differ in the last bits (what this test guards against) ...
+    assert not all(torch.equal(a, b) for a, b in zip((tuned[0][0], *tuned[0][1]), (tuned[1][0], *tuned[1][1])))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    fixed = [_with_tuned_tiles(monkeypatch, 32, 32, run), _with_tuned_tiles(monkeypatch, 64, 64, run)]
+    # ... with it they agree bitwise, and still match the reference.
+    for a, b in zip((fixed[0][0], *fixed[0][1]), (fixed[1][0], *fixed[1][1])):
+        assert torch.equal(a, b)
+    expected_out, expected_grads = _run_reference(q, k, v, key_padding_mask=mask, causal=True)
+    for actual, expected in zip((fixed[0][0], *fixed[0][1]), (expected_out, *expected_grads)):
+        assert _relative_error(actual, expected) < TOLERANCE[torch.float32]
+
+
+def test_deterministic_tiles_are_fixed_per_dtype_and_head_dim(monkeypatch):
+    from fastvlp.ops.fmha import kernel_config
+
+    monkeypatch.setattr(kernel_config, "INTERPRETED", False)  # the GPU table
+    for kernel, candidates in (("forward", kernel_config._FORWARD_CONFIGS),
+                               ("backward", kernel_config._BACKWARD_CONFIGS)):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for d_block in (16, 32, 64, 128):
+                config = kernel_config.deterministic_config(kernel, dtype, d_block)
+                assert config is kernel_config.deterministic_config(kernel, dtype, d_block)
+                # A tile autotuning may also choose (so it is known to compile), with dropout's
+                # 4-key Philox groups and tensor-core dots (K >= 16) on both block sides.
+                assert config in candidates
+                assert config.kwargs["BLOCK_N"] % 4 == 0 and min(config.kwargs.values()) >= 32
+    half = kernel_config.deterministic_config("backward", torch.float16, 128)
+    assert half is kernel_config.deterministic_config("backward", torch.bfloat16, 128)
+    assert half is not kernel_config.deterministic_config("backward", torch.float32, 128)
+    with pytest.raises(ValueError, match="kernel"):
+        kernel_config.deterministic_config("delta", torch.float16, 32)
+
+
 def test_dropout_is_reproducible_and_seeded():
     q, k, v = _inputs(2, 25, 31, 2, 32, torch.float32, seed=10)
     outputs = []
@@ -412,6 +482,123 @@ def test_opcheck(backend, dropout_p):
     out, lse = torch.ops.fastvlp.attention_forward(q, k, v, *arguments[3:])
     backward_arguments = (torch.randn_like(out), q, k, v, out, lse, *arguments[3:])
     torch.library.opcheck(torch.ops.fastvlp.attention_backward.default, backward_arguments)
+
+
+def test_backward_without_keys_gives_contiguous_gradients_like_its_fake():
+    """No keys (Lk = 0): the gradients are zeros, contiguous as the fake kernel says, also for a q
+    that is a transposed view (what a sequence-first layout hands over)."""
+    q = torch.randn(5, 2, 2, 8, generator=torch.Generator().manual_seed(20)).to(DEVICE).transpose(0, 1)
+    k = v = torch.randn(2, 0, 2, 8, device=DEVICE)
+    assert not q.is_contiguous()
+    for backend in ("reference", "triton"):
+        out, lse = torch.ops.fastvlp.attention_forward(q, k, v, None, None, False, 0.0, 0.35, backend, False)
+        arguments = (torch.randn_like(out), q, k, v, out, lse, None, None, False, 0.0, 0.35, backend, False)
+        grads = torch.ops.fastvlp.attention_backward(*arguments)
+        for grad, like in zip(grads, (q, k, v)):
+            assert grad.shape == like.shape and grad.is_contiguous() and (grad == 0).all()
+    torch.library.opcheck(torch.ops.fastvlp.attention_backward.default, arguments)
+
+
+def _direct_op_call(dtype=torch.float32, dropout_p=0.0):
+    q, k, v = _inputs(2, 19, 23, 2, 16, dtype, seed=21)
+    seed = draw_dropout_seed(DEVICE) if dropout_p else None
+    options = (False, dropout_p, 0.25, "triton", False)
+    out, lse = torch.ops.fastvlp.attention_forward(q, k, v, None, seed, *options)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(22)).to(DEVICE, dtype)
+    return grad_out, q, k, v, out, lse, seed, options
+
+
+def test_ops_called_directly_check_the_seed_grad_out_and_lse():
+    grad_out, q, k, v, out, lse, _, options = _direct_op_call()
+    with_dropout = (False, 0.2, *options[2:])
+    bad_seeds = [(None, TypeError), (torch.zeros(2, dtype=torch.int64, device=DEVICE), ValueError),
+                 (torch.zeros(3, dtype=torch.int32, device=DEVICE), ValueError)]
+    if DEVICE == "cuda":  # a host seed would be read through a host pointer by the kernels
+        bad_seeds.append((torch.zeros(3, dtype=torch.int64), ValueError))
+    for seed, error in bad_seeds:
+        with pytest.raises(error, match="dropout_seed"):
+            torch.ops.fastvlp.attention_forward(q, k, v, None, seed, *with_dropout)
+        with pytest.raises(error, match="dropout_seed"):
+            torch.ops.fastvlp.attention_backward(grad_out, q, k, v, out, lse, None, seed, *with_dropout)
+    backward = torch.ops.fastvlp.attention_backward
+    with pytest.raises(TypeError, match="grad_out: expected dtype torch.float32"):
+        backward(grad_out.half(), q, k, v, out, lse, None, None, *options)
+    with pytest.raises(ValueError, match="grad_out: expected shape"):
+        backward(grad_out[:, :-1], q, k, v, out, lse, None, None, *options)
+    with pytest.raises(ValueError, match="lse: expected"):
+        backward(grad_out, q, k, v, out, lse.transpose(1, 2), None, None, *options)
+    with pytest.raises(ValueError, match="lse: expected"):
+        backward(grad_out, q, k, v, out, lse.double(), None, None, *options)
+
+
+def test_backward_op_reads_a_non_contiguous_lse_by_its_strides():
+    grad_out, q, k, v, out, lse, seed, options = _direct_op_call()
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, H, Lq] with Lq-major strides
+    assert torch.equal(strided, lse) and not strided.is_contiguous()
+    expected = torch.ops.fastvlp.attention_backward(grad_out, q, k, v, out, lse, None, seed, *options)
+    actual = torch.ops.fastvlp.attention_backward(grad_out, q, k, v, out, strided, None, seed, *options)
+    for a, b in zip(actual, expected):
+        assert torch.equal(a, b)
+
+
+def test_seed_words_are_taken_modulo_two_to_the_32_by_both_generators():
+    """Seeds from draw_dropout_seed are 31-bit; the kernels load any int64 word as uint32 and the torch
+    replica reduces it the same way, so the two generators agree for every int64 seed."""
+    from fastvlp.ops.fmha.triton_rng import dropout_keep_mask
+
+    wide = torch.tensor([2**32 + 12345, 2**40 + 2**33 + 777, -5], dtype=torch.int64, device=DEVICE)
+    reduced = torch.tensor([12345, 777, 2**32 - 5], dtype=torch.int64, device=DEVICE)
+    keep = dropout_keep_mask(wide, 2, 2, 9, 14, 0.4)
+    assert torch.equal(keep, dropout_keep_mask_torch(wide, 2, 2, 9, 14, 0.4))
+    assert torch.equal(keep, dropout_keep_mask_torch(reduced, 2, 2, 9, 14, 0.4))
+    assert not torch.equal(keep, dropout_keep_mask_torch(torch.tensor([12345, 777, 5]), 2, 2, 9, 14, 0.4))
+    # The triton and reference backends of the op drop the same probabilities for such a seed.
+    q, k, v = _inputs(2, 9, 14, 2, 16, torch.float32, seed=23)
+    outputs = [torch.ops.fastvlp.attention_forward(q, k, v, None, wide, False, 0.4, 0.25, backend, False)[0]
+               for backend in ("triton", "reference")]
+    assert _relative_error(outputs[0], outputs[1].double()) < TOLERANCE[torch.float32]
+
+
+def _record_backward_launches(monkeypatch):
+    from fastvlp.ops.fmha import backward_kernels
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getattr__(self, attribute):
+            return getattr(self.kernel, attribute)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("dkdv", "dq"):
+        attribute = f"attention_backward_{name}_kernel"
+        monkeypatch.setattr(backward_kernels, attribute, Recorder(getattr(backward_kernels, attribute), name))
+    return launched
+
+
+@pytest.mark.parametrize("needed", ["q", "kv", "qkv", "v"])
+def test_backward_launches_only_the_kernels_of_needed_gradients(monkeypatch, needed):
+    """Cross-attention over a frozen memory needs dq only: the dK/dV kernel is skipped (and the
+    reverse); the gradients computed are the same."""
+    launched = _record_backward_launches(monkeypatch)
+    q, k, v = _inputs(2, 21, 30, 2, 16, torch.float32, seed=24)
+    mask = _padding("random", 2, 30)
+    leaves = dict(q=q.clone(), k=k.clone(), v=v.clone())
+    for name in needed:
+        leaves[name].requires_grad_()
+    out = attention(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=mask, backend="triton")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)  # as _run_reference
+    grads = torch.autograd.grad(out, [leaves[name] for name in needed], grad_out)
+    assert launched == (["dkdv"] if set(needed) & {"k", "v"} else []) + (["dq"] if "q" in needed else [])
+    _, expected = _run_reference(q, k, v, key_padding_mask=mask)
+    expected = dict(zip("qkv", expected))
+    for name, grad in zip(needed, grads):
+        assert _relative_error(grad, expected[name]) < TOLERANCE[torch.float32], name
 
 
 class _TinyAttention(torch.nn.Module):

@@ -1,4 +1,7 @@
-"""Triton backward of fused attention: deterministic, no atomics.
+"""Triton backward of fused attention, without atomics: a launch with a given tile config gives
+bitwise the same gradients every time. Autotuning may pick different tiles in another process,
+and the tile sets the order of the fp32 sums; under ``torch.use_deterministic_algorithms(True)``
+the launcher uses one fixed tile per dtype and head dim instead (``kernel_config.py``).
 
 Three launches (the math is spelled out in ``reference_backward.py``):
 1. ``delta = rowsum(O * dO)`` per query (fp32);
@@ -17,7 +20,10 @@ import triton.language as tl
 
 from .dropout_rng import dropout_threshold
 from .forward_kernel import LOG2E, device_context, key_bias, key_block_range, mask_arguments
-from .kernel_config import backward_configs, dot_precision, head_dim_block, length_bucket, prune_by_length
+from . import offset_width
+from .kernel_config import (
+    backward_configs, dot_precision, head_dim_block, launch_options, length_bucket, prune_by_length,
+)
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
 _BACKWARD_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM_BLOCK", "CAUSAL", "HAS_MASK", "HAS_DROPOUT", "DOT_PRECISION"]
@@ -26,7 +32,8 @@ _RUNTIME_INTS = ["query_length", "key_length", "LQ_BUCKET", "LK_BUCKET", "thresh
 
 @triton.jit
 def _load_rows(base, offs_rows, stride_row, offs_d, row_ok, HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr):
-    """A ``[rows, HEAD_DIM_BLOCK]`` tile, zeros outside the rows and the head dim."""
+    """A ``[rows, HEAD_DIM_BLOCK]`` tile, zeros outside the rows and the head dim. ``offs_rows`` is
+    int64 in the INT64_OFFSETS variant (``offset_width.py``), like every index that enters an address."""
     ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
     if HEAD_DIM == HEAD_DIM_BLOCK:
         return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
@@ -57,14 +64,14 @@ def attention_backward_delta_kernel(
     stride_ob, stride_om, stride_oh,
     stride_gb, stride_gm, stride_gh,
     heads, query_length,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64) if INT64_OFFSETS else tl.program_id(1)
     batch = tl.program_id(2)
-    batch_head = batch * heads + head
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    batch_head = (batch.to(tl.int64) if INT64_OFFSETS else batch) * heads + head
+    offs_m = start_m + (tl.arange(0, BLOCK_M).to(tl.int64) if INT64_OFFSETS else tl.arange(0, BLOCK_M))
     offs_d = tl.arange(0, HEAD_DIM_BLOCK)
     row_ok = offs_m < query_length
     out = _load_rows(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh, offs_m, stride_om, offs_d,
@@ -81,10 +88,10 @@ def _key_block_grads(grad_k, grad_v, k, v, bias, q_base, grad_out_base, stride_q
                      qk_scale, seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, stop); tiles are
     key-major ([BLOCK_N, BLOCK_M]) so both products land on the key rows."""
-    arange_m = tl.arange(0, BLOCK_M)
+    arange_m = tl.arange(0, BLOCK_M).to(tl.int64) if INT64_OFFSETS else tl.arange(0, BLOCK_M)
     for start_m in range(start, stop, BLOCK_M):
         offs_m = start_m + arange_m
         row_ok = offs_m < query_length
@@ -125,14 +132,15 @@ def attention_backward_dkdv_kernel(
     heads, query_length, key_length, LQ_BUCKET, LK_BUCKET,
     qk_scale, sm_scale, threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64) if INT64_OFFSETS else tl.program_id(1)
     batch = tl.program_id(2)
-    batch_head = batch * heads + head
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    batch_head = (batch.to(tl.int64) if INT64_OFFSETS else batch) * heads + head
+    offs_n = start_n + (tl.arange(0, BLOCK_N).to(tl.int64) if INT64_OFFSETS else tl.arange(0, BLOCK_N))
     offs_d = tl.arange(0, HEAD_DIM_BLOCK)
     key_ok = offs_n < key_length
 
@@ -166,18 +174,18 @@ def attention_backward_dkdv_kernel(
             grad_k, grad_v, k, v, bias, q_base, grad_out_base, stride_qm, stride_gm, lse_row_ptr, delta_row_ptr,
             start_n, offs_n, offs_d, first_row, diagonal_stop, query_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, True, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, True, HAS_DROPOUT, DOT_PRECISION, INT64_OFFSETS)
         grad_k, grad_v = _key_block_grads(
             grad_k, grad_v, k, v, bias, q_base, grad_out_base, stride_qm, stride_gm, lse_row_ptr, delta_row_ptr,
             start_n, offs_n, offs_d, tl.maximum(full_row, first_row), query_stop, query_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_DROPOUT, DOT_PRECISION, INT64_OFFSETS)
     else:
         grad_k, grad_v = _key_block_grads(
             grad_k, grad_v, k, v, bias, q_base, grad_out_base, stride_qm, stride_gm, lse_row_ptr, delta_row_ptr,
             start_n, offs_n, offs_d, 0, query_stop, query_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_DROPOUT, DOT_PRECISION, INT64_OFFSETS)
 
     grad_k = grad_k * sm_scale
     store_mask = key_ok[:, None]
@@ -197,9 +205,9 @@ def _query_block_grads(grad_q, q, grad_out, lse, delta, k_base, v_base, stride_k
                        qk_scale, seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [start, stop)."""
-    arange_n = tl.arange(0, BLOCK_N)
+    arange_n = tl.arange(0, BLOCK_N).to(tl.int64) if INT64_OFFSETS else tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + arange_n
         key_ok = offs_n < key_length
@@ -234,14 +242,15 @@ def attention_backward_dq_kernel(
     heads, query_length, key_length, LQ_BUCKET, LK_BUCKET,
     qk_scale, sm_scale, threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64) if INT64_OFFSETS else tl.program_id(1)
     batch = tl.program_id(2)
-    batch_head = batch * heads + head
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    batch_head = (batch.to(tl.int64) if INT64_OFFSETS else batch) * heads + head
+    offs_m = start_m + (tl.arange(0, BLOCK_M).to(tl.int64) if INT64_OFFSETS else tl.arange(0, BLOCK_M))
     offs_d = tl.arange(0, HEAD_DIM_BLOCK)
     row_ok = offs_m < query_length
 
@@ -260,7 +269,7 @@ def attention_backward_dq_kernel(
         seed_k0, seed_k1, seed_stream = load_dropout_seed(seed_ptr)
 
     grad_q = tl.zeros([BLOCK_M, HEAD_DIM_BLOCK], dtype=tl.float32)
-    lo, hi = key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK, BLOCK_N)
+    lo, hi = key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK, BLOCK_N, INT64_OFFSETS)
     causal_offset = key_length - query_length
     if CAUSAL:
         full_stop = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
@@ -270,18 +279,21 @@ def attention_backward_dq_kernel(
             grad_q, q, grad_out, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_row_ptr, stride_mask_k,
             offs_m, offs_d, lo, full_stop, key_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION,
+            INT64_OFFSETS)
         grad_q = _query_block_grads(
             grad_q, q, grad_out, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_row_ptr, stride_mask_k,
             offs_m, offs_d, full_stop, diagonal_stop, key_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, True, HAS_MASK, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, True, HAS_MASK, HAS_DROPOUT, DOT_PRECISION,
+            INT64_OFFSETS)
     else:
         grad_q = _query_block_grads(
             grad_q, q, grad_out, lse, delta, k_base, v_base, stride_kn, stride_vn, mask_row_ptr, stride_mask_k,
             offs_m, offs_d, lo, hi, key_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold, dropout_scale,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION,
+            INT64_OFFSETS)
 
     grad_q = grad_q * sm_scale
     store_mask = row_ok[:, None]
@@ -297,41 +309,51 @@ def _strides_without_last(t: torch.Tensor):
 
 
 def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p,
-                              scale, allow_tf32):
-    """``(dq, dk, dv)``, contiguous, in the inputs' dtype."""
+                              scale, allow_tf32, need_dq=True, need_dkdv=True):
+    """``(dq, dk, dv)``, contiguous, in the inputs' dtype; ``dq`` is None unless ``need_dq``, and
+    ``dk``, ``dv`` are None unless ``need_dkdv`` (their kernel is then not launched)."""
     batch, query_length, heads, head_dim = q.shape
     key_length = k.shape[1]
     # The kernels index the head dim with unit stride; copy the rare inputs that lack it.
     q, k, v, out, grad_out = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, grad_out))
-    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    lse = lse.contiguous()  # read as [B, H, Lq] with rows of length Lq
+    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_dq else None
+    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_dkdv else None
+    grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_dkdv else None
     delta = torch.empty(batch, heads, query_length, dtype=torch.float32, device=q.device)
     has_dropout = dropout_p > 0.0
     mask, stride_mask_b, stride_mask_k = mask_arguments(key_padding_mask, q)
     seed = dropout_seed if has_dropout else q
     d_block = head_dim_block(head_dim)
+    int64_offsets = offset_width.attention_needs_int64(q, k, v, out, grad_out, grad_q, grad_k, grad_v,
+                                                       key_padding_mask, batch=batch, heads=heads)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, CAUSAL=causal, HAS_MASK=key_padding_mask is not None,
-                  HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(q.dtype, allow_tf32))
+                  HAS_DROPOUT=has_dropout, DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
+                  INT64_OFFSETS=int64_offsets)
     scalars = (heads, query_length, key_length, length_bucket(query_length), length_bucket(key_length),
                scale * LOG2E, scale, dropout_threshold(dropout_p) if has_dropout else 0, 1.0 / (1.0 - dropout_p))
+    dkdv_kernel, dkdv_tiles = launch_options(attention_backward_dkdv_kernel, "backward", q.dtype, d_block)
+    dq_kernel, dq_tiles = launch_options(attention_backward_dq_kernel, "backward", q.dtype, d_block)
 
     with device_context(q):
         delta_block = 16 if d_block >= 128 else 64
         attention_backward_delta_kernel[(triton.cdiv(query_length, delta_block), heads, batch)](
             out, grad_out, delta, *_strides_without_last(out), *_strides_without_last(grad_out),
-            heads, query_length, HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, BLOCK_M=delta_block,
+            heads, query_length, HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, INT64_OFFSETS=int64_offsets,
+            BLOCK_M=delta_block,
         )
-        attention_backward_dkdv_kernel[lambda meta: (triton.cdiv(key_length, meta["BLOCK_N"]), heads, batch)](
-            q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, seed,
-            *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
-            *_strides_without_last(grad_out), *_strides_without_last(grad_k), *_strides_without_last(grad_v),
-            stride_mask_b, stride_mask_k, *scalars, **common,
-        )
-        attention_backward_dq_kernel[lambda meta: (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
-            q, k, v, grad_out, lse, delta, grad_q, mask, seed,
-            *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
-            *_strides_without_last(grad_out), *_strides_without_last(grad_q),
-            stride_mask_b, stride_mask_k, *scalars, **common,
-        )
+        if need_dkdv:
+            dkdv_kernel[lambda meta: (triton.cdiv(key_length, meta["BLOCK_N"]), heads, batch)](
+                q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, seed,
+                *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
+                *_strides_without_last(grad_out), *_strides_without_last(grad_k), *_strides_without_last(grad_v),
+                stride_mask_b, stride_mask_k, *scalars, **common, **dkdv_tiles,
+            )
+        if need_dq:
+            dq_kernel[lambda meta: (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
+                q, k, v, grad_out, lse, delta, grad_q, mask, seed,
+                *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
+                *_strides_without_last(grad_out), *_strides_without_last(grad_q),
+                stride_mask_b, stride_mask_k, *scalars, **common, **dq_tiles,
+            )
     return grad_q, grad_k, grad_v

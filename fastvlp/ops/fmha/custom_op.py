@@ -38,6 +38,36 @@ def _reference_keep(seed, q, k, dropout_p):
     return dropout_keep_mask_torch(seed, batch, heads, query_length, k.shape[1], dropout_p)
 
 
+def _check_seed(dropout_seed, q, dropout_p) -> None:
+    """The kernels read the seed's three words through a pointer on q's device."""
+    if dropout_p <= 0.0:
+        return
+    if not isinstance(dropout_seed, torch.Tensor):
+        raise TypeError(f"dropout_seed: expected a tensor from draw_dropout_seed when dropout_p > 0, "
+                        f"got {type(dropout_seed).__name__}")
+    if dropout_seed.dtype != torch.int64 or dropout_seed.shape != (3,):
+        raise ValueError(f"dropout_seed: expected an int64 tensor of shape [3] (draw_dropout_seed), got "
+                         f"{dropout_seed.dtype} {list(dropout_seed.shape)}")
+    if dropout_seed.device != q.device:
+        raise ValueError(f"dropout_seed: expected device {q.device} like q, got {dropout_seed.device}")
+
+
+def _check_backward_tensors(grad_out, q, v, out, lse) -> None:
+    """What the backward kernels assume of the tensors autograd passes; a direct op call may differ."""
+    batch, query_length, heads, _ = q.shape
+    expected = (batch, query_length, heads, v.shape[-1])
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.shape != expected:
+            raise ValueError(f"{name}: expected shape {list(expected)} (q's [B, Lq, H] and v's D), got {list(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} like q, got {t.device}")
+    if lse.shape != (batch, heads, query_length) or lse.dtype != _lse_dtype(q.dtype) or lse.device != q.device:
+        raise ValueError(f"lse: expected {_lse_dtype(q.dtype)} [{batch}, {heads}, {query_length}] on {q.device} "
+                         f"(attention_forward's second output), got {lse.dtype} {list(lse.shape)} on {lse.device}")
+
+
 def forward_impl(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32):
     """``(out, lse)`` of one attention call on the chosen backend."""
     out, lse = _empty_outputs(q, v)
@@ -60,16 +90,23 @@ def forward_impl(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, sca
     return out, lse
 
 
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    # Contiguous like every other gradient (and the fake kernel), whatever t's strides are.
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+
+
 def backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend,
-                  allow_tf32):
-    """``(dq, dk, dv)``, contiguous, of one attention call on the chosen backend."""
+                  allow_tf32, need_dq=True, need_dkdv=True):
+    """``(dq, dk, dv)``, contiguous, of one attention call on the chosen backend. The Triton backend
+    skips the kernel of a gradient not asked for (``need_dq``, ``need_dkdv``) and returns None there."""
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return _zeros(q), _zeros(k), _zeros(v)
     if backend == "triton":
         from .backward_kernels import attention_backward_triton
 
         return attention_backward_triton(
-            grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, allow_tf32
+            grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale, allow_tf32,
+            need_dq=need_dq, need_dkdv=need_dkdv,
         )
     keep = _reference_keep(dropout_seed, q, k, dropout_p)
     grads = attention_backward_reference(
@@ -92,6 +129,7 @@ def attention_forward(
     backend: str,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_seed(dropout_seed, q, dropout_p)
     return forward_impl(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, backend, allow_tf32)
 
 
@@ -116,6 +154,8 @@ def attention_backward(
     backend: str,
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_seed(dropout_seed, q, dropout_p)
+    _check_backward_tensors(grad_out, q, v, out, lse)
     return backward_impl(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p, scale,
                          backend, allow_tf32)
 
@@ -178,5 +218,7 @@ class EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward()
-        grad_q, grad_k, grad_v = backward_impl(*_saved_arguments(ctx, grad_out))
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        grad_q, grad_k, grad_v = backward_impl(*_saved_arguments(ctx, grad_out), need_dq=need_q,
+                                               need_dkdv=need_k or need_v)
         return grad_q, grad_k, grad_v, None, None, None, None, None, None, None

@@ -158,6 +158,11 @@ def attention(
     Returns:
         ``[B, Lq, H, D]`` in q's dtype. Queries with no visible key give zeros (and zero
         gradients). Differentiable with respect to q, k and v.
+
+    The kernels use no atomics, so repeating a call in one process gives bitwise equal outputs and
+    gradients. Across processes that holds under ``torch.use_deterministic_algorithms(True)``, where
+    the kernels run one fixed tile per dtype and head dim instead of the autotuned one (which can
+    differ between processes and changes the order of the float32 sums).
     """
     _validate(q, k, v, key_padding_mask, causal, dropout_p, scale, backend, allow_tf32)
     choice = _select(q, backend)

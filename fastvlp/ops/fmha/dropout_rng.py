@@ -10,7 +10,8 @@ lives in ``triton_rng.py``.
 Counter layout, identical in both halves, for key ``(seed[0], seed[1])``:
 ``c0 = j // 4, c1 = i, c2 = b * H + h, c3 = seed[2]``; the four Philox outputs
 serve the four keys ``4 * (j // 4) + r``. A probability is kept when the top
-31 bits of its output are ``>= dropout_threshold(p)``.
+31 bits of its output are ``>= dropout_threshold(p)``. Both halves take each seed word modulo
+2**32 (the kernels load the words as uint32), so any int64 seed gives the same mask in both.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def dropout_keep_mask_torch(
     """
     check_keep_mask_arguments(seed, batch, heads, query_length, key_length, dropout_p)
     device = seed.device
-    seed = seed.to(torch.int64)
+    seed = seed.to(torch.int64) & _LOW32  # the kernels' uint32 load: words modulo 2**32
     groups = (key_length + 3) // 4
     c0 = torch.arange(groups, dtype=torch.int64, device=device).view(1, 1, 1, groups)
     c1 = torch.arange(query_length, dtype=torch.int64, device=device).view(1, 1, query_length, 1)

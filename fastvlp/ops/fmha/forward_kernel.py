@@ -8,7 +8,10 @@ and keys outside the batch row's first..last valid key are never visited (each
 program finds them by scanning its row of the mask, so no host-side launch is
 spent on it). Causal calls split the key range into blocks every query of the
 tile sees (no causal test) and the diagonal blocks (with it). It saves the natural-log log-sum-exp
-for the backward, ``-inf`` for rows without any visible key (output 0).
+for the backward, ``-inf`` for rows without any visible key (output 0). Element offsets are
+int32 unless the launch needs int64 (``offset_width.py``). Under
+``torch.use_deterministic_algorithms(True)`` it runs one fixed tile per dtype and head dim rather
+than the autotuned one (``kernel_config.py``), since the tile sets the order of the fp32 sums.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ import triton
 import triton.language as tl
 
 from .dropout_rng import dropout_threshold
+from . import offset_width
 from .kernel_config import (
-    dot_precision, forward_configs, head_dim_block, length_bucket, prune_by_length,
+    dot_precision, forward_configs, head_dim_block, launch_options, length_bucket, prune_by_length,
 )
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
@@ -29,7 +33,9 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def key_bias(mask_row_ptr, stride_mask_k, offs_n, key_length, HAS_MASK: tl.constexpr):
-    """0 for keys that exist and are not padding, -inf otherwise (a ``[BLOCK_N]`` vector)."""
+    """0 for keys that exist and are not padding, -inf otherwise (a ``[BLOCK_N]`` vector). ``offs_n``
+    is int64 in the kernels' INT64_OFFSETS variant (see ``offset_width.py``), like every index
+    vector that enters an address."""
     valid = offs_n < key_length
     if HAS_MASK:
         padded = tl.load(mask_row_ptr + offs_n * stride_mask_k, mask=valid, other=1)
@@ -39,7 +45,7 @@ def key_bias(mask_row_ptr, stride_mask_k, offs_n, key_length, HAS_MASK: tl.const
 
 @triton.jit
 def key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SCAN_BLOCK: tl.constexpr = 512):
+                    INT64_OFFSETS: tl.constexpr, SCAN_BLOCK: tl.constexpr = 512):
     """[lo, hi) of keys worth visiting: lo is block-aligned (dropout counters need
     multiples of 4); padded keys before the first or after the last valid key are skipped.
     Each program scans its batch row's mask (a few hundred bytes, from L2), which
@@ -51,7 +57,9 @@ def key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK: tl.conste
         offs = tl.arange(0, SCAN_BLOCK)
         for start in range(0, key_length, SCAN_BLOCK):
             index = start + offs
-            padded = tl.load(mask_row_ptr + index * stride_mask_k, mask=index < key_length, other=1)
+            # index stays int32 (first and last are loop-carried); only its address term is widened.
+            padded = tl.load(mask_row_ptr + (index.to(tl.int64) if INT64_OFFSETS else index) * stride_mask_k,
+                             mask=index < key_length, other=1)
             valid = padded == 0
             first = tl.minimum(first, tl.min(tl.where(valid, index, key_length), 0))
             last = tl.maximum(last, tl.max(tl.where(valid, index + 1, 0), 0))
@@ -69,8 +77,8 @@ def _forward_blocks(acc, m_i, l_i, q, k_ptrs_base, v_ptrs_base, stride_kn, strid
                     qk_scale, seed_k0, seed_k1, seed_stream, batch_head, threshold,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    arange_n = tl.arange(0, BLOCK_N)
+                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    arange_n = tl.arange(0, BLOCK_N).to(tl.int64) if INT64_OFFSETS else tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + arange_n
         in_bounds = offs_n < key_length
@@ -127,16 +135,18 @@ def attention_forward_kernel(
     heads, query_length, key_length, LQ_BUCKET, LK_BUCKET,
     qk_scale, threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     # Heads and batch rows on grid axes 1 and 2: CUDA caps each at 65535, which B * H on one axis can pass.
-    head = tl.program_id(1)
+    # In the INT64_OFFSETS variant every index that enters an address is int64 (offset_width.py).
+    head = tl.program_id(1).to(tl.int64) if INT64_OFFSETS else tl.program_id(1)
     batch = tl.program_id(2)
-    batch_head = batch * heads + head
+    batch_head = (batch.to(tl.int64) if INT64_OFFSETS else batch) * heads + head
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_BLOCK)
+    offs_m = start_m + (tl.arange(0, BLOCK_M).to(tl.int64) if INT64_OFFSETS else tl.arange(0, BLOCK_M))
+    offs_d = tl.arange(0, HEAD_DIM_BLOCK).to(tl.int64) if INT64_OFFSETS else tl.arange(0, HEAD_DIM_BLOCK)
     row_ok = offs_m < query_length
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head * stride_qh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh
@@ -159,7 +169,7 @@ def attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_BLOCK], dtype=tl.float32)
 
-    lo, hi = key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK, BLOCK_N)
+    lo, hi = key_block_range(mask_row_ptr, stride_mask_k, key_length, HAS_MASK, BLOCK_N, INT64_OFFSETS)
     causal_offset = key_length - query_length
     if CAUSAL:
         # Keys below the first row's limit are visible to every row of the tile.
@@ -170,18 +180,21 @@ def attention_forward_kernel(
             acc, m_i, l_i, q, k_ptrs_base, v_ptrs_base, stride_kn, stride_vn, mask_row_ptr, stride_mask_k,
             offs_m, offs_d, lo, full_stop, key_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION,
+            INT64_OFFSETS)
         acc, m_i, l_i = _forward_blocks(
             acc, m_i, l_i, q, k_ptrs_base, v_ptrs_base, stride_kn, stride_vn, mask_row_ptr, stride_mask_k,
             offs_m, offs_d, full_stop, diagonal_stop, key_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, True, HAS_MASK, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, True, HAS_MASK, HAS_DROPOUT, DOT_PRECISION,
+            INT64_OFFSETS)
     else:
         acc, m_i, l_i = _forward_blocks(
             acc, m_i, l_i, q, k_ptrs_base, v_ptrs_base, stride_kn, stride_vn, mask_row_ptr, stride_mask_k,
             offs_m, offs_d, lo, hi, key_length, causal_offset, qk_scale,
             seed_k0, seed_k1, seed_stream, batch_head, threshold,
-            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION)
+            HEAD_DIM, HEAD_DIM_BLOCK, BLOCK_M, BLOCK_N, False, HAS_MASK, HAS_DROPOUT, DOT_PRECISION,
+            INT64_OFFSETS)
 
     has_key = l_i > 0.0
     inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
@@ -222,19 +235,25 @@ def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dr
     mask, stride_mask_b, stride_mask_k = mask_arguments(key_padding_mask, q)
     seed = dropout_seed if has_dropout else q
 
+    d_block = head_dim_block(head_dim)
+    kernel, tiles = launch_options(attention_forward_kernel, "forward", q.dtype, d_block)
+
     def grid(meta):
         return (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)
 
     with device_context(q):
-        attention_forward_kernel[grid](
+        kernel[grid](
             q, k, v, out, lse, mask, seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mask_b, stride_mask_k,
             heads, query_length, key_length, length_bucket(query_length), length_bucket(key_length),
             scale * LOG2E, dropout_threshold(dropout_p) if has_dropout else 0,
             1.0 / (1.0 - dropout_p),
-            HEAD_DIM=head_dim, HEAD_DIM_BLOCK=head_dim_block(head_dim), CAUSAL=causal,
+            HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, CAUSAL=causal,
             HAS_MASK=key_padding_mask is not None, HAS_DROPOUT=has_dropout,
             DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
+            INT64_OFFSETS=offset_width.attention_needs_int64(q, k, v, out, key_padding_mask, batch=batch,
+                                                             heads=heads),
+            **tiles,
         )
     return out, lse

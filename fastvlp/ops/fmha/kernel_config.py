@@ -1,5 +1,6 @@
 """Launch configuration shared by the attention kernels: length buckets for the
-autotune key, the candidate block shapes, and interpreter detection.
+autotune key, the candidate block shapes, the fixed tiles of deterministic mode,
+and interpreter detection.
 
 Sequence lengths are runtime (``do_not_specialize``) arguments and the autotune
 key sees only their bucket, so a stream of varying lengths compiles and tunes a
@@ -77,6 +78,26 @@ _BACKWARD_CONFIGS = [
 ]
 
 
+# Under torch.use_deterministic_algorithms(True) the launchers skip autotuning and use one of these
+# tiles. The tile shape sets the order of the fp32 sums (online softmax over key blocks, dQ over key
+# blocks, dK/dV over query blocks), so two processes that tuned to different tiles would disagree in
+# the last bits. Each is one of the candidates above; compiled for sm_90 (causal, key mask, dropout)
+# none needs more than 136 KiB of shared memory (an H100 has 227 KiB, an A100 163 KiB). For half
+# precision at head dim 128 the backward tile is the candidate that spilled the fewest registers.
+_DETERMINISTIC_CONFIGS = {
+    # (kernel, half precision, head_dim_block > 64): tile
+    ("forward", True, False): _config(128, 64, 4, 3),
+    ("forward", True, True): _config(128, 64, 8, 3),
+    ("forward", False, False): _config(64, 64, 4, 3),
+    ("forward", False, True): _config(64, 32, 4, 2),
+    ("backward", True, False): _config(64, 64, 4, 2),
+    ("backward", True, True): _config(64, 64, 4, 2),
+    ("backward", False, False): _config(32, 64, 4, 2),
+    ("backward", False, True): _config(32, 32, 4, 1),
+}
+_INTERPRETER_DETERMINISTIC_CONFIG = _config(32, 32, 1, 1)
+
+
 def forward_configs():
     return _INTERPRETER_CONFIGS if INTERPRETED else _FORWARD_CONFIGS
 
@@ -103,3 +124,28 @@ def prune_by_length(configs, named_args, **kwargs):
     if argument("DOT_PRECISION") == "ieee":
         return by_area[:2]
     return kept or by_area[:1]
+
+
+def deterministic_config(kernel: str, dtype, head_dim_block: int) -> triton.Config:
+    """The fixed tile of ``kernel`` ("forward", or "backward" for both backward kernels) for one
+    dtype and padded head dim, used instead of autotuning in deterministic mode."""
+    import torch
+
+    if kernel not in ("forward", "backward"):
+        raise ValueError(f"kernel: expected 'forward' or 'backward', got {kernel!r}")
+    if INTERPRETED:
+        return _INTERPRETER_DETERMINISTIC_CONFIG
+    return _DETERMINISTIC_CONFIGS[(kernel, dtype != torch.float32, head_dim_block > 64)]
+
+
+def launch_options(autotuned_kernel, kernel: str, dtype, head_dim_block: int):
+    """``(launchable, extra keyword arguments)``: the autotuned kernel as it is, or, when
+    ``torch.are_deterministic_algorithms_enabled()``, the plain kernel with the fixed tile of
+    :func:`deterministic_config`, so results are bitwise equal across processes (same GPU model
+    and software versions) whatever tiles autotuning would pick."""
+    import torch
+
+    if not torch.are_deterministic_algorithms_enabled():
+        return autotuned_kernel, {}
+    config = deterministic_config(kernel, dtype, head_dim_block)
+    return autotuned_kernel.fn, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .dropout_rng import PHILOX_ROUNDS, check_keep_mask_arguments, dropout_threshold
 from .kernel_config import INTERPRETED
+from .offset_width import needs_int64_offsets
 
 _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
 
@@ -31,7 +32,7 @@ def philox_4x32(c0, c1, c2, c3, k0, k1, ROUNDS: tl.constexpr):
 
 @triton.jit
 def load_dropout_seed(seed_ptr):
-    """Key words and stream word of a seed written by ``draw_dropout_seed``."""
+    """Key words and stream word of a seed written by ``draw_dropout_seed``, each modulo 2**32."""
     k0 = tl.load(seed_ptr).to(tl.uint32)
     k1 = tl.load(seed_ptr + 1).to(tl.uint32)
     stream = tl.load(seed_ptr + 2).to(tl.uint32)
@@ -63,7 +64,7 @@ def dropout_keep_tile(k0, k1, stream, batch_head, rows, col_start, threshold,
 
 @triton.jit(do_not_specialize=["query_length", "key_length"])
 def dropout_keep_kernel(seed_ptr, keep_ptr, query_length, key_length, threshold,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # B * H on axis 0, which CUDA does not cap at 65535 as it does axes 1 and 2.
     batch_head = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
@@ -72,7 +73,8 @@ def dropout_keep_kernel(seed_ptr, keep_ptr, query_length, key_length, threshold,
     rows = start_m + tl.arange(0, BLOCK_M)
     cols = start_n + tl.arange(0, BLOCK_N)
     keep = dropout_keep_tile(k0, k1, stream, batch_head, rows, start_n, threshold, BLOCK_M, BLOCK_N)
-    offsets = batch_head.to(tl.int64) * query_length * key_length + rows[:, None] * key_length + cols[None, :]
+    offsets = (batch_head.to(tl.int64) * query_length * key_length
+               + (rows.to(tl.int64) if INT64_OFFSETS else rows)[:, None] * key_length + cols[None, :])
     in_bounds = (rows[:, None] < query_length) & (cols[None, :] < key_length)
     tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=in_bounds)
 
@@ -95,6 +97,8 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, query_length: 
         return keep.bool()
     block_m, block_n = (16, 16) if INTERPRETED else (64, 64)
     grid = (batch * heads, triton.cdiv(query_length, block_m), triton.cdiv(key_length, block_n))
+    # One [Lq, Lk] matrix's offsets are int32 unless they can reach 2**31.
+    int64_offsets = needs_int64_offsets([((query_length, key_length), (key_length, 1))])
     dropout_keep_kernel[grid](seed, keep, query_length, key_length, dropout_threshold(dropout_p),
-                              BLOCK_M=block_m, BLOCK_N=block_n)
+                              INT64_OFFSETS=int64_offsets, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.bool()
