@@ -138,7 +138,7 @@ $PYTHON -c "import fastvlp, torch, triton; print(fastvlp.build_info()); print('t
 # Compiling and tuning the Triton kernels' variants is most of the tests' time: spread it over the cores.
 parallel=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8")
 export PYTHON LOG_DIR RESULTS_ROOT; export -f train_step gpu_pytest
-step cuda-tests 200 bash -c "gpu_pytest -q -m cuda -p no:cacheprovider $parallel tests"
+step cuda-tests 300 bash -c "gpu_pytest -q -m cuda -p no:cacheprovider $parallel tests"
 case $last_status in
   ok) FASTVLP_BENCH_GPU_TESTS=passed ;;
   skipped) FASTVLP_BENCH_GPU_TESTS="not run" ;;
@@ -150,7 +150,7 @@ export FASTVLP_BENCH_GPU_TESTS
 # with the current kernels (FlexAttention and the modules included), the end-to-end query time and
 # generation; then the training step and the solver, measured in earlier runs.
 step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
-step bench-attention 300 $PYTHON -m fastvlp bench attention --out-dir "$RESULTS_ROOT"
+step bench-attention 540 $PYTHON -m fastvlp bench attention --out-dir "$RESULTS_ROOT"
 step bench-e2e 400 $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
   --batch-size 1 --repeats 20 --amp --compile --out "$RESULTS_DIR/e2e.json"
 step bench-generation 200 $PYTHON -m fastvlp bench generation --preset e2e-vlp-6-r50 --device cuda --batch-size 16 \
