@@ -58,6 +58,26 @@ def test_e2e_bench_writes_every_row_and_stage(tmp_path):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_e2e_bench_cut_short_keeps_the_rows_it_timed(tmp_path, monkeypatch):
+    timed = e2e.time_query
+    calls = []
+
+    def stopped_at_the_third_row(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a step timeout's signal leaves behind
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(e2e, "time_query", stopped_at_the_third_row)
+    out = tmp_path / "e2e.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(TINY + ["--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is False and len(payload["results"]) == 2
+    assert all(row["median_ms"] > 0 for row in payload["results"])
+    assert out.with_suffix(".md").read_text().count("\n| e2e-") == 2
+
+
 def test_e2e_bench_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         main(TINY + ["--image-sizes", "64by64"])

@@ -27,7 +27,7 @@ import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -201,7 +201,9 @@ def _compiled(query):
     return RegionQuery(pipeline)
 
 
-def run(args) -> Dict[str, object]:
+def run(args, after_row: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
+    """Time every contender at every size; ``after_row`` gets the payload so far (``complete`` False)
+    after each row, so that a run cut short keeps what it measured."""
     from tqdm import tqdm
 
     from torch import _dynamo
@@ -217,6 +219,9 @@ def run(args) -> Dict[str, object]:
     text_mask = torch.ones_like(input_ids, dtype=torch.bool)
     jobs = [(index, size, False) for size in args.image_sizes for index in range(len(contenders))]
     jobs += [(index, args.native_size, True) for index, (name, _, _) in enumerate(contenders) if name.startswith("region")]
+    extra = {"amp": args.amp, "repeats": args.repeats, "warmup": args.warmup, "batch_size": args.batch_size,
+             "text_length": args.text_length, "image_sizes": [f"{h}x{w}" for h, w in args.image_sizes],
+             "native_size": "x".join(str(side) for side in args.native_size), "compile": args.compile}
     rows = []
     for index, (height, width), native in tqdm(jobs, desc="e2e bench", unit="run"):
         name, preset, query = contenders[index]
@@ -237,9 +242,8 @@ def run(args) -> Dict[str, object]:
             row.update({"median_ms": None, "p10_ms": None, "p90_ms": None, "raw_ms": [], "stages": {},
                         "stages_raw_ms": {}, "status": error_reason(error)})
         rows.append(row)
-    extra = {"amp": args.amp, "repeats": args.repeats, "warmup": args.warmup, "batch_size": args.batch_size,
-             "text_length": args.text_length, "image_sizes": [f"{h}x{w}" for h, w in args.image_sizes],
-             "native_size": "x".join(str(side) for side in args.native_size), "compile": args.compile}
+        if after_row is not None:
+            after_row(result_payload("e2e", rows, device_name(args.device), extra=extra, complete=False))
     return result_payload("e2e", rows, device_name(args.device), extra=extra)
 
 
@@ -330,11 +334,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--compile needs --warmup >= 1: the compiled rows compile in their warm-up")
     if not 3 <= args.text_length <= 40:
         parser.error("--text-length must be in 3..40 (E2E-VLP's learned text positions)")
-    payload = run(args)
-    out = Path(args.out) if args.out else DEFAULT_RESULTS_DIR / payload["device"] / "e2e.json"
+    out = Path(args.out) if args.out else DEFAULT_RESULTS_DIR / device_name(args.device) / "e2e.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(payload))
+
+    def write(payload: Dict[str, object]) -> None:
+        out.write_text(json.dumps(payload, indent=1) + "\n")
+        out.with_suffix(".md").write_text(markdown(payload))
+
+    payload = run(args, after_row=write)
+    write(payload)
     plotted = plot(payload, out.with_suffix(".png"))
     print(markdown(payload))
     print(f"wrote {out}, {out.with_suffix('.md')}" + (f", {plotted}" if plotted else " (no matplotlib: no plot)"))
