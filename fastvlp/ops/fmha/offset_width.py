@@ -45,5 +45,10 @@ def batch_row_layouts(*tensors: Optional[torch.Tensor]) -> list:
 def attention_needs_int64(*tensors: Optional[torch.Tensor], batch: int, heads: int) -> bool:
     """The launchers' decision: ``tensors`` are the ``[B, L, H, D]`` operands (and the ``[B, Lk]`` key
     mask) one launch reads or writes; ``batch * heads - 1`` is its largest ``batch * heads + head``."""
+    # Fast path on every launch: no element lies farther from a tensor's start than its storage reaches.
+    if batch * heads - 1 < INT32_LIMIT and all(
+        t is None or t.untyped_storage().nbytes() < INT32_LIMIT * t.element_size() for t in tensors
+    ):
+        return False
     return needs_int64_offsets(batch_row_layouts(*tensors), (batch * heads - 1,))
 
