@@ -15,6 +15,8 @@
 #   SKIP_SANITIZER=1 bash bench/gpu.sh
 #   CUDA_TESTS_CAP_S=200 bash bench/gpu.sh   # the CUDA tests cut at 200 s (default 300)
 #   ONLY="bench-e2e bench-attention" bash bench/gpu.sh   # the checks and build, then only the steps named
+#   ATTENTION_REF_COMMIT=0f64823 bash bench/gpu.sh   # also time that commit's fused attention on E and X
+#                                                    # beside today's, on the same machine (a regression check)
 #   RESULTS_ROOT=/tmp/r bash bench/gpu.sh   # results under /tmp/r/<gpu>/ instead of bench/results/<gpu>/
 #   FASTVLP_BENCH_GIT_COMMIT=<sha> bash bench/gpu.sh   # a tree copied without .git: name its commit
 #                                                     # (every file also records a digest of the sources)
@@ -91,6 +93,17 @@ train_step() {  # the paper's 6-r50 model on 800x1333-class images: batch 32, or
   return 1
 }
 
+attention_at_ref() {  # the fused attention of $ATTENTION_REF_COMMIT and of this tree, E and X scenarios, one machine
+  local ref=$ATTENTION_REF_COMMIT tree out; tree=$(mktemp -d)
+  case $RESULTS_DIR in /*) out=$RESULTS_DIR ;; *) out=$(pwd)/$RESULTS_DIR ;; esac
+  git archive "$ref" fastvlp | tar -x -C "$tree" || { echo "cannot read fastvlp/ at $ref"; return 1; }
+  # The old package runs from its own folder (its Triton kernels need no build) with its own benchmark code.
+  (cd "$tree" && PYTHONPATH="$tree" "$PYTHON" -m fastvlp bench attention --scenarios E X \
+     --contenders fastvlp sdpa-cudnn --out-dir "$out/attention-at-${ref:0:9}") || return 1
+  "$PYTHON" -m fastvlp bench attention --scenarios E X --contenders fastvlp sdpa-cudnn \
+    --out-dir "$out/attention-at-head"
+}
+
 stop() {  # stop MESSAGE: a precondition failed, so nothing after it would measure working code
   echo "STOPPED: $1"; pack; echo "FAILED: ${failures[*]:-}"; exit 1
 }
@@ -138,7 +151,10 @@ $PYTHON -c "import fastvlp, torch, triton; print(fastvlp.build_info()); print('t
   | tee -a "$LOG_DIR/gpu.txt"
 # Compiling and tuning the Triton kernels' variants is most of the tests' time: spread it over the cores.
 parallel=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8")
-export PYTHON LOG_DIR RESULTS_ROOT; export -f train_step gpu_pytest
+export PYTHON LOG_DIR RESULTS_ROOT RESULTS_DIR ATTENTION_REF_COMMIT=${ATTENTION_REF_COMMIT:-}
+export -f train_step gpu_pytest attention_at_ref
+# The logs name the tile that autotuning picked for each kernel and key.
+export TRITON_PRINT_AUTOTUNING=1
 step cuda-tests "${CUDA_TESTS_CAP_S:-300}" bash -c "gpu_pytest -q -m cuda -p no:cacheprovider $parallel tests"
 case $last_status in
   ok) FASTVLP_BENCH_GPU_TESTS=passed ;;
@@ -156,6 +172,9 @@ step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda --out-dir "$RESU
 step bench-generation 200 $PYTHON -m fastvlp bench generation --preset e2e-vlp-6-r50 --device cuda --batch-size 16 \
   --max-length 20 --repeats 5 --out-dir "$RESULTS_ROOT"
 step bench-attention 540 $PYTHON -m fastvlp bench attention --out-dir "$RESULTS_ROOT"
+if [ -n "$ATTENTION_REF_COMMIT" ]; then
+  step bench-attention-ref 300 bash -c attention_at_ref
+fi
 step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
 step bench-e2e 400 $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
   --batch-size 1 --repeats 20 --amp --compile --out "$RESULTS_DIR/e2e.json"
