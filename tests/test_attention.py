@@ -659,3 +659,19 @@ def test_varying_lengths_map_to_few_autotune_buckets():
     assert len(buckets) <= 11
     assert all(MIN_BUCKET <= bucket <= MAX_BUCKET for bucket in buckets)
     assert all(length_bucket(length) >= min(length, MAX_BUCKET) for length in lengths)
+
+
+def test_host_integer_helpers_match_triton():
+    """The launchers' plain cdiv and next_power_of_2 (cheaper than Triton's constexpr-function
+    wrappers on every launch) give Triton's values, at powers of two and either side of them."""
+    import triton
+
+    from fastvlp.ops.fmha.kernel_config import cdiv, next_power_of_2
+
+    values = sorted({v for p in range(18) for v in (2**p - 1, 2**p, 2**p + 1)} | {1090, 1201, 4097})
+    for value in values:
+        if value >= 1:
+            assert next_power_of_2(value) == triton.next_power_of_2(value), value
+        for block in (16, 32, 64, 100, 128):
+            assert cdiv(value, block) == triton.cdiv(value, block), (value, block)
+    assert next_power_of_2(0) == 1

@@ -22,7 +22,7 @@ from .dropout_rng import dropout_threshold
 from .forward_kernel import LOG2E, device_context, key_bias, key_block_range, mask_arguments
 from . import offset_width
 from .kernel_config import (
-    backward_configs, dot_precision, head_dim_block, launch_options, length_bucket, prune_by_length,
+    backward_configs, cdiv, dot_precision, head_dim_block, launch_options, length_bucket, prune_by_length,
 )
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
@@ -305,7 +305,7 @@ def attention_backward_dq_kernel(
 
 
 def _strides_without_last(t: torch.Tensor):
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]  # one call: each stride(i) is a separate host round trip
 
 
 def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dropout_seed, causal, dropout_p,
@@ -337,20 +337,20 @@ def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dro
 
     with device_context(q):
         delta_block = 16 if d_block >= 128 else 64
-        attention_backward_delta_kernel[(triton.cdiv(query_length, delta_block), heads, batch)](
+        attention_backward_delta_kernel[(cdiv(query_length, delta_block), heads, batch)](
             out, grad_out, delta, *_strides_without_last(out), *_strides_without_last(grad_out),
             heads, query_length, HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, INT64_OFFSETS=int64_offsets,
             BLOCK_M=delta_block,
         )
         if need_dkdv:
-            dkdv_kernel[lambda meta: (triton.cdiv(key_length, meta["BLOCK_N"]), heads, batch)](
+            dkdv_kernel[lambda meta: (cdiv(key_length, meta["BLOCK_N"]), heads, batch)](
                 q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, seed,
                 *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
                 *_strides_without_last(grad_out), *_strides_without_last(grad_k), *_strides_without_last(grad_v),
                 stride_mask_b, stride_mask_k, *scalars, **common, **dkdv_tiles,
             )
         if need_dq:
-            dq_kernel[lambda meta: (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
+            dq_kernel[lambda meta: (cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
                 q, k, v, grad_out, lse, delta, grad_q, mask, seed,
                 *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
                 *_strides_without_last(grad_out), *_strides_without_last(grad_q),

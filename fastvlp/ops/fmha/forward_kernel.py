@@ -24,7 +24,7 @@ import triton.language as tl
 from .dropout_rng import dropout_threshold
 from . import offset_width
 from .kernel_config import (
-    dot_precision, forward_configs, head_dim_block, launch_options, length_bucket, prune_by_length,
+    cdiv, dot_precision, forward_configs, head_dim_block, launch_options, length_bucket, prune_by_length,
 )
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
@@ -239,7 +239,7 @@ def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dr
     kernel, tiles = launch_options(attention_forward_kernel, "forward", q.dtype, d_block)
 
     def grid(meta):
-        return (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)
+        return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
 
     with device_context(q):
         kernel[grid](

@@ -22,15 +22,27 @@ MIN_BUCKET = 16
 MAX_BUCKET = 16384
 
 
+# Plain integer versions of triton.cdiv and triton.next_power_of_2: Triton (3.5 on) wraps those as
+# constexpr functions whose host-side call costs a few microseconds each, and every launch needs several.
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling of ``numerator / denominator`` for positive integers."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def length_bucket(length: int) -> int:
     """Next power of two of ``length``, clipped to [16, 16384]: the autotune key."""
-    return min(max(triton.next_power_of_2(max(int(length), 1)), MIN_BUCKET), MAX_BUCKET)
+    return min(max(next_power_of_2(int(length)), MIN_BUCKET), MAX_BUCKET)
 
 
 def head_dim_block(head_dim: int) -> int:
     """Head dims are padded (with masked loads) to a power of two of at least 16, the
     smallest tile a tensor-core dot accepts."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def dot_precision(dtype, allow_tf32: bool) -> str:
