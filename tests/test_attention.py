@@ -575,7 +575,7 @@ def _record_backward_launches(monkeypatch):
             launched.append(self.name)
             return self.kernel[grid]
 
-    for name in ("dkdv", "dq"):
+    for name in ("delta", "dkdv", "dq"):
         attribute = f"attention_backward_{name}_kernel"
         monkeypatch.setattr(backward_kernels, attribute, Recorder(getattr(backward_kernels, attribute), name))
     return launched
@@ -584,7 +584,7 @@ def _record_backward_launches(monkeypatch):
 @pytest.mark.parametrize("needed", ["q", "kv", "qkv", "v"])
 def test_backward_launches_only_the_kernels_of_needed_gradients(monkeypatch, needed):
     """Cross-attention over a frozen memory needs dq only: the dK/dV kernel is skipped (and the
-    reverse); the gradients computed are the same."""
+    reverse); the gradients computed are the same. With dQ, the backward is two launches."""
     launched = _record_backward_launches(monkeypatch)
     q, k, v = _inputs(2, 21, 30, 2, 16, torch.float32, seed=24)
     mask = _padding("random", 2, 30)
@@ -594,7 +594,9 @@ def test_backward_launches_only_the_kernels_of_needed_gradients(monkeypatch, nee
     out = attention(leaves["q"], leaves["k"], leaves["v"], key_padding_mask=mask, backend="triton")
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)  # as _run_reference
     grads = torch.autograd.grad(out, [leaves[name] for name in needed], grad_out)
-    assert launched == (["dkdv"] if set(needed) & {"k", "v"} else []) + (["dq"] if "q" in needed else [])
+    # The dQ kernel computes delta for the dK/dV launch after it; without dQ a delta kernel does.
+    expected_launches = {"q": ["dq"], "kv": ["delta", "dkdv"], "v": ["delta", "dkdv"], "qkv": ["dq", "dkdv"]}
+    assert launched == expected_launches[needed]
     _, expected = _run_reference(q, k, v, key_padding_mask=mask)
     expected = dict(zip("qkv", expected))
     for name, grad in zip(needed, grads):

@@ -3,11 +3,13 @@ bitwise the same gradients every time. Autotuning may pick different tiles in an
 and the tile sets the order of the fp32 sums; under ``torch.use_deterministic_algorithms(True)``
 the launcher uses one fixed tile per dtype and head dim instead (``kernel_config.py``).
 
-Three launches (the math is spelled out in ``reference_backward.py``):
-1. ``delta = rowsum(O * dO)`` per query (fp32);
-2. dK and dV: one program per key block loops over the query blocks that see it
-   (a block without any valid key stores zeros and skips the loop);
-3. dQ: one program per query block loops over the key blocks it sees.
+Two launches when dQ is needed (the math is spelled out in ``reference_backward.py``):
+1. dQ: one program per query block computes ``delta = rowsum(O * dO)`` (fp32) for its rows,
+   stores it for the next launch, and loops over the key blocks it sees;
+2. dK and dV: one program per key block loops over the query blocks that see it, reading
+   delta (a block without any valid key stores zeros and skips the loop).
+Without dQ, a small kernel computes delta instead. Each launch costs tens of microseconds of
+host time, which is most of a small call's time, so delta rides in the dQ kernel.
 Probabilities are recomputed from the saved log-sum-exp, and dropout's keep-mask
 is regenerated from the forward's seed rather than stored. Rows whose lse is
 ``-inf`` (no visible key) are treated as ``+inf`` so every probability is 0.
@@ -232,10 +234,11 @@ def _query_block_grads(grad_q, q, grad_out, lse, delta, k_base, v_base, stride_k
                  prune_configs_by={"early_config_prune": prune_by_length})
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def attention_backward_dq_kernel(
-    q_ptr, k_ptr, v_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_q_ptr, mask_ptr, seed_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, grad_q_ptr, mask_ptr, seed_ptr,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
     stride_gb, stride_gm, stride_gh,
     stride_dqb, stride_dqm, stride_dqh,
     stride_mask_b, stride_mask_k,
@@ -259,7 +262,11 @@ def attention_backward_dq_kernel(
     grad_out = _load_rows(grad_out_ptr + batch.to(tl.int64) * stride_gb + head * stride_gh, offs_m, stride_gm,
                           offs_d, row_ok, HEAD_DIM, HEAD_DIM_BLOCK)
     lse = _lse_log2(lse_ptr + batch_head.to(tl.int64) * query_length, offs_m, query_length)
-    delta = tl.load(delta_ptr + batch_head.to(tl.int64) * query_length + offs_m, mask=row_ok, other=0.0)
+    # delta = rowsum(O * dO) of this block's rows, kept for the dK/dV launch that follows.
+    out = _load_rows(out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh, offs_m, stride_om, offs_d,
+                     row_ok, HEAD_DIM, HEAD_DIM_BLOCK)
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), axis=1)
+    tl.store(delta_ptr + batch_head.to(tl.int64) * query_length + offs_m, delta, mask=row_ok)
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head * stride_vh
     mask_row_ptr = mask_ptr + batch.to(tl.int64) * stride_mask_b
@@ -336,24 +343,25 @@ def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dro
     dq_kernel, dq_tiles = launch_options(attention_backward_dq_kernel, "backward", q.dtype, d_block)
 
     with device_context(q):
-        delta_block = 16 if d_block >= 128 else 64
-        attention_backward_delta_kernel[(cdiv(query_length, delta_block), heads, batch)](
-            out, grad_out, delta, *_strides_without_last(out), *_strides_without_last(grad_out),
-            heads, query_length, HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, INT64_OFFSETS=int64_offsets,
-            BLOCK_M=delta_block,
-        )
+        if need_dq:  # computes and stores delta on the way
+            dq_kernel[lambda meta: (cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
+                q, k, v, out, grad_out, lse, delta, grad_q, mask, seed,
+                *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
+                *_strides_without_last(out), *_strides_without_last(grad_out), *_strides_without_last(grad_q),
+                stride_mask_b, stride_mask_k, *scalars, **common, **dq_tiles,
+            )
+        elif need_dkdv:
+            delta_block = 16 if d_block >= 128 else 64
+            attention_backward_delta_kernel[(cdiv(query_length, delta_block), heads, batch)](
+                out, grad_out, delta, *_strides_without_last(out), *_strides_without_last(grad_out),
+                heads, query_length, HEAD_DIM=head_dim, HEAD_DIM_BLOCK=d_block, INT64_OFFSETS=int64_offsets,
+                BLOCK_M=delta_block,
+            )
         if need_dkdv:
             dkdv_kernel[lambda meta: (cdiv(key_length, meta["BLOCK_N"]), heads, batch)](
                 q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, seed,
                 *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
                 *_strides_without_last(grad_out), *_strides_without_last(grad_k), *_strides_without_last(grad_v),
                 stride_mask_b, stride_mask_k, *scalars, **common, **dkdv_tiles,
-            )
-        if need_dq:
-            dq_kernel[lambda meta: (cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
-                q, k, v, grad_out, lse, delta, grad_q, mask, seed,
-                *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
-                *_strides_without_last(grad_out), *_strides_without_last(grad_q),
-                stride_mask_b, stride_mask_k, *scalars, **common, **dq_tiles,
             )
     return grad_q, grad_k, grad_v
