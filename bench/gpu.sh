@@ -14,6 +14,8 @@
 #   BUDGET_S=420 bash bench/gpu.sh       # stop starting steps after 420 s; each is cut at what is left
 #   SKIP_SANITIZER=1 bash bench/gpu.sh
 #   CUDA_TESTS_CAP_S=200 bash bench/gpu.sh   # the CUDA tests cut at 200 s (default 300)
+#   E2E_COMPILE=1 bash bench/gpu.sh     # the end-to-end benchmark also under torch.compile (each compiled
+#                                       # measurement compiles first: 20 to 45 s each on an H100)
 #   ONLY="bench-e2e bench-attention" bash bench/gpu.sh   # the checks and build, then only the steps named
 #   ATTENTION_REF_COMMIT=0f64823 bash bench/gpu.sh   # also time that commit's fused attention on E and X
 #                                                    # beside today's, on the same machine (a regression check)
@@ -164,8 +166,8 @@ case $last_status in
 esac
 export FASTVLP_BENCH_GPU_TESTS
 # The quick steps that give the issues' figures come first (training step, solver, generation), then the
-# long ones (attention scenarios, FlexAttention included; the host-time diagnosis; the end-to-end query
-# time), so that a short lease still measures what matters most. The attention and end-to-end benchmarks
+# long ones (attention scenarios, FlexAttention included; with ATTENTION_REF_COMMIT, an older commit's
+# attention beside today's; the end-to-end query time; the host-time diagnosis), so that a short lease still measures what matters most. The attention and end-to-end benchmarks
 # rewrite their files after every scenario or row, so a step cut at its cap keeps what it timed.
 step bench-train-step 300 bash -c train_step
 step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda --out-dir "$RESULTS_ROOT"
@@ -175,9 +177,9 @@ step bench-attention 540 $PYTHON -m fastvlp bench attention --out-dir "$RESULTS_
 if [ -n "$ATTENTION_REF_COMMIT" ]; then
   step bench-attention-ref 300 bash -c attention_at_ref
 fi
-step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
 step bench-e2e 400 $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
-  --batch-size 1 --repeats 20 --amp --compile --out "$RESULTS_DIR/e2e.json"
+  --batch-size 1 --repeats 20 --amp ${E2E_COMPILE:+--compile} --out "$RESULTS_DIR/e2e.json"
+step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
 if [ -n "${SKIP_SANITIZER:-}" ]; then
   echo "=== sanitizer: skipped (SKIP_SANITIZER is set)"
   record sanitizer skipped 0 "SKIP_SANITIZER is set"
