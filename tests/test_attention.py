@@ -677,3 +677,46 @@ def test_host_integer_helpers_match_triton():
         for block in (16, 32, 64, 100, 128):
             assert cdiv(value, block) == triton.cdiv(value, block), (value, block)
     assert next_power_of_2(0) == 1
+
+
+def test_repeat_launches_skip_the_autotuner_and_keep_its_choice(monkeypatch):
+    """After the first launch of a key, the launchers go straight to the config the autotuner chose
+    (its per-call key building is most of a small call's host time); a new key, or replaced
+    configs, go through the autotuner again. Results are unchanged."""
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from fastvlp.ops.fmha import forward_kernel, kernel_config
+
+    tuner_runs = []
+    original_run = Autotuner.run
+
+    def counting_run(self, *args, **kwargs):
+        tuner_runs.append(self)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counting_run)
+    kernel = forward_kernel.attention_forward_kernel
+    tile = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4 if DEVICE == "cuda" else 1, num_stages=1)
+    monkeypatch.setattr(kernel, "configs", [tile])
+    monkeypatch.setattr(kernel, "cache", {})
+    q, k, v = _inputs(2, 21, 30, 2, 16, torch.float32, seed=31)
+    mask = _padding("random", 2, 30)
+    expected = _run_reference(q, k, v, key_padding_mask=mask)[0]
+
+    def forward(*tensors, **options):
+        return attention(*tensors, key_padding_mask=mask, backend="triton", **options)
+
+    outputs = [forward(q, k, v) for _ in range(3)]
+    assert tuner_runs.count(kernel) == 1
+    state = kernel_config._TUNED_LAUNCHES[kernel]
+    assert list(state.chosen.values()) == [tile.all_kwargs()]
+    for out in outputs:
+        assert _relative_error(out, expected) < TOLERANCE[torch.float32]
+    forward(q, k, v, causal=True)  # another key: tuned (here: looked up) by the autotuner once
+    forward(q, k, v, causal=True)
+    assert tuner_runs.count(kernel) == 2 and len(state.chosen) == 2
+    monkeypatch.setattr(kernel, "cache", {})  # as after another restriction of the tiles
+    forward(q, k, v)
+    assert tuner_runs.count(kernel) == 3
+    assert kernel_config._TUNED_LAUNCHES[kernel] is not state

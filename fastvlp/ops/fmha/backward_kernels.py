@@ -24,7 +24,7 @@ from .dropout_rng import dropout_threshold
 from .forward_kernel import LOG2E, device_context, key_bias, key_block_range, mask_arguments
 from . import offset_width
 from .kernel_config import (
-    backward_configs, cdiv, dot_precision, head_dim_block, launch_options, length_bucket, prune_by_length,
+    backward_configs, cdiv, dot_precision, head_dim_block, kernel_launcher, length_bucket, prune_by_length,
 )
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
@@ -339,16 +339,17 @@ def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dro
                   INT64_OFFSETS=int64_offsets)
     scalars = (heads, query_length, key_length, length_bucket(query_length), length_bucket(key_length),
                scale * LOG2E, scale, dropout_threshold(dropout_p) if has_dropout else 0, 1.0 / (1.0 - dropout_p))
-    dkdv_kernel, dkdv_tiles = launch_options(attention_backward_dkdv_kernel, "backward", q.dtype, d_block)
-    dq_kernel, dq_tiles = launch_options(attention_backward_dq_kernel, "backward", q.dtype, d_block)
+    launch_dkdv = kernel_launcher(attention_backward_dkdv_kernel, "backward", q.dtype, d_block)
+    launch_dq = kernel_launcher(attention_backward_dq_kernel, "backward", q.dtype, d_block)
 
     with device_context(q):
         if need_dq:  # computes and stores delta on the way
-            dq_kernel[lambda meta: (cdiv(query_length, meta["BLOCK_M"]), heads, batch)](
+            launch_dq(
+                lambda meta: (cdiv(query_length, meta["BLOCK_M"]), heads, batch),
                 q, k, v, out, grad_out, lse, delta, grad_q, mask, seed,
                 *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
                 *_strides_without_last(out), *_strides_without_last(grad_out), *_strides_without_last(grad_q),
-                stride_mask_b, stride_mask_k, *scalars, **common, **dq_tiles,
+                stride_mask_b, stride_mask_k, *scalars, **common,
             )
         elif need_dkdv:
             delta_block = 16 if d_block >= 128 else 64
@@ -358,10 +359,11 @@ def attention_backward_triton(grad_out, q, k, v, out, lse, key_padding_mask, dro
                 BLOCK_M=delta_block,
             )
         if need_dkdv:
-            dkdv_kernel[lambda meta: (cdiv(key_length, meta["BLOCK_N"]), heads, batch)](
+            launch_dkdv(
+                lambda meta: (cdiv(key_length, meta["BLOCK_N"]), heads, batch),
                 q, k, v, grad_out, lse, delta, grad_k, grad_v, mask, seed,
                 *_strides_without_last(q), *_strides_without_last(k), *_strides_without_last(v),
                 *_strides_without_last(grad_out), *_strides_without_last(grad_k), *_strides_without_last(grad_v),
-                stride_mask_b, stride_mask_k, *scalars, **common, **dkdv_tiles,
+                stride_mask_b, stride_mask_k, *scalars, **common,
             )
     return grad_q, grad_k, grad_v

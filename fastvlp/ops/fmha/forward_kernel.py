@@ -24,7 +24,7 @@ import triton.language as tl
 from .dropout_rng import dropout_threshold
 from . import offset_width
 from .kernel_config import (
-    cdiv, dot_precision, forward_configs, head_dim_block, launch_options, length_bucket, prune_by_length,
+    cdiv, dot_precision, forward_configs, head_dim_block, kernel_launcher, length_bucket, prune_by_length,
 )
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
@@ -236,14 +236,14 @@ def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dr
     seed = dropout_seed if has_dropout else q
 
     d_block = head_dim_block(head_dim)
-    kernel, tiles = launch_options(attention_forward_kernel, "forward", q.dtype, d_block)
+    launch = kernel_launcher(attention_forward_kernel, "forward", q.dtype, d_block)
 
     def grid(meta):
         return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
 
     with device_context(q):
-        kernel[grid](
-            q, k, v, out, lse, mask, seed,
+        launch(
+            grid, q, k, v, out, lse, mask, seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mask_b, stride_mask_k,
             heads, query_length, key_length, length_bucket(query_length), length_bucket(key_length),
@@ -254,6 +254,5 @@ def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dr
             DOT_PRECISION=dot_precision(q.dtype, allow_tf32),
             INT64_OFFSETS=offset_width.attention_needs_int64(q, k, v, out, key_padding_mask, batch=batch,
                                                              heads=heads),
-            **tiles,
         )
     return out, lse

@@ -152,14 +152,80 @@ def deterministic_config(kernel: str, dtype, head_dim_block: int) -> triton.Conf
     return _DETERMINISTIC_CONFIGS[(kernel, dtype != torch.float32, head_dim_block > 64)]
 
 
-def launch_options(autotuned_kernel, kernel: str, dtype, head_dim_block: int):
-    """``(launchable, extra keyword arguments)``: the autotuned kernel as it is, or, when
-    ``torch.are_deterministic_algorithms_enabled()``, the plain kernel with the fixed tile of
-    :func:`deterministic_config`, so results are bitwise equal across processes (same GPU model
-    and software versions) whatever tiles autotuning would pick."""
-    import torch
+def _config_kwargs(config) -> dict:
+    """A config's launch keyword arguments (``Config.all_kwargs`` where Triton has it)."""
+    if hasattr(config, "all_kwargs"):
+        return config.all_kwargs()
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
-    if not torch.are_deterministic_algorithms_enabled():
-        return autotuned_kernel, {}
-    config = deterministic_config(kernel, dtype, head_dim_block)
-    return autotuned_kernel.fn, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+class _TunedLaunches:
+    """The configs one autotuned kernel chose, by launch key, so that a repeat launch goes straight to
+    the kernel: ``Autotuner.run`` rebuilds its key from every argument on each call (about 25 us of
+    host time per launch on a CPU, for a kernel launched two or three times per attention call).
+    Valid while the autotuner keeps its ``configs`` and ``cache`` objects; replacing either (as a test
+    restricting the tiles does) starts afresh."""
+
+    def __init__(self, kernel):
+        self.configs, self.cache = kernel.configs, kernel.cache
+        names = list(kernel.arg_names)
+        self.key_positions = [(names.index(name) if name in names else None, name) for name in kernel.keys]
+        self.chosen = {}
+
+    def current(self, kernel) -> bool:
+        return self.cache is kernel.cache and self.configs is kernel.configs
+
+    def key(self, args, kwargs) -> tuple:
+        """The autotuner's key arguments and the dtypes of the leading tensor arguments (the kernels
+        take every tensor first), which together fix the autotuner's own key."""
+        import torch
+
+        key = [args[index] if index is not None and index < len(args) else kwargs[name]
+               for index, name in self.key_positions]
+        for argument in args:
+            if not isinstance(argument, torch.Tensor):
+                break
+            key.append(argument.dtype)
+        return tuple(key)
+
+
+_TUNED_LAUNCHES = {}
+
+
+def _launch_autotuned(kernel, grid, args, kwargs) -> None:
+    state = _TUNED_LAUNCHES.get(kernel)
+    if state is None or not state.current(kernel):
+        state = _TUNED_LAUNCHES[kernel] = _TunedLaunches(kernel)
+    key = state.key(args, kwargs)
+    chosen = state.chosen.get(key)
+    if chosen is None:  # first launch of this key: the autotuner tunes it (or finds it tuned)
+        kernel[grid](*args, **kwargs)
+        state.chosen[key] = _config_kwargs(kernel.best_config)
+    else:
+        kernel.fn[grid](*args, **kwargs, **chosen)
+
+
+def kernel_launcher(autotuned_kernel, kernel: str, dtype, head_dim_block: int):
+    """``launch(grid, *args, **kwargs)`` for one of the autotuned attention kernels.
+
+    - Under ``torch.use_deterministic_algorithms(True)``: the plain kernel with the fixed tile of
+      :func:`deterministic_config`, so results are bitwise equal across processes (same GPU model
+      and software versions) whatever tiles autotuning would pick.
+    - Otherwise: through the autotuner on the first launch of each key, then straight to the config
+      it chose (the same launch, without the autotuner's per-call key building).
+    - Anything that is not a ``triton.autotune`` kernel (a wrapper, say) is launched as it is.
+    """
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    if torch.are_deterministic_algorithms_enabled():
+        config = deterministic_config(kernel, dtype, head_dim_block)
+        tiles = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+        def launch_fixed(grid, *args, **kwargs):
+            autotuned_kernel.fn[grid](*args, **kwargs, **tiles)
+
+        return launch_fixed
+    if type(autotuned_kernel) is Autotuner:
+        return lambda grid, *args, **kwargs: _launch_autotuned(autotuned_kernel, grid, args, kwargs)
+    return lambda grid, *args, **kwargs: autotuned_kernel[grid](*args, **kwargs)
