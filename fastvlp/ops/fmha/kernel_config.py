@@ -195,7 +195,11 @@ _TUNED_LAUNCHES = {}
 def _launch_autotuned(kernel, grid, args, kwargs) -> None:
     state = _TUNED_LAUNCHES.get(kernel)
     if state is None or not state.current(kernel):
-        state = _TUNED_LAUNCHES[kernel] = _TunedLaunches(kernel)
+        try:
+            state = _TUNED_LAUNCHES[kernel] = _TunedLaunches(kernel)
+        except AttributeError:  # a Triton whose autotuner lacks these attributes: launch it as it is
+            kernel[grid](*args, **kwargs)
+            return
     key = state.key(args, kwargs)
     chosen = state.chosen.get(key)
     if chosen is None:  # first launch of this key: the autotuner tunes it (or finds it tuned)
