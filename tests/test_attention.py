@@ -720,3 +720,64 @@ def test_repeat_launches_skip_the_autotuner_and_keep_its_choice(monkeypatch):
     forward(q, k, v)
     assert tuner_runs.count(kernel) == 3
     assert kernel_config._TUNED_LAUNCHES[kernel] is not state
+
+
+def test_concurrent_first_launches_keep_each_keys_own_config():
+    """Two threads launching different keys for the first time at once: each key keeps the config the
+    autotuner chose for it (the autotuner holds its latest choice in one shared attribute)."""
+    import threading
+
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from fastvlp.ops.fmha import kernel_config
+
+    small = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1)
+    big = triton.Config({"BLOCK": 128}, num_warps=8, num_stages=3)
+    first_inside, second_done = threading.Event(), threading.Event()
+
+    def body(x, length, BLOCK):  # the autotuner looks for a plain function under its fn
+        pass
+
+    class FakeKernel:  # stands in for the JIT function; records launches, pauses the first one
+        fn = staticmethod(body)
+
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+        def run(self, *args, grid, warmup, **kwargs):
+            self.launches.append((args[1], kwargs["BLOCK"]))
+            if threading.current_thread().name == "first" and not second_done.is_set():
+                first_inside.set()
+                second_done.wait(0.5)  # the second thread's first launch would overtake here
+
+    def short_keys_get_small_tiles(configs, named_args, **kwargs):
+        return [small] if named_args["length"] <= 16 else [big]
+
+    fake = FakeKernel()
+    tuner = Autotuner(fake, ["x", "length"], [small, big], ["length"], None, None,
+                      prune_configs_by={"early_config_prune": short_keys_get_small_tiles})
+
+    def launch(length):
+        kernel_config._launch_autotuned(tuner, (1,), (object(), length), {})
+
+    first = threading.Thread(target=launch, args=(16,), name="first")
+    first.start()
+    assert first_inside.wait(5)
+    second = threading.Thread(target=launch, args=(4096,), name="second")
+    second.start()
+    second.join(5)
+    second_done.set()
+    first.join(5)
+    chosen = kernel_config._TUNED_LAUNCHES.pop(tuner).chosen
+    assert {key[0]: kwargs["BLOCK"] for key, kwargs in chosen.items()} == {16: 32, 4096: 128}
+    fake.launches.clear()
+    kernel_config._TUNED_LAUNCHES[tuner] = kernel_config._TunedLaunches(tuner)
+    kernel_config._TUNED_LAUNCHES[tuner].chosen.update(chosen)
+    launch(16)
+    launch(4096)
+    kernel_config._TUNED_LAUNCHES.pop(tuner)
+    assert fake.launches == [(16, 32), (4096, 128)]

@@ -9,6 +9,7 @@ small bounded set of variants rather than one per length.
 from __future__ import annotations
 
 import os
+import threading
 
 import triton
 
@@ -176,8 +177,9 @@ class _TunedLaunches:
         return self.cache is kernel.cache and self.configs is kernel.configs
 
     def key(self, args, kwargs) -> tuple:
-        """The autotuner's key arguments and the dtypes of the leading tensor arguments (the kernels
-        take every tensor first), which together fix the autotuner's own key."""
+        """The autotuner's key arguments and the dtypes of the leading tensor arguments, which together
+        fix the autotuner's own key because the launchers pass every tensor (never None) before any
+        other argument, and no tensor by keyword."""
         import torch
 
         key = [args[index] if index is not None and index < len(args) else kwargs[name]
@@ -190,23 +192,30 @@ class _TunedLaunches:
 
 
 _TUNED_LAUNCHES = {}
+# First launches are serialised: the autotuner keeps the config of its latest launch in one attribute
+# (``best_config``), so two threads tuning different keys at once could each read the other's.
+_FIRST_LAUNCH_LOCK = threading.RLock()
 
 
 def _launch_autotuned(kernel, grid, args, kwargs) -> None:
     state = _TUNED_LAUNCHES.get(kernel)
-    if state is None or not state.current(kernel):
-        try:
-            state = _TUNED_LAUNCHES[kernel] = _TunedLaunches(kernel)
-        except AttributeError:  # a Triton whose autotuner lacks these attributes: launch it as it is
-            kernel[grid](*args, **kwargs)
+    if state is not None and state.current(kernel):
+        chosen = state.chosen.get(state.key(args, kwargs))
+        if chosen is not None:
+            kernel.fn[grid](*args, **kwargs, **chosen)
             return
-    key = state.key(args, kwargs)
-    chosen = state.chosen.get(key)
-    if chosen is None:  # first launch of this key: the autotuner tunes it (or finds it tuned)
+    with _FIRST_LAUNCH_LOCK:  # first launch of this key: the autotuner tunes it (or finds it tuned)
+        state = _TUNED_LAUNCHES.get(kernel)
+        if state is None or not state.current(kernel):
+            try:
+                state = _TUNED_LAUNCHES[kernel] = _TunedLaunches(kernel)
+            except AttributeError:  # a Triton whose autotuner lacks these attributes: launch it as it is
+                kernel[grid](*args, **kwargs)
+                return
         kernel[grid](*args, **kwargs)
-        state.chosen[key] = _config_kwargs(kernel.best_config)
-    else:
-        kernel.fn[grid](*args, **kwargs, **chosen)
+        config = kernel.best_config
+        if config.pre_hook is None:  # a config with a hook keeps going through the autotuner, which runs it
+            state.chosen[state.key(args, kwargs)] = _config_kwargs(config)
 
 
 def kernel_launcher(autotuned_kernel, kernel: str, dtype, head_dim_block: int):
