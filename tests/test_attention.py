@@ -686,7 +686,7 @@ def test_repeat_launches_skip_the_autotuner_and_keep_its_choice(monkeypatch):
     import triton
     from triton.runtime.autotuner import Autotuner
 
-    from fastvlp.ops.fmha import forward_kernel, kernel_config
+    from fastvlp.ops.fmha import forward_kernel, launcher
 
     tuner_runs = []
     original_run = Autotuner.run
@@ -709,7 +709,7 @@ def test_repeat_launches_skip_the_autotuner_and_keep_its_choice(monkeypatch):
 
     outputs = [forward(q, k, v) for _ in range(3)]
     assert tuner_runs.count(kernel) == 1
-    state = kernel_config._TUNED_LAUNCHES[kernel]
+    state = launcher._TUNED_LAUNCHES[kernel]
     assert list(state.chosen.values()) == [tile.all_kwargs()]
     for out in outputs:
         assert _relative_error(out, expected) < TOLERANCE[torch.float32]
@@ -719,7 +719,7 @@ def test_repeat_launches_skip_the_autotuner_and_keep_its_choice(monkeypatch):
     monkeypatch.setattr(kernel, "cache", {})  # as after another restriction of the tiles
     forward(q, k, v)
     assert tuner_runs.count(kernel) == 3
-    assert kernel_config._TUNED_LAUNCHES[kernel] is not state
+    assert launcher._TUNED_LAUNCHES[kernel] is not state
 
 
 def test_concurrent_first_launches_keep_each_keys_own_config():
@@ -730,7 +730,7 @@ def test_concurrent_first_launches_keep_each_keys_own_config():
     import triton
     from triton.runtime.autotuner import Autotuner
 
-    from fastvlp.ops.fmha import kernel_config
+    from fastvlp.ops.fmha import launcher
 
     small = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=1)
     big = triton.Config({"BLOCK": 128}, num_warps=8, num_stages=3)
@@ -762,7 +762,7 @@ def test_concurrent_first_launches_keep_each_keys_own_config():
                       prune_configs_by={"early_config_prune": short_keys_get_small_tiles})
 
     def launch(length):
-        kernel_config._launch_autotuned(tuner, (1,), (object(), length), {})
+        launcher._launch_autotuned(tuner, (1,), (object(), length), {})
 
     first = threading.Thread(target=launch, args=(16,), name="first")
     first.start()
@@ -772,12 +772,12 @@ def test_concurrent_first_launches_keep_each_keys_own_config():
     second.join(5)
     second_done.set()
     first.join(5)
-    chosen = kernel_config._TUNED_LAUNCHES.pop(tuner).chosen
+    chosen = launcher._TUNED_LAUNCHES.pop(tuner).chosen
     assert {key[0]: kwargs["BLOCK"] for key, kwargs in chosen.items()} == {16: 32, 4096: 128}
     fake.launches.clear()
-    kernel_config._TUNED_LAUNCHES[tuner] = kernel_config._TunedLaunches(tuner)
-    kernel_config._TUNED_LAUNCHES[tuner].chosen.update(chosen)
+    launcher._TUNED_LAUNCHES[tuner] = launcher._TunedLaunches(tuner)
+    launcher._TUNED_LAUNCHES[tuner].chosen.update(chosen)
     launch(16)
     launch(4096)
-    kernel_config._TUNED_LAUNCHES.pop(tuner)
+    launcher._TUNED_LAUNCHES.pop(tuner)
     assert fake.launches == [(16, 32), (4096, 128)]

@@ -23,8 +23,9 @@ import triton.language as tl
 
 from .dropout_rng import dropout_threshold
 from . import offset_width
+from .launcher import kernel_launcher
 from .kernel_config import (
-    cdiv, dot_precision, forward_configs, head_dim_block, kernel_launcher, length_bucket, prune_by_length,
+    cdiv, dot_precision, forward_configs, head_dim_block, length_bucket, prune_by_length,
 )
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
