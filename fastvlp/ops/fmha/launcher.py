@@ -20,8 +20,9 @@ def _config_kwargs(config) -> dict:
 
 
 class _TunedLaunches:
-    """The configs one autotuned kernel chose, by launch key. Valid while the autotuner keeps its ``configs`` and ``cache`` objects; replacing either (as a test
-    restricting the tiles does) starts afresh."""
+    """The configs one autotuned kernel chose, by launch key. Valid while the autotuner keeps its
+    ``configs`` and ``cache`` objects; replacing either (as a test restricting the tiles does) starts
+    afresh."""
 
     def __init__(self, kernel):
         self.configs, self.cache = kernel.configs, kernel.cache
