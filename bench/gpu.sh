@@ -167,7 +167,7 @@ esac
 export FASTVLP_BENCH_GPU_TESTS
 # The quick steps that give the issues' figures come first (training step, solver, generation), then the
 # long ones (attention scenarios, FlexAttention included; with ATTENTION_REF_COMMIT, an older commit's
-# attention beside today's; the end-to-end query time; the host-time diagnosis), so that a short lease still measures what matters most. The attention and end-to-end benchmarks
+# attention beside today's; every tile of each kernel; the end-to-end query time; the host-time diagnosis), so that a short lease still measures what matters most. The attention and end-to-end benchmarks
 # rewrite their files after every scenario or row, so a step cut at its cap keeps what it timed.
 step bench-train-step 300 bash -c train_step
 step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda --out-dir "$RESULTS_ROOT"
@@ -177,6 +177,7 @@ step bench-attention 540 $PYTHON -m fastvlp bench attention --out-dir "$RESULTS_
 if [ -n "$ATTENTION_REF_COMMIT" ]; then
   step bench-attention-ref 300 bash -c attention_at_ref
 fi
+step bench-attention-tiles 360 $PYTHON -m fastvlp.bench.attention_tiles --out-dir "$RESULTS_ROOT"
 step bench-e2e 400 $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
   --batch-size 1 --repeats 20 --amp ${E2E_COMPILE:+--compile} --out "$RESULTS_DIR/e2e.json"
 step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"

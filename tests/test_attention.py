@@ -237,24 +237,23 @@ def deterministic_algorithms():
     torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
-def _with_tuned_tiles(monkeypatch, block_m, block_n, run):
+def _with_tuned_tiles(block_m, block_n, run):
     """``run()`` while autotuning can only pick one (block_m, block_n) tile, as if another process
     had tuned to it."""
     import triton
 
     from fastvlp.ops.fmha import backward_kernels, forward_kernel
+    from fastvlp.ops.fmha.launcher import only_tile
 
     warps = 4 if DEVICE == "cuda" else 1
-    tiles = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=1)]
-    with monkeypatch.context() as patch:
-        for kernel in (forward_kernel.attention_forward_kernel, backward_kernels.attention_backward_dkdv_kernel,
-                       backward_kernels.attention_backward_dq_kernel):
-            patch.setattr(kernel, "configs", tiles)
-            patch.setattr(kernel, "cache", {})
+    tile = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=1)
+    with (only_tile(forward_kernel.attention_forward_kernel, tile),
+          only_tile(backward_kernels.attention_backward_dkdv_kernel, tile),
+          only_tile(backward_kernels.attention_backward_dq_kernel, tile)):
         return run()
 
 
-def test_deterministic_mode_does_not_depend_on_the_tuned_tiles(monkeypatch, deterministic_algorithms):
+def test_deterministic_mode_does_not_depend_on_the_tuned_tiles(deterministic_algorithms):
     """Two processes may tune to different tiles, which sum in a different order: in deterministic
     mode the kernels run one fixed tile, so outputs and gradients are bitwise equal anyway."""
     q, k, v = _inputs(1, 70, 70, 1, 32, torch.float32, seed=19)
@@ -264,11 +263,11 @@ def test_deterministic_mode_does_not_depend_on_the_tuned_tiles(monkeypatch, dete
         return _run(q, k, v, key_padding_mask=mask, causal=True)
 
     torch.use_deterministic_algorithms(False)
-    tuned = [_with_tuned_tiles(monkeypatch, 32, 32, run), _with_tuned_tiles(monkeypatch, 64, 64, run)]
+    tuned = [_with_tuned_tiles(32, 32, run), _with_tuned_tiles(64, 64, run)]
     # Without it the two tunings differ in the last bits (what this test guards against) ...
     assert not all(torch.equal(a, b) for a, b in zip((tuned[0][0], *tuned[0][1]), (tuned[1][0], *tuned[1][1])))
     torch.use_deterministic_algorithms(True, warn_only=True)
-    fixed = [_with_tuned_tiles(monkeypatch, 32, 32, run), _with_tuned_tiles(monkeypatch, 64, 64, run)]
+    fixed = [_with_tuned_tiles(32, 32, run), _with_tuned_tiles(64, 64, run)]
     # ... with it they agree bitwise, and still match the reference.
     for a, b in zip((fixed[0][0], *fixed[0][1]), (fixed[1][0], *fixed[1][1])):
         assert torch.equal(a, b)

@@ -4,7 +4,9 @@ since ``Autotuner.run`` rebuilds its key from every argument on each call (about
 launch on a CPU, for kernels launched two or three times per attention call)."""
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import Iterator
 
 import torch
 from triton.runtime.autotuner import Autotuner
@@ -71,6 +73,21 @@ def _launch_autotuned(kernel, grid, args, kwargs) -> None:
         config = kernel.best_config
         if config.pre_hook is None:  # a config with a hook keeps going through the autotuner, which runs it
             state.chosen[state.key(args, kwargs)] = _config_kwargs(config)
+
+
+@contextlib.contextmanager
+def only_tile(autotuned_kernel, config) -> Iterator[None]:
+    """Within the block, autotuning of ``autotuned_kernel`` can pick only ``config`` (a ``triton.Config``),
+    and nothing it tuned before is reused: how a tile sweep runs one candidate at a time. Not for use
+    while other threads launch the kernel. Deterministic mode keeps its own fixed tile."""
+    if type(autotuned_kernel) is not Autotuner:
+        raise TypeError(f"autotuned_kernel: expected a triton.autotune kernel, got {type(autotuned_kernel).__name__}")
+    saved = autotuned_kernel.configs, autotuned_kernel.cache
+    autotuned_kernel.configs, autotuned_kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        autotuned_kernel.configs, autotuned_kernel.cache = saved
 
 
 def kernel_launcher(autotuned_kernel, kernel: str, dtype, head_dim_block: int):

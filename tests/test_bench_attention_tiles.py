@@ -1,0 +1,124 @@
+"""The attention tile sweep: one tile at a time really runs that tile, results are checked against the
+reference, and the summary compares the autotuned tile with the best. Without a GPU the kernels run in
+Triton's interpreter on small shapes."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastvlp.bench import attention_tiles  # noqa: E402
+from fastvlp.bench.attention import image_text_padding  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels_runnable():
+    if DEVICE == "cuda":
+        return True
+    from fastvlp.ops.fmha.kernel_config import kernels_interpreted
+
+    return kernels_interpreted()
+
+
+needs_kernels = pytest.mark.skipif(
+    not _kernels_runnable(),
+    reason="fastvlp's Triton kernels were imported before TRITON_INTERPRET=1 was set; run this file on its own",
+)
+
+
+def _tiles():
+    import triton
+
+    warps = 4 if DEVICE == "cuda" else 1
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=warps, num_stages=1),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=warps, num_stages=1)]
+
+
+def _small_scenario():
+    # 10 text tokens and a 5x9 image grid: 55 keys, with padding inside the image rows; 37 queries.
+    mask = image_text_padding(2, text_tokens=10, height=5, width=9, seed=3)
+    assert mask.any() and not mask.all(dim=1).any()
+    return dict(name="small", batch=2, heads=2, head_dim=16, query_length=37, key_length=55, mask=mask,
+                causal=False)
+
+
+@needs_kernels
+def test_sweep_runs_each_tile_and_checks_it_against_the_reference():
+    from fastvlp.ops.fmha.forward_kernel import attention_forward_kernel
+
+    tuned_before = (attention_forward_kernel.configs, attention_forward_kernel.cache)
+    rows = attention_tiles.run(["small"], dropouts=(0.0, 0.25), repeats=1, warmup=0, dtype=torch.float32,
+                               device=DEVICE, scenario_list=[_small_scenario()], tiles=_tiles(), progress=False)
+    # The library's autotuner state is back as it was.
+    assert attention_forward_kernel.configs is tuned_before[0] and attention_forward_kernel.cache is tuned_before[1]
+    swept = {"16x32 w%d s1" % (4 if DEVICE == "cuda" else 1), "32x16 w%d s1" % (4 if DEVICE == "cuda" else 1)}
+    for dropout_p in (0.0, 0.25):
+        for kernel in attention_tiles.KERNELS:
+            group = [row for row in rows if row["kernel"] == kernel and row["dropout_p"] == dropout_p]
+            tiles = [row["tile"] for row in group]
+            assert set(tiles[:2]) == swept and tiles[2].startswith("autotuned: "), tiles
+            for row in group:
+                assert "status" not in row, row.get("status")
+                assert row["median_ms"] > 0 and len(row["raw_ms"]) == 1
+                # float32 kernels against the float32 reference with the same dropout mask
+                assert row["max_abs_diff_vs_reference"] < 1e-4
+            assert all(isinstance(row["kept_by_pruning"], bool) for row in group[:2])
+
+
+@needs_kernels
+def test_only_tile_launches_the_tile_it_names():
+    from fastvlp.ops.fmha.dispatch import attention
+    from fastvlp.ops.fmha.forward_kernel import attention_forward_kernel
+    from fastvlp.ops.fmha.launcher import only_tile
+
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, length, 2, 16, generator=generator).to(DEVICE) for length in (20, 33, 33))
+    for tile in _tiles():
+        with only_tile(attention_forward_kernel, tile):
+            attention(q, k, v, backend="triton")
+            assert attention_forward_kernel.best_config is tile
+            attention(q, k, v, backend="triton")  # the launcher's direct repeat path keeps it
+            assert attention_forward_kernel.configs == [tile]
+    with pytest.raises(TypeError, match="autotuned_kernel"):
+        with only_tile(attention_forward_kernel.fn, _tiles()[0]):
+            pass
+
+
+def test_summary_ratio_of_the_autotuned_tile_to_the_best():
+    rows = [
+        {"name": "E", "dropout_p": 0.0, "kernel": "forward", "tile": "128x64 w4 s3", "median_ms": 1.0},
+        {"name": "E", "dropout_p": 0.0, "kernel": "forward", "tile": "64x64 w4 s3", "median_ms": 0.8},
+        # a wrong result or a tile that did not run never counts as the best
+        {"name": "E", "dropout_p": 0.0, "kernel": "forward", "tile": "64x32 w4 s2", "median_ms": 0.1,
+         "status": "wrong result: max_abs_diff_vs_reference 1 > 0.01"},
+        {"name": "E", "dropout_p": 0.0, "kernel": "forward", "tile": "128x128 w8 s2", "median_ms": None},
+        {"name": "E", "dropout_p": 0.0, "kernel": "forward", "tile": "autotuned: 128x64 w4 s3", "median_ms": 1.2},
+    ]
+    lines = attention_tiles.tile_summary(rows).splitlines()
+    assert len(lines) == 2
+    assert lines[1].split() == ["E", "0.0", "forward", "64x64", "w4", "s3", "0.800", "128x64", "w4", "s3", "1.200",
+                                "1.50"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_sweep_without_a_gpu_says_so(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        attention_tiles.main([])
+    assert exit_info.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--kernels", "softmax"], "--kernels: unknown"),
+    (["--scenarios", "Q"], "--scenarios: unknown"),
+    (["--dropouts", "1.5"], "--dropouts: expected probabilities"),
+])
+def test_sweep_rejects_bad_arguments(arguments, message, capsys):
+    with pytest.raises(SystemExit):
+        attention_tiles.main(arguments)
+    assert message in capsys.readouterr().err
