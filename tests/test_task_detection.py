@@ -193,7 +193,11 @@ def test_evaluate_gives_coco_ap_and_results(config, training, tokenizer, task, d
     result = task.evaluate(model, tokenizer, data, "val", torch.device("cpu"), 4, SMALL_SCALE)
     records = read_coco_instances(data / "coco", "val").records
     assert result.task == "detection" and result.split == "val" and result.num_examples == len(records)
-    assert set(result.metrics) == set(AP_KEYS) and all(-1 <= v <= 1 for v in result.metrics.values())
+    assert set(result.metrics) == set(AP_KEYS)
+    assert all(v is None or 0 <= v <= 1 for v in result.metrics.values())
+    undefined = [key for key, value in result.metrics.items() if value is None]
+    assert all(key.startswith("ap_") for key in undefined)  # only a size class can lack objects
+    assert bool(undefined) == any("undefined (null)" in note for note in result.notes)
     assert len(result.predictions) == len(records) * config.num_queries
     sizes = {r.image_id: (r.height, r.width) for r in records}
     category_ids = {c["id"] for c in training.task_state["categories"]}
@@ -232,8 +236,9 @@ def test_ground_truth_predictions_score_ap_one(config, training, tokenizer, task
     assert not queue
     assert result.metrics["ap"] == pytest.approx(1.0, abs=1e-6)
     assert result.metrics["ap50"] == pytest.approx(1.0, abs=1e-6) and result.metrics["ap75"] == pytest.approx(1.0, abs=1e-6)
-    assert all(result.metrics[k] in (-1.0,) or result.metrics[k] == pytest.approx(1.0, abs=1e-6)
-               for k in ("ap_small", "ap_medium", "ap_large"))
+    sizes = [result.metrics[k] for k in ("ap_small", "ap_medium", "ap_large")]
+    assert any(value is not None for value in sizes)
+    assert all(value is None or value == pytest.approx(1.0, abs=1e-6) for value in sizes)
 
 
 @pytest.mark.parametrize("with_text", [True, False])

@@ -60,3 +60,51 @@ def test_resolve_device_names_the_argument_for_a_malformed_or_missing_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"^device: 'cuda' asked for, but CUDA is not available"):
             resolve_device("cuda")
+
+
+def _detection_rows_on_one_rank(rank, world_size, init_file, results):
+    """One DDP step where only rank 0's batch has boxes to match; returns the updated weights."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from test_model_e2e_vlp import small_config, synthetic_batch
+
+    from fastvlp.models import E2EVLP
+
+    torch.set_num_threads(1)
+    # A short timeout: collectives that do not pair up fail the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = E2EVLP(small_config(matcher_backend="fastvlp", attention_backend="torch"))
+        batch = synthetic_batch(seed=rank)
+        if rank == 1:
+            batch.targets = [None] * batch.batch_size  # e.g. COCO images without instances
+        wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+        output = wrapped(batch)
+        assert ("loss_det" in output.losses) == (rank == 0)
+        output.loss.backward()
+        results[rank] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_without_boxes_to_match_keeps_step_with_the_others(tmp_path):
+    """The set loss averages its box count over the processes inside the forward; a process whose batch
+    has nothing to match must still join that collective, or the processes' collectives stop pairing up
+    (a hang or an error in the gradient all-reduce)."""
+    import torch.multiprocessing as mp
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, tests_dir)  # the spawned processes import this folder's helpers
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_detection_rows_on_one_rank, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    assert set(results.keys()) == {0, 1}
+    # DDP averaged the gradients: both processes hold the same ones, the detection head's included.
+    assert results[0].keys() == results[1].keys()
+    assert any(name.startswith("detection_heads.") for name in results[0].keys())
+    for name, grad in results[0].items():
+        torch.testing.assert_close(grad, results[1][name], rtol=0, atol=0, msg=name)

@@ -277,6 +277,8 @@ class E2EVLP(nn.Module):
                 losses["loss_det"] = self.criterion.weighted_total(detection_losses)
                 losses.update(detection_losses)
                 weighted.append(config.detection_loss_weight * losses["loss_det"])
+            else:  # under DDP the other processes' criterion averages box counts: match their collectives
+                self.criterion.join_counts_without_targets(encoded.memory.device)
         if batch.caption_ids is not None:
             image_only = self.encode_image_only(None, None, visual_tokens=visual)
             output.caption_logits = self.caption_logits(

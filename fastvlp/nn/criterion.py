@@ -253,6 +253,12 @@ class SetCriterion(nn.Module):
                 counts[1] = torch.stack(with_attributes).sum().to(counts.dtype)
         return _world_average(counts).clamp(min=1)
 
+    def join_counts_without_targets(self, device) -> None:
+        """What a distributed process with nothing to match this step calls instead of the criterion: it
+        takes part in the box-count average the other processes' criterion calls make (with zero boxes),
+        so every process runs the same collectives in the same order. Without a group it does nothing."""
+        _world_average(torch.zeros(2, device=device))
+
     def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
         _check_outputs(outputs, "outputs")
         if isinstance(targets, Mapping) or len(targets) != outputs["pred_logits"].shape[0]:

@@ -294,10 +294,11 @@ class DetectionTask(Task):
             notes.append(f"{left_out} annotation entries the reader skipped are left out of the ground truth")
         if ground_truth["annotations"]:
             ap = coco_detection_ap(predictions, ground_truth)
-            metrics = {key: float(ap[key]) for key in AP_KEYS}
-            empty = [key for key in AP_KEYS if metrics[key] == -1]
+            # COCOeval gives -1 for a size class without ground-truth objects: undefined, not a score.
+            metrics = {key: None if ap[key] == -1 else float(ap[key]) for key in AP_KEYS}
+            empty = [key for key in AP_KEYS if metrics[key] is None]
             if empty:
-                notes.append(f"{', '.join(empty)}: -1, COCOeval's value when the split has no objects of that size")
+                notes.append(f"{', '.join(empty)}: undefined (null), the split has no ground-truth objects of that size")
         else:
             notes.append(f"split {split!r} has no ground-truth objects: AP not computed")
         if skipped.get(MISSING_IMAGE, 0) or skipped.get(UNREADABLE_IMAGE, 0):
