@@ -320,6 +320,38 @@ def test_malformed_coco_is_skipped_and_counted(tmp_path):
     assert by_id[5].objects == ()
 
 
+def test_malformed_karpathy_entries_are_skipped_and_counted(tmp_path):
+    flickr = tmp_path / "flickr30k"
+    for image_id in (1, 2, 3, 4, 5, 6):
+        _jpeg(flickr / "images" / f"{image_id}.jpg")
+    truncated = flickr / "images" / "6.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:150])
+    entries = [
+        {"filename": "1.jpg", "split": "test", "imgid": 0, "sentences": [{"raw": " A red circle. "}]},
+        # tokens stand in for a missing raw sentence
+        {"filename": "2.jpg", "split": "test", "imgid": 1, "sentences": [{"tokens": ["a", "blue", "star"]}]},
+        {"filename": "3.jpg", "split": "test", "imgid": 2, "sentences": [{"sentid": 7}]},  # neither
+        {"split": "test", "imgid": 3, "sentences": [{"raw": "no file name"}]},
+        {"filename": "4.jpg", "imgid": 4, "sentences": [{"raw": "no split"}]},
+        "not an object",
+        {"filename": "5.jpg", "split": "test", "imgid": 5, "sentences": []},  # nothing to caption
+        {"filename": "9.jpg", "split": "test", "imgid": 9, "sentences": [{"raw": "not on disk"}]},
+        {"filename": "6.jpg", "split": "test", "imgid": 6, "sentences": [{"raw": "a truncated image"}]},
+        {"filename": "4.jpg", "split": "train", "imgid": 4, "sentences": [{"raw": "another split"}]},
+    ]
+    _write_json(flickr / "dataset_flickr30k.json", {"images": entries, "dataset": "flickr30k"})
+
+    result = read_flickr30k(flickr, splits=["test"], verify_images=True)
+    assert [(r.image_id, r.captions) for r in result] == [(1, ("A red circle.",)), (2, ("a blue star",))]
+    assert result.skips.counts == {MALFORMED_ANNOTATION: 4, NO_ANNOTATIONS: 1, MISSING_IMAGE: 1,
+                                   UNREADABLE_IMAGE: 1}
+    assert result.skips.examples(MISSING_IMAGE) == ["9.jpg"]
+    # The entry of another split is neither read nor counted as a skip.
+    everything = read_flickr30k(flickr, verify_images=True)
+    assert sorted(r.image_id for r in everything) == [1, 2, 4]
+    assert everything.skips.counts == result.skips.counts
+
+
 def test_malformed_visual_genome_vqa_nlvr2(tmp_path):
     vg = tmp_path / "vg"
     for image_id in (1, 2):

@@ -169,6 +169,47 @@ def test_wide_beam_finds_the_best_penalised_sequence(alpha):
         assert scores[row] == pytest.approx(best_score, abs=1e-9)
 
 
+class _TableCaptioner(torch.nn.Module):
+    """A hand-made captioner: the next-token distribution is a table keyed by the tokens after BOS, so the
+    best caption is known. Vocabulary: PAD, BOS, EOS, A=3, B=4, C=5. A is the likelier first token, but
+    every continuation of A is poor, while B is almost surely followed by EOS: greedy writes [A], the
+    best caption is [B] (0.45 * 0.9 = 0.405 against 0.55 * 0.3 = 0.165 for [A])."""
+
+    TABLE = {(): {3: 0.55, 4: 0.45}, (3,): {EOS: 0.3, 3: 0.25, 4: 0.25, 5: 0.2}, (4,): {EOS: 0.9, 3: 0.05, 5: 0.05}}
+    OTHERWISE = {EOS: 0.9, 3: 0.04, 4: 0.03, 5: 0.03}
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vocab_size=6, max_text_len=5)
+        self.calls = 0
+
+    def caption_logits(self, encoded, prefixes):
+        self.calls += 1
+        logits = torch.full((*prefixes.shape, 6), -1e9, dtype=torch.float64)
+        for row, prefix in enumerate(prefixes.tolist()):
+            for token, probability in self.TABLE.get(tuple(prefix[1:]), self.OTHERWISE).items():
+                logits[row, -1, token] = math.log(probability)
+        return logits
+
+
+def test_beam_search_beats_greedy_on_a_hand_made_model_and_stops_when_its_beams_finish():
+    encoded = EncoderOutput(torch.zeros(1, 2, 16), torch.zeros(1, 2, dtype=torch.bool), torch.zeros(1, 2, 16), 0, (1, 2))
+    common = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_length=5, encoded=encoded, use_cache=False,
+                  return_scores=True)
+    greedy, greedy_scores = generate_captions(_TableCaptioner(), None, None, num_beams=1, **common)
+    assert greedy == [[3]] and greedy_scores[0] == pytest.approx(math.log(0.55 * 0.3), abs=1e-12)
+    captioner = _TableCaptioner()
+    beam, beam_scores = generate_captions(captioner, None, None, num_beams=2, **common)
+    assert beam == [[4]]
+    assert beam_scores[0] == pytest.approx(math.log(0.45 * 0.9) / gnmt_length_penalty(2, 0.9), abs=1e-12)
+    # Both beams ended at step 2 ([B, EOS] and [A, EOS] rank first and second): no third step is taken.
+    assert captioner.calls == 2
+    wide, _ = generate_captions(_TableCaptioner(), None, None, num_beams=6, **common)
+    assert wide == beam
+
+
 def test_generation_from_images_restores_training_flag():
     model = tiny_model()
     model.train()
