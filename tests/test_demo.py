@@ -78,3 +78,32 @@ def test_results_table_puts_each_answer_type_next_to_its_prior():
     assert rows[("vqa", "yes_no", "0.730")].endswith("question-type prior 0.450")
     assert rows[("caption", "cider", "0.610")].endswith("most frequent caption 0.560")
     assert len(rows) == 4
+
+
+def test_missing_weights_or_vocabulary_are_refused_before_anything_is_written(tmp_path, capsys):
+    for option in ("--backbone-weights", "--vocab"):
+        assert main(["--out", str(tmp_path / "out"), option, str(tmp_path / "absent.bin")]) == 2
+        assert f"{option}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_and_vocabulary_reach_pre_training(tmp_path, monkeypatch, capsys):
+    import fastvlp.train.pretrain as pretrain
+
+    out = tmp_path / "out"
+    for name in ("coco", "vg", "vqa"):  # data already there: nothing is synthesised
+        (out / "data" / name).mkdir(parents=True)
+    weights, vocab = tmp_path / "resnet50.pth", tmp_path / "vocab.txt"
+    weights.write_bytes(b"weights")
+    vocab.write_text("[PAD]\n")
+    seen = []
+
+    def stop_at_pre_training(options):
+        seen.append(options)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(pretrain, "run_pretraining", stop_at_pre_training)
+    assert main(["--out", str(out), "--preset", "e2e-vlp-6-r50", "--backbone-weights", str(weights),
+                 "--vocab", str(vocab)]) == 1
+    assert "stopped before training" in capsys.readouterr().err
+    assert (seen[0].preset, seen[0].backbone_weights, seen[0].vocab) == ("e2e-vlp-6-r50", weights, vocab)
