@@ -6,6 +6,8 @@
     predictor.predict("photo.jpg", text="what colour is the circle?")  # {"answers": [...]}
     predictor.evaluate("data/", split="val").metrics                    # {"accuracy": ...}
 
+A captioning checkpoint also takes ``num_beams`` (1 decodes greedily) and ``max_length``.
+
 The task (``task.json``), configuration, tokenizer and weights all come from the checkpoint.
 """
 from __future__ import annotations
@@ -28,6 +30,9 @@ from fastvlp.train.tasks import get_task
 from fastvlp.train.tasks.base import EvaluationResult
 
 ImageLike = Union[str, Path, Image.Image]
+TWO_IMAGE_TASKS = ("nlvr2",)  # the tasks that take image2
+TEXTLESS_TASKS = ("caption",)  # the tasks that take no text
+GENERATION_TASKS = ("caption",)  # the tasks that take num_beams and max_length
 
 
 class Predictor:
@@ -72,13 +77,34 @@ class Predictor:
         out = self.transform(image.convert("RGB"))
         return out.image, tuple(out.original_size)
 
+    def _generation(self, num_beams: Optional[int], max_length: Optional[int]) -> Dict[str, int]:
+        """The decoding options given (None: the task's default), refused for a task that generates nothing."""
+        given = {name: value for name, value in (("num_beams", num_beams), ("max_length", max_length))
+                 if value is not None}
+        if given and self.task.name not in GENERATION_TASKS:
+            raise ValueError(f"{next(iter(given))}: expected none for the {self.task.name} task "
+                             f"(only {', '.join(GENERATION_TASKS)} generates text)")
+        return given
+
     def predict(self, image: ImageLike, *, image2: Optional[ImageLike] = None, text: Optional[str] = None,
-                top_k: int = 5) -> Dict[str, Any]:
-        """The task's prediction for one example (see ``fastvlp predict --help`` for each task's output)."""
+                top_k: int = 5, num_beams: Optional[int] = None, max_length: Optional[int] = None) -> Dict[str, Any]:
+        """The task's prediction for one example (see ``fastvlp predict --help`` for each task's output).
+        ``image2``: NLVR2's right image (needed there, refused elsewhere); ``text``: refused by captioning.
+        ``num_beams`` (default 4, 1 is greedy) and ``max_length`` (default 20, or the model's
+        ``max_text_len`` when shorter): captioning only."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
         if text is not None and not isinstance(text, str):
             raise TypeError(f"text: expected a str, got {type(text).__name__}")
+        name = self.task.name
+        if name in TWO_IMAGE_TASKS and image2 is None:
+            raise ValueError(f"image2: expected the right image, which the {name} task needs, got None")
+        if name not in TWO_IMAGE_TASKS and image2 is not None:
+            raise ValueError(f"image2: expected none for the {name} task "
+                             f"(only {', '.join(TWO_IMAGE_TASKS)} takes a second image)")
+        if name in TEXTLESS_TASKS and text is not None:
+            raise ValueError(f"text: expected none for the {name} task, which takes no text")
+        generation = self._generation(num_beams, max_length)
         pixels, size = self._image(image, "image")
         images, sizes = [pixels], [size]
         if image2 is not None:
@@ -86,13 +112,16 @@ class Predictor:
             images.append(pixels2)
             sizes.append(size2)
         with torch.inference_mode():
-            return self.task.predict(self.model, self.tokenizer, images, sizes, text, top_k)
+            return self.task.predict(self.model, self.tokenizer, images, sizes, text, top_k, **generation)
 
-    def evaluate(self, data: Union[str, Path], split: Optional[str] = None, batch_size: int = 16) -> EvaluationResult:
-        """The task's metrics on ``split`` (default: the task's evaluation split) of the data under ``data``."""
+    def evaluate(self, data: Union[str, Path], split: Optional[str] = None, batch_size: int = 16, *,
+                 num_beams: Optional[int] = None, max_length: Optional[int] = None) -> EvaluationResult:
+        """The task's metrics on ``split`` (default: the task's evaluation split) of the data under ``data``.
+        ``num_beams`` and ``max_length``: captioning only, as in :meth:`predict`."""
         if not Path(data).is_dir():
             raise FileNotFoundError(f"data: no such directory: {data}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        generation = self._generation(num_beams, max_length)
         return self.task.evaluate(self.model, self.tokenizer, Path(data), split or self.task.eval_split, self.device,
-                                  batch_size, self.scale)
+                                  batch_size, self.scale, **generation)

@@ -99,7 +99,8 @@ def test_a_task_mismatch_is_refused(checkpoint, data, tmp_path, capsys):
     code = main(["evaluate", "--task", "caption", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)])
     assert code == 1 and "fine-tuned for vqa" in capsys.readouterr().err and not out.exists()
     image = next((data / "coco" / "images").rglob("*.jpg"))
-    code = main(["predict", "--task", "nlvr2", "--checkpoint", str(checkpoint), "--image", str(image), "--text", "x"])
+    code = main(["predict", "--task", "nlvr2", "--checkpoint", str(checkpoint), "--image", str(image),
+                 "--image2", str(image), "--text", "x"])
     captured = capsys.readouterr()
     assert code == 1 and "fine-tuned for vqa" in captured.err and captured.out == ""
     # a VQA prediction without a question, and a folder that is no fine-tuned checkpoint
@@ -128,6 +129,12 @@ def test_predictor_on_a_pil_image(checkpoint, data, val_questions):
         predictor.predict(image, text=5)
     with pytest.raises(TypeError, match="image"):
         predictor.predict(123, text=question["question"])
+    with pytest.raises(ValueError, match=r"image2: expected none for the vqa task \(only nlvr2"):
+        predictor.predict(image, image2=image, text=question["question"])
+    with pytest.raises(ValueError, match=r"num_beams: expected none for the vqa task \(only caption"):
+        predictor.predict(image, text=question["question"], num_beams=1)
+    with pytest.raises(ValueError, match=r"max_length: expected none for the vqa task \(only caption"):
+        predictor.evaluate(data, max_length=5)
     with pytest.raises(ValueError, match="batch_size"):
         predictor.evaluate(data, batch_size=0)
     with pytest.raises(FileNotFoundError, match="data"):

@@ -1,10 +1,13 @@
 """Caption fine-tuning: the Karpathy / COCO split choice, the label-smoothed loss against a float64
-reference, the image-only encoder pass, evaluation with the COCO caption metrics, the most-frequent-caption
-baseline and predict (a very small model on a small synthetic COCO, CPU)."""
+reference, the image-only encoder pass, loading a pre-training checkpoint, evaluation with the COCO caption
+metrics, the most-frequent-caption baseline, predict, and the decoding settings (a very small model on a
+small synthetic COCO, CPU)."""
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_model
 from train_helpers import SMALL_MODEL, SMALL_SCALE
 
 from fastvlp.data.records import ImageRecord
@@ -13,10 +16,19 @@ from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import eval_transform, train_transform
 from fastvlp.eval import caption_metrics
 from fastvlp.eval.caption_metrics import caption_scores
+from fastvlp.models.e2e_vlp import E2EVLP
+from fastvlp.models.generation import generate_captions
 from fastvlp.models.presets import get_preset
 from fastvlp.train.tasks import get_task
 from fastvlp.train.tasks.base import SeededSamples, collate_task_samples
-from fastvlp.train.tasks.caption import CaptionModel, CaptionTask, caption_baseline, read_caption_records
+from fastvlp.train.tasks.caption import (
+    CaptionModel,
+    CaptionTask,
+    caption_baseline,
+    generation_settings,
+    read_caption_records,
+)
+from fastvlp.train.tasks.weights import load_task_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -37,6 +49,17 @@ def coco_only(data, tmp_path_factory):
     (root / "coco").mkdir()
     for name in ("images", "annotations"):
         (root / "coco" / name).symlink_to(data / "coco" / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def karpathy_folder(data, tmp_path_factory):
+    """The same COCO with the Karpathy file in coco/karpathy/, one of the published layouts."""
+    root = tmp_path_factory.mktemp("karpathy_folder")
+    (root / "coco" / "karpathy").mkdir(parents=True)
+    for name in ("images", "annotations"):
+        (root / "coco" / name).symlink_to(data / "coco" / name)
+    shutil.copy(data / "coco" / "dataset_coco.json", root / "coco" / "karpathy" / "dataset_coco.json")
     return root
 
 
@@ -109,6 +132,21 @@ def test_records_from_coco_captions_without_karpathy(task, data, coco_only):
     # COCO's train split is not Karpathy's train + restval
     karpathy_train = {r.image_id for r in read_caption_records(data, "train").records}
     assert {r.image_id for r in task.read_training_data(coco_only, {}).records} != karpathy_train
+
+
+def test_records_from_karpathy_in_coco_karpathy(task, data, karpathy_folder, tokenizer, model):
+    entries = _karpathy(data)
+    for split, names in (("train", ("train", "restval")), ("test", ("test",))):
+        records = read_caption_records(karpathy_folder, split).records
+        expected = {e["cocoid"]: [s["raw"] for s in e["sentences"]] for e in entries if e["split"] in names}
+        assert {r.image_id: list(r.captions) for r in records} == expected and expected
+    train_ids = {r.image_id for r in task.read_training_data(karpathy_folder, {}).records}
+    assert train_ids == {e["cocoid"] for e in entries if e["split"] in ("train", "restval")}
+    assert train_ids != set(_coco_captions(data, "train"))  # not COCO's captions files, which are also there
+    # evaluation takes Karpathy's test split, with no note of a missing Karpathy file
+    result = task.evaluate(model, tokenizer, karpathy_folder, "test", CPU, 4, SMALL_SCALE)
+    assert result.split == "test" and not any("Karpathy" in note for note in result.notes)
+    assert [p["image_id"] for p in result.predictions] == [e["cocoid"] for e in entries if e["split"] == "test"]
 
 
 def test_model_keeps_its_decoder_and_caption_head(config):
@@ -204,9 +242,103 @@ def test_evaluate_reports_meteor_when_the_scorer_gives_it(task, model, tokenizer
 
 def test_evaluate_without_karpathy_uses_coco_val(task, model, tokenizer, coco_only):
     result = task.evaluate(model, tokenizer, coco_only, "test", CPU, 4, SMALL_SCALE)
-    assert result.split == "val" and any("dataset_coco.json" in note for note in result.notes)
+    assert result.split == "val"
+    # the note names each place the reader looked for the Karpathy file
+    note = next(note for note in result.notes if "COCO's val captions" in note)
+    for folder in ("", "karpathy", "annotations"):
+        assert str(coco_only / "coco" / folder / "dataset_coco.json") in note
     assert {p["image_id"] for p in result.predictions} == set(_coco_captions(coco_only, "val"))
     assert set(result.metrics) == CORE_METRICS and any("simple" in note for note in result.notes)
+
+
+def test_evaluate_without_captions_says_so(task, model, tokenizer, data, tmp_path):
+    """Every test image unreadable, and a split without images: no captions, no metrics, and a note."""
+    coco = tmp_path / "unreadable" / "coco"
+    shutil.copytree(data / "coco", coco)
+    test_ids = [e["cocoid"] for e in _karpathy(data) if e["split"] == "test"]
+    for image_id in test_ids:
+        for path in coco.rglob(f"*{image_id:012d}.jpg"):
+            path.write_bytes(b"not a JPEG")
+    result = task.evaluate(model, tokenizer, coco.parent, "test", CPU, 4, SMALL_SCALE)
+    assert result.num_examples == 0 and result.metrics == {} and result.predictions == []
+    assert result.skipped == {"unreadable_image": len(test_ids)}
+    assert result.notes == ["split 'test' has no readable images: no captions generated, metrics not computed"]
+
+    content = json.loads((data / "coco" / "dataset_coco.json").read_text())
+    content["images"] = [e for e in content["images"] if e["split"] != "test"]
+    (coco / "dataset_coco.json").write_text(json.dumps(content))
+    empty = task.evaluate(model, tokenizer, coco.parent, "test", CPU, 4, SMALL_SCALE)
+    assert empty.num_examples == 0 and empty.metrics == {} and empty.skipped == {}
+    assert empty.notes == result.notes
+
+
+def test_pretraining_weights_load_without_new_parts(model, tokenizer, tmp_path):
+    torch.manual_seed(5)
+    pretrained = E2EVLP(model.config)
+    save_model(pretrained, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(model.config.to_json())
+    tokenizer.save(tmp_path / "tokenizer.json")
+    task_model = CaptionTask().build_model(model.config, {})
+    report = load_task_weights(task_model, tmp_path)
+    assert report.new == [] and not report.mismatched
+    # unused: only what captioning does not run
+    assert {k.split(".")[1] for k in report.unused} == {"query_embed", "mlm_head", "itm_head", "detection_heads"}
+    reference = pretrained.state_dict()
+    state = task_model.state_dict()
+    assert set(state) == {"vlp." + key for key in reference} - set(report.unused)
+    for key, value in state.items():
+        assert torch.equal(value, reference[key[len("vlp."):]]), key
+    for part in ("decoder.", "caption_head."):
+        assert sum(key.startswith("vlp." + part) for key in state) > 3
+
+
+def _image(task, data):
+    record = read_caption_records(data, "val").records[0]
+    image = task.training_dataset([record], eval_transform(SMALL_SCALE), {})[0]["image"]
+    return image, torch.zeros(1, *image.shape[1:], dtype=torch.bool)
+
+
+def _generated(model, tokenizer, image, mask, **settings):
+    ids = generate_captions(model.vlp, image[None], mask, bos_id=tokenizer.cls_id, eos_id=tokenizer.sep_id,
+                            pad_id=tokenizer.pad_id, length_penalty=0.9, **settings)[0]
+    return ids, tokenizer.decode(ids)
+
+
+def test_generation_is_bounded_by_a_short_max_text_len(task, config, tokenizer, data):
+    """A model whose max_text_len is below the default 20 tokens generates up to max_text_len."""
+    assert config.max_text_len >= 20 and generation_settings(config) == (4, 20)
+    short = config.replace(max_text_len=8)
+    assert generation_settings(short) == (4, 8)
+    torch.manual_seed(0)
+    model = CaptionModel(short, {}).eval()
+    image, mask = _image(task, data)
+    sizes = [tuple(image.shape[1:])]
+    _, expected = _generated(model, tokenizer, image, mask, max_length=8, num_beams=4)
+    assert task.predict(model, tokenizer, [image], sizes, None, top_k=5)["caption"] == expected
+    ids, greedy = _generated(model, tokenizer, image, mask, max_length=8, num_beams=1)
+    assert len(ids) == 8  # this model's greedy caption reaches the bound
+    assert task.predict(model, tokenizer, [image], sizes, None, 5, num_beams=1)["caption"] == greedy
+    result = task.evaluate(model, tokenizer, data, "val", CPU, 4, SMALL_SCALE)
+    assert result.num_examples == len(read_caption_records(data, "val").records) and set(result.metrics) == CORE_METRICS
+
+
+def test_decoding_settings(task, model, tokenizer, data):
+    image, mask = _image(task, data)
+    sizes = [tuple(image.shape[1:])]
+    for num_beams, max_length in ((1, None), (1, 6), (2, 6)):
+        _, expected = _generated(model, tokenizer, image, mask, num_beams=num_beams, max_length=max_length or 20)
+        answer = task.predict(model, tokenizer, [image], sizes, None, 5, num_beams=num_beams, max_length=max_length)
+        assert answer["caption"] == expected
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="num_beams: expected a positive int"):
+            task.predict(model, tokenizer, [image], sizes, None, 5, num_beams=bad)
+    limit = model.config.max_text_len
+    for bad in (0, limit + 1, 3.0):
+        with pytest.raises(ValueError, match=rf"max_length: expected an int in \[1, {limit}\]"):
+            task.predict(model, tokenizer, [image], sizes, None, 5, max_length=bad)
+    # checked before the data are read
+    with pytest.raises(ValueError, match="num_beams"):
+        task.evaluate(model, tokenizer, data / "missing", "test", CPU, 4, SMALL_SCALE, num_beams=0)
 
 
 def _images(captions_by_id):

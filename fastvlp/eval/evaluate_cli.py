@@ -26,7 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write {task, split, num_examples, metrics} here")
     parser.add_argument("--predictions", type=Path, default=None, help="write the predictions in the official format")
+    add_generation_options(parser)
     return parser
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """``--num-beams`` and ``--max-length``, captioning's decoding (None: the task's default)."""
+    parser.add_argument("--num-beams", type=positive_int, default=None,
+                        help="caption: beam size (default 4; 1 decodes greedily)")
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="caption: most tokens generated (default 20, or the model's max_text_len when shorter)")
+
+
+def check_generation_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Only captioning decodes: the decoding options with another task are a usage error."""
+    for option, value in (("--num-beams", args.num_beams), ("--max-length", args.max_length)):
+        if value is not None and args.task != "caption":
+            parser.error(f"argument {option}: expected only with --task caption "
+                         f"(the {args.task} task generates no text)")
 
 
 def format_table(result) -> str:
@@ -40,12 +57,14 @@ def format_table(result) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_generation_options(parser, args)
     require_device(parser, args.device)  # before the checkpoint loads
     from fastvlp.inference import Predictor
 
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, expected_task=args.task)
-        result = predictor.evaluate(args.data, args.split, batch_size=args.batch_size)
+        result = predictor.evaluate(args.data, args.split, batch_size=args.batch_size, num_beams=args.num_beams,
+                                    max_length=args.max_length)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"fastvlp evaluate: {error}", file=sys.stderr)
         return 1

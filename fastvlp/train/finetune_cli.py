@@ -20,12 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastvlp finetune",
         description="Fine-tune E2E-VLP on a downstream task: vqa (vqa/ + coco/ images), nlvr2 (nlvr2/), caption "
-                    "(coco/ captions, Karpathy split when coco/dataset_coco.json exists), retrieval "
+                    "(coco/ captions, Karpathy split when dataset_coco.json is in coco/, coco/karpathy/ or coco/annotations/), retrieval "
                     "(flickr30k/), detection (coco/ instances, with the image's caption as text).",
     )
     parser.add_argument("--task", required=True, choices=TASKS)
     start = parser.add_mutually_exclusive_group(required=True)
-    start.add_argument("--init", type=Path, help="checkpoint directory to start from (checkpoints/step-N)")
+    start.add_argument("--init", type=Path,
+                       help="checkpoint directory to start from (checkpoints/step-N); a resumed run no longer reads it")
     start.add_argument("--preset", choices=list_presets(), help="start from this preset's random weights")
     parser.add_argument("--data", required=True, type=Path, help="data folder (the layout of the README)")
     parser.add_argument("--out", required=True, type=Path, help="run folder: metrics.jsonl, checkpoints/, train.log")
@@ -46,10 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--matcher-backend", choices=MATCHER_BACKENDS, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--vocab", type=Path, default=None, help="BERT vocab.txt, with --preset (default: trained)")
-    parser.add_argument("--num-answers", type=positive_int, default=3129, help="vqa: size of the answer vocabulary")
-    parser.add_argument("--no-text", action="store_true", help="detection: encode the image alone, without its caption")
-    parser.add_argument("--num-negatives", type=positive_int, default=3, help="retrieval: hard negatives per positive")
+    parser.add_argument("--vocab", type=Path, default=None,
+                        help="BERT vocab.txt, with --preset only (default: trained); --init brings its tokenizer")
+    # The task options default to None (not given): another task refuses them rather than ignoring them.
+    parser.add_argument("--num-answers", type=positive_int, default=None,
+                        help="vqa only: size of the answer vocabulary (default 3129)")
+    parser.add_argument("--no-text", action="store_true",
+                        help="detection only: encode the image alone, without its caption")
+    parser.add_argument("--num-negatives", type=positive_int, default=None,
+                        help="retrieval only: hard negatives per positive (default 3)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the model's E2EVLPConfig (repeatable), e.g. --set dropout=0.0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,7 +75,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0:
         configure_console_logging()
-    task_options = {"num_answers": args.num_answers, "with_text": not args.no_text, "num_negatives": args.num_negatives}
+    # Only the options given: each task fills in its own defaults, and FinetuneOptions refuses another task's.
+    given = (("num_answers", args.num_answers), ("num_negatives", args.num_negatives))
+    task_options = {key: value for key, value in given if value is not None}
+    if args.no_text:
+        task_options["with_text"] = False
     options = FinetuneOptions(
         task=args.task, data=args.data, out=args.out, init=args.init, preset=args.preset, max_steps=args.max_steps,
         stop_after=args.stop_after, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
@@ -81,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:  # a bad option is a usage error before any work, not a failure of the run
         options.validate()
     except (ValueError, TypeError, FileNotFoundError) as error:
-        usage_error(parser, error, OPTION_ALIASES)
+        usage_error(parser, error, {**OPTION_ALIASES, "with_text": "--no-text"})
     try:
         result = run_finetuning(options)
     except (RunExistsError, NonFiniteLossError, ValueError, FileNotFoundError) as error:
