@@ -1,10 +1,16 @@
 """Bad options of the training, evaluation, prediction and demo commands are usage errors (exit status 2, a
-message naming the option, no traceback), found before any work is done."""
+message naming the option, no traceback), found before any work is done; and the fine-tuning task options
+given reach their task."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from fastvlp.cli import main
+from fastvlp.data.datasets.vqa import NUM_ANSWERS
+from fastvlp.data.synth.generate import write_synthetic_dataset
 from fastvlp.inference import Predictor
+from fastvlp.models.presets import get_preset
 from fastvlp.train.finetune import FinetuneOptions
 from fastvlp.train.loop import checked_device
 from fastvlp.train.tasks import get_task
@@ -106,3 +112,58 @@ def test_bad_counts_of_evaluate_and_predict_are_usage_errors(tmp_path, capsys):
     assert status == 2 and "argument --batch-size: expected a positive int, got '0'" in err
     status, err = usage_error(commands(tmp_path, "cpu")["predict"] + ["--top-k", "-1"], capsys)
     assert status == 2 and "argument --top-k: expected a positive int, got '-1'" in err
+
+
+@pytest.mark.parametrize("task, extra, message", [
+    ("retrieval", ["--num-answers", "8"],
+     "argument --num-answers: expected only with task 'vqa', got it with task 'retrieval'"),
+    ("vqa", ["--no-text"], "argument --no-text: expected only with task 'detection', got it with task 'vqa'"),
+    ("detection", ["--num-negatives", "2"],
+     "argument --num-negatives: expected only with task 'retrieval', got it with task 'detection'"),
+    ("retrieval", ["--batch-size", "1"], "argument --batch-size: expected at least 2 for retrieval"),
+])
+def test_options_the_task_does_not_take_are_usage_errors(task, extra, message, tmp_path, capsys):
+    argv = commands(tmp_path, "cpu")["finetune"] + ["--task", task] + extra
+    status, err = usage_error(argv, capsys)
+    assert status == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_with_init_is_a_usage_error(tmp_path, capsys):
+    init, vocab = tmp_path / "init", tmp_path / "vocab.txt"
+    init.mkdir()
+    (init / "config.json").write_text(get_preset("tiny").to_json())
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    argv = ["finetune", "--task", "vqa", "--init", str(init), "--vocab", str(vocab), "--data", str(tmp_path),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
+    status, err = usage_error(argv, capsys)
+    assert status == 2 and "argument --vocab: expected only with preset" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task, extra, task_options", [
+    ("vqa", [], {}),  # the task's defaults: 3129 answers
+    ("vqa", ["--num-answers", "8"], {"num_answers": 8}),
+    ("detection", [], {}),  # with the caption
+    ("detection", ["--no-text"], {"with_text": False}),
+    ("retrieval", [], {}),  # 3 negatives
+    ("retrieval", ["--num-negatives", "2"], {"num_negatives": 2}),
+    ("caption", [], {}),
+])
+def test_the_task_options_given_reach_their_task(task, extra, task_options, tmp_path, capsys, monkeypatch):
+    called = []
+
+    def run(options):
+        called.append(options)
+        return SimpleNamespace(step=0, checkpoint=None, metrics_path=None)
+
+    monkeypatch.setattr("fastvlp.train.finetune.run_finetuning", run)
+    assert main(commands(tmp_path, "cpu")["finetune"] + ["--task", task] + extra) == 0
+    assert len(called) == 1 and called[0].task == task and called[0].task_options == task_options
+
+
+def test_left_out_task_options_take_the_documented_defaults(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", 4, seed=0, datasets=("coco", "flickr30k"))
+    assert get_task("retrieval").read_training_data(tmp_path / "data", {}).task_state["num_negatives"] == 3
+    assert get_task("detection").read_training_data(tmp_path / "data", {}).task_state["with_text"] is True
+    assert NUM_ANSWERS == 3129

@@ -2,6 +2,8 @@
 checkpoint, refusing an existing run, option errors and the default learning-rate schedules (short CPU runs
 of a very small model on a small synthetic set)."""
 import json
+import re
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -213,3 +215,49 @@ def test_option_errors(data, tmp_path):
     defaults = options()
     defaults.validate()
     assert defaults.max_steps == get_task("vqa").default_max_steps == 3000
+
+
+def test_resume_needs_no_init_directory_and_refuses_another_start(data, pretrained, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(pretrained, init)
+    out = tmp_path / "run"
+
+    def init_options(**changes):
+        values = {"preset": None, "init": init, "config_overrides": {}, "vocab": None, **changes}
+        return vqa_options(data, out, **values)
+
+    assert run_finetuning(init_options(stop_after=1)).step == 1
+    shutil.rmtree(init)  # the pre-training run moved: resuming reads nothing from it
+    started = re.escape(f"the run was started from --init {init}, this call gives")
+    with pytest.raises(ValueError, match=rf"^--init: {started} --init {re.escape(str(pretrained))};"):
+        run_finetuning(init_options(init=pretrained, resume=True))
+    with pytest.raises(ValueError, match=rf"^--preset: {started} --preset tiny;"):
+        run_finetuning(vqa_options(data, out, config_overrides={}, vocab=None, resume=True))
+    with pytest.raises(ValueError, match="^vocab: expected only with preset"):
+        run_finetuning(init_options(vocab=data.parent / "vocab.txt", resume=True))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert run_finetuning(init_options(resume=True)).step == 4
+    # with no checkpoint to resume, --resume starts the run, which needs the init directory
+    with pytest.raises(FileNotFoundError, match="^init: .* is not a checkpoint directory"):
+        run_finetuning(vqa_options(data, tmp_path / "fresh", preset=None, init=init, config_overrides={}, vocab=None,
+                                   resume=True))
+
+
+def test_resume_refuses_another_preset_init_or_vocab(data, tmp_path):
+    out = tmp_path / "run"
+    assert run_finetuning(vqa_options(data, out, stop_after=1)).step == 1
+    with pytest.raises(ValueError, match=r"^--preset: the run was started from --preset tiny, this call gives "
+                                         r"--preset e2e-vlp-6-r50;"):
+        run_finetuning(vqa_options(data, out, preset="e2e-vlp-6-r50", resume=True))
+    other_init = tmp_path / "other"
+    other_init.mkdir()  # need not be a checkpoint: the refusal comes first
+    with pytest.raises(ValueError, match=r"^--init: the run was started from --preset tiny, this call gives "):
+        run_finetuning(vqa_options(data, out, preset=None, init=other_init, vocab=None, resume=True))
+    other_vocab = tmp_path / "vocab.txt"
+    other_vocab.write_text((data.parent / "vocab.txt").read_text() + "zebra\n")
+    with pytest.raises(ValueError, match=r"^--vocab: .* is not the vocabulary of the run's tokenizer"):
+        run_finetuning(vqa_options(data, out, vocab=other_vocab, resume=True))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    # the vocabulary the run was started with (or none) resumes
+    assert run_finetuning(vqa_options(data, out, vocab=None, resume=True, stop_after=2)).step == 2
+    assert run_finetuning(vqa_options(data, out, resume=True)).step == 4

@@ -128,7 +128,7 @@ def vqa_run(data, tmp_path_factory):
 
 def test_finetune_resume_refuses_another_task_lr_or_model(data, vqa_run, capsys):
     with pytest.raises(ValueError, match=r"^--task: the run fine-tunes 'vqa', this call gives 'caption'"):
-        run_finetuning(vqa_options(data, vqa_run, task="caption", resume=True))
+        run_finetuning(vqa_options(data, vqa_run, task="caption", task_options={}, resume=True))
     with pytest.raises(ValueError, match=r"^--lr: "):
         run_finetuning(vqa_options(data, vqa_run, lr=1e-3, resume=True))
     with pytest.raises(ValueError, match=r"^--set d_model=64"):

@@ -49,6 +49,10 @@ CONFIG_FILE = "config.json"
 INIT_REPORT = "init_report.json"
 # The paper's pre-training rate for the Transformer (section 4.2), the scale of every task's paper rate.
 PAPER_PRETRAINING_LR = 1e-4
+# The task_options each task reads: another task would ignore them.
+TASK_OPTIONS = {"vqa": ("num_answers",), "detection": ("with_text",), "retrieval": ("num_negatives",)}
+# Retrieval mines its negatives inside the batch: a single row has none.
+MIN_BATCH_SIZE = {"retrieval": 2}
 
 
 @dataclass
@@ -57,10 +61,12 @@ class FinetuneOptions:
     (random weights) is given. ``lr`` overrides the task's default rate: the paper's, scaled by the ratio of
     the model's pre-training rate to the paper's 1e-4 (1 for the paper's presets, 5 for ``tiny``, which
     learns from random weights at 5e-4). The backbone's rate keeps the ratio to it that the model was
-    pre-trained with (a tenth for the paper's presets, equal for ``tiny``). ``task_options`` are task-specific (``num_answers`` for VQA,
-    ``with_text`` for detection, ``num_negatives`` for retrieval). A resumed run takes its task, model
-    configuration, tokenizer and task state from the checkpoint: ``task``, ``lr`` and ``config_overrides``
-    must agree with it, except the attention and matcher backends."""
+    pre-trained with (a tenth for the paper's presets, equal for ``tiny``). ``vocab`` (a BERT vocab.txt) goes
+    with ``preset``: an ``init`` checkpoint brings its tokenizer. ``task_options`` are task-specific
+    (``num_answers`` for VQA, ``with_text`` for detection, ``num_negatives`` for retrieval); another task's
+    are refused. A resumed run takes its task, model configuration, tokenizer and task state from the
+    checkpoint: ``task``, ``init`` or ``preset``, ``vocab``, ``lr`` and ``config_overrides`` must agree with
+    it, except the attention and matcher backends; its ``init`` directory is no longer read."""
 
     task: str
     data: Path
@@ -95,20 +101,37 @@ class FinetuneOptions:
             raise ValueError("init, preset: give exactly one (a checkpoint directory to start from, or a preset)")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"preset: expected one of {list(PRESETS)}, got {self.preset!r}")
-        if self.init is not None and not (Path(self.init) / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"init: {self.init} is not a checkpoint directory (no {CONFIG_FILE})")
+        # A resumed run reads nothing from its init directory, which may have moved since; a --resume that
+        # finds no checkpoint yet checks it when it starts the run.
+        if self.init is not None and not self.resume:
+            _init_config(Path(self.init))
         task = get_task(self.task)
         if self.max_steps is None:
             self.max_steps = task.default_max_steps
         validate_loop_options(self)
+        if self.task in MIN_BATCH_SIZE and self.batch_size < MIN_BATCH_SIZE[self.task]:
+            raise ValueError(f"batch_size: expected at least {MIN_BATCH_SIZE[self.task]} for {self.task} (its "
+                             f"negatives come from the same batch), got {self.batch_size}")
         checked_device(self.device)
         if not isinstance(self.task_options, dict):
             raise TypeError(f"task_options: expected a dict, got {type(self.task_options).__name__}")
+        for key in self.task_options:
+            if key not in TASK_OPTIONS.get(self.task, ()):
+                owner = next((name for name, keys in TASK_OPTIONS.items() if key in keys), None)
+                if owner is None:
+                    raise ValueError(f"task_options: expected options of {self.task} "
+                                     f"({list(TASK_OPTIONS.get(self.task, ()))}), got {key!r}")
+                raise ValueError(f"{key}: expected only with task {owner!r}, got it with task {self.task!r}")
         task.validate_options(self.task_options)
-        base = get_preset(self.preset) if self.preset is not None else _checkpoint_config(Path(self.init))
-        check_config_overrides(base, self.config_overrides)
+        if self.preset is not None:
+            check_config_overrides(get_preset(self.preset), self.config_overrides)
+        elif (Path(self.init) / CONFIG_FILE).is_file():
+            check_config_overrides(_checkpoint_config(Path(self.init)), self.config_overrides)
         if self.lr is not None and not (isinstance(self.lr, float) and self.lr > 0):
             raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        if self.vocab is not None and self.init is not None:
+            raise ValueError(f"vocab: expected only with preset (the init checkpoint {self.init} brings its "
+                             f"tokenizer), got {self.vocab}")
         if self.vocab is not None and not Path(self.vocab).is_file():
             raise FileNotFoundError(f"vocab: no such file: {self.vocab}")
         if not Path(self.data).is_dir():
@@ -167,6 +190,44 @@ def _checkpoint_config(checkpoint: Path) -> E2EVLPConfig:
     return E2EVLPConfig.from_json((Path(checkpoint) / CONFIG_FILE).read_text(encoding="utf-8"))
 
 
+def _init_config(init: Path) -> E2EVLPConfig:
+    """The model configuration of the ``init`` checkpoint directory; FileNotFoundError naming ``init`` when it
+    is not one."""
+    if not (Path(init) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"init: {init} is not a checkpoint directory (no {CONFIG_FILE})")
+    return _checkpoint_config(Path(init))
+
+
+def _run_init(run_dir: Path) -> Optional[str]:
+    """The ``init`` a run was started from, as given then: its ``init_report.json`` (written once, at the start)
+    says, else its ``run.json``; None for a run started from a preset."""
+    for name in (INIT_REPORT, ckpt.RUN_INFO):
+        path = Path(run_dir) / name
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("init")
+    return None
+
+
+def _check_resumed_start(options: FinetuneOptions, run_dir: Path, checkpoint: Path,
+                         saved_task: Dict[str, Any]) -> None:
+    """Refuse an ``init``, ``preset`` or ``vocab`` other than the run's: a resumed run restores its weights and
+    tokenizer from ``checkpoint`` and would silently ignore them."""
+    started_from = _run_init(run_dir)
+    run_start = f"--init {started_from}" if started_from is not None else f"--preset {saved_task.get('preset')}"
+    if options.init is not None and (started_from is None
+                                     or Path(started_from).resolve() != Path(options.init).resolve()):
+        raise ValueError(f"--init: the run was started from {run_start}, this call gives --init {options.init}; keep "
+                         f"it to resume from {checkpoint}, or choose another --out")
+    if options.preset is not None and (started_from is not None or saved_task.get("preset") != options.preset):
+        raise ValueError(f"--preset: the run was started from {run_start}, this call gives --preset {options.preset}; "
+                         f"keep it to resume from {checkpoint}, or choose another --out")
+    if options.vocab is not None:
+        run_vocab = WordPieceTokenizer.load(checkpoint / TOKENIZER).backend.get_vocab(with_added_tokens=True)
+        if WordPieceTokenizer.from_vocab_file(options.vocab).backend.get_vocab(with_added_tokens=True) != run_vocab:
+            raise ValueError(f"--vocab: {options.vocab} is not the vocabulary of the run's tokenizer; leave it out "
+                             f"(the run's tokenizer is restored from {checkpoint}), or choose another --out")
+
+
 def _config_changes(options: FinetuneOptions) -> Dict[str, Any]:
     """The configuration changes of the backend options, then ``config_overrides`` (``--set`` wins)."""
     changes = {name: getattr(options, name) for name in RESUMABLE_CONFIG_FIELDS if getattr(options, name) is not None}
@@ -181,12 +242,15 @@ def _task_config(options: FinetuneOptions, task, base: E2EVLPConfig, preset_lr: 
     return base.replace(**changes)
 
 
-def _resumed_task_config(options: FinetuneOptions, task, checkpoint: Path, saved_task: Dict[str, Any]) -> E2EVLPConfig:
+def _resumed_task_config(options: FinetuneOptions, task, run_dir: Path, checkpoint: Path,
+                         saved_task: Dict[str, Any]) -> E2EVLPConfig:
     """The model configuration of ``checkpoint``, which a resumed run keeps, with this call's backends; a
-    ``task``, ``lr`` or ``config_overrides`` that would change the run is refused."""
+    ``task``, ``init``, ``preset``, ``vocab``, ``lr`` or ``config_overrides`` that would change the run is
+    refused."""
     if saved_task.get("task") != task.name:
         raise ValueError(f"--task: the run fine-tunes {saved_task.get('task')!r}, this call gives {task.name!r}; keep it to "
                          f"resume from {checkpoint}, or choose another --out")
+    _check_resumed_start(options, run_dir, checkpoint, saved_task)
     config = resumed_config(_checkpoint_config(checkpoint), _config_changes(options))
     # The optimizer's saved rates replace the configuration's on resume: another --lr would be ignored.
     if options.lr is not None and options.lr != config.lr:
@@ -203,7 +267,11 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
     # is read.
     if resume_from is not None:
         saved = read_task_file(resume_from)
-        config = _resumed_task_config(options, task, resume_from, saved)
+        config = _resumed_task_config(options, task, run_dir, resume_from, saved)
+    elif options.init is not None:
+        # validate() left a --resume's init unchecked; with no checkpoint to resume, the run starts from it.
+        base = _init_config(Path(options.init))
+        check_config_overrides(base, options.config_overrides)
     data = task.read_training_data(Path(options.data), options.task_options)
     if not data.records:
         raise ValueError(f"data: no {task.name} training records under {options.data} ({data.skips.summary()})")
@@ -225,7 +293,6 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
                              f"data); keep them to resume from {resume_from}, or choose another --out")
     else:
         if options.init is not None:
-            base = _checkpoint_config(Path(options.init))
             tokenizer = WordPieceTokenizer.load(Path(options.init) / TOKENIZER)
             source_rates = _pretraining_rates(Path(options.init), base)
             preset_name = source_preset(Path(options.init))
