@@ -1,13 +1,37 @@
 """`fastvlp bench train` at a tiny size on the CPU: what a timed contender leaves behind and the result schema."""
 import json
+import sys
+import time
 import weakref
 
+import pytest
 import torch
 
 from fastvlp.bench import train_step
 from fastvlp.models import E2EVLP, get_preset
 
 STAGES = {"forward_with_matcher", "backward", "optimizer", "matcher"}
+
+
+def state_mib(model):
+    """What every training step keeps allocated beyond the weights: fp32 gradients and AdamW's two moments."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+
+
+def test_the_resident_memory_sampler_catches_a_peak_freed_before_the_end():
+    read = train_step.resident_memory_reader()
+    if read is None:
+        assert not sys.platform.startswith("linux")  # /proc/self/statm is always there on Linux
+        pytest.skip("no way to read the resident set size on this platform")
+    with train_step.PeakResidentMemory(read) as sampler:
+        entry = sampler.peak
+        # 64 MiB, above glibc's largest mmap threshold (32 MiB), so it leaves the resident set when freed.
+        block = torch.ones(16 * 2**20)
+        time.sleep(20 * train_step.RSS_SAMPLE_INTERVAL_S)
+        del block
+        after = read()
+    assert (sampler.peak - entry) / 2**20 >= 60
+    assert (sampler.peak - after) / 2**20 >= 60  # the peak is a sample taken while the block lived
 
 
 def test_a_timed_contender_frees_its_gradients_and_optimizer(monkeypatch):
@@ -33,7 +57,9 @@ def test_a_timed_contender_frees_its_gradients_and_optimizer(monkeypatch):
     assert all(parameter.grad is None for parameter in model.parameters())
     assert len(optimizers) == 1 and optimizers[0]() is None
     assert len(measured["raw_ms"]) == 1 and measured["raw_ms"][0] > 0
-    assert measured["peak_memory_above_start_mb"] is None  # measured on CUDA only
+    assert measured["peak_memory_above_start_mb"] is None  # the CUDA allocator's, measured on CUDA only
+    # On the CPU the resident memory grew by at least the gradients and optimiser state the steps created.
+    assert measured["peak_rss_above_start_mb"] >= state_mib(model)
     stages = measured["stages"]
     assert set(stages) == STAGES and all(value > 0 for value in stages.values())
     assert {name: len(values) for name, values in measured["stages_raw_ms"].items()} == dict.fromkeys(STAGES, 1)
@@ -44,6 +70,7 @@ def test_a_timed_contender_frees_its_gradients_and_optimizer(monkeypatch):
 
 
 def test_train_bench_writes_the_relative_peak_and_named_stages(tmp_path):
+    least = state_mib(E2EVLP(get_preset("tiny")))
     assert train_step.main(["--device", "cpu", "--batch-size", "1", "--image-size", "64x64", "--repeats", "1",
                             "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*/train_step.json")
@@ -53,5 +80,9 @@ def test_train_bench_writes_the_relative_peak_and_named_stages(tmp_path):
     assert [row["contender"] for row in rows] == ["fastvlp", "torch-scipy"]
     for row in rows:
         assert "peak_memory_mb" not in row and row["peak_memory_above_start_mb"] is None
+        # Each contender's resident peak holds at least its own gradients and optimiser state (without the
+        # heap handed back between contenders, the second one's start would hold memory the first one freed).
+        assert row["peak_rss_above_start_mb"] >= least
         assert set(row["stages"]) == STAGES
-    assert "peak_memory_above_start_mb" in path.with_suffix(".md").read_text()
+    table = path.with_suffix(".md").read_text()
+    assert "peak_rss_above_start_mb" in table and "peak_memory_above_start_mb" not in table

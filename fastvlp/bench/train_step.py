@@ -7,19 +7,27 @@ as a breakdown, never as the step time. The parts: ``forward_with_matcher`` (the
 the matcher included), ``backward``, ``optimizer`` (gradient clipping and the step) and ``matcher`` (the
 matcher alone, also counted in the forward; it runs as the model builds it, and each row records its
 ``check_finite``).
-``peak_memory_above_start_mb`` is the allocator's peak during the timed steps minus what was
+On CUDA, ``peak_memory_above_start_mb`` is the allocator's peak during the timed steps minus what was
 allocated when the contender started (the weights and the batches), so it counts the contender's
-activations, gradients and optimiser state. After each contender its gradients and optimiser are freed, so
-the next one starts from the same memory. The batches are random pixels, tokens and boxes of the requested size: what a
+activations, gradients and optimiser state. On the CPU, ``peak_rss_above_start_mb`` is the process's peak
+resident memory during the timed steps minus its resident memory when the contender started, sampled every
+2 ms by a background thread (psutil where installed, else ``/proc/self/statm``): it counts the same things
+plus whatever the C allocator keeps mapped after a free, and a peak shorter than the interval can be missed.
+Each row holds both fields, the other one None. After each contender its gradients and optimiser are freed
+(on the CPU, glibc's free heap is also handed back to the system), so the next one starts from the same
+memory. The batches are random pixels, tokens and boxes of the requested size: what a
 step costs does not depend on what the pixels show.
 """
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
+import os
+import threading
 import time
-from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -71,6 +79,68 @@ def synthetic_batch(config, batch: int, height: int, width: int, generator: torc
     return pretraining.to(device)
 
 
+RSS_SAMPLE_INTERVAL_S = 0.002
+
+
+def resident_memory_reader() -> Optional[Callable[[], int]]:
+    """A function that returns the process's resident set size in bytes: psutil's where installed, else
+    Linux's ``/proc/self/statm``; None where neither can be read."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        process = psutil.Process()
+
+        def read() -> int:
+            return process.memory_info().rss
+    else:
+        def read() -> int:
+            with open("/proc/self/statm", "rb") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # field 2: resident pages
+    try:
+        read()
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS, Windows), no sysconf
+        return None
+    return read
+
+
+class PeakResidentMemory:
+    """Within ``with``: samples the resident set size every ``interval_s`` in a background thread and keeps
+    the largest value (``peak``, bytes), the values on entering and leaving included."""
+
+    def __init__(self, read: Callable[[], int], interval_s: float = RSS_SAMPLE_INTERVAL_S):
+        self.read, self.interval_s = read, interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.read())
+
+    def __enter__(self) -> "PeakResidentMemory":
+        self.peak = self.read()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+
+
+def _release_free_heap() -> None:
+    """Hand glibc's free heap pages back to the system, so that memory a previous contender freed but the C
+    allocator kept does not count in the next contender's starting resident size. No-op off glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,10 +186,15 @@ def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, 
 
 def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device) -> Dict[str, object]:
     """Time ``model``'s training step on ``batches``: raw step times (ms), the peak memory above the start
-    (MiB, None off CUDA), each part's median (ms) and the backends. Leaves ``model`` without gradients and
-    drops its optimiser."""
+    (MiB: the allocator's on CUDA, the process's resident memory on the CPU, None where unreadable), each
+    part's median (ms) and the backends. Leaves ``model`` without gradients and drops its optimiser."""
     cuda = device.type == "cuda"
     start_allocated = torch.cuda.memory_allocated(device) if cuda else 0
+    read_rss = None if cuda else resident_memory_reader()
+    if read_rss is not None:
+        gc.collect()
+        _release_free_heap()
+        start_rss = read_rss()
     optimizer = build_optimizer(model)  # the trainer's optimizer: decay groups, fused where supported
     try:
         model.train()
@@ -128,11 +203,15 @@ def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         totals = []
-        for index in range(repeats):
-            start = time.perf_counter()
-            _step(model, optimizer, batches[index % len(batches)], amp, device)
-            totals.append((time.perf_counter() - start) * 1e3)
+        # The CPU's resident memory is sampled only around the plain steps, as CUDA's peak is taken over them.
+        sampler = PeakResidentMemory(read_rss) if read_rss is not None else nullcontext()
+        with sampler:
+            for index in range(repeats):
+                start = time.perf_counter()
+                _step(model, optimizer, batches[index % len(batches)], amp, device)
+                totals.append((time.perf_counter() - start) * 1e3)
         peak = (torch.cuda.max_memory_allocated(device) - start_allocated) / 2**20 if cuda else None
+        peak_rss = (sampler.peak - start_rss) / 2**20 if read_rss is not None else None
 
         parts: Dict[str, List[float]] = {"forward_with_matcher": [], "backward": [], "optimizer": [], "matcher": []}
         for index in range(repeats):
@@ -154,10 +233,15 @@ def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    return {"raw_ms": totals, "peak_memory_above_start_mb": peak,
+    return {"raw_ms": totals, "peak_memory_above_start_mb": peak, "peak_rss_above_start_mb": peak_rss,
             "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()},
             "stages_raw_ms": parts, "matcher_check_finite": model.criterion.matcher.check_finite,
             "backends": model.backend_report()}
+
+
+def memory_column(device) -> str:
+    """The row field that holds the peak memory on ``device``: the allocator's on CUDA, resident memory elsewhere."""
+    return "peak_memory_above_start_mb" if torch.device(device).type == "cuda" else "peak_rss_above_start_mb"
 
 
 def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeats: int = 5, warmup: int = 2,
@@ -180,7 +264,10 @@ def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeat
                          batch_size=batch_size, **measured)
         row["images_per_s"] = batch_size / (row["median_ms"] / 1e3)
         rows.append(row)
+        memory = row[memory_column(device)]
+        kind = "allocated" if device.type == "cuda" else "resident"
         print(f"  {contender:<12} {row['median_ms']:9.1f} ms/step  {row['images_per_s']:7.1f} images/s  "
+              + ("" if memory is None else f"{kind} peak +{memory:.1f} MiB  ")
               + "  ".join(f"{name} {value:.1f}" for name, value in row["stages"].items()))
     return rows
 
@@ -212,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp,
                                 "repeats": args.repeats, "warmup": args.warmup},
                          table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "images_per_s",
-                                        "peak_memory_above_start_mb", "stages"))
+                                        memory_column(args.device), "stages"))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 
