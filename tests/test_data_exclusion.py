@@ -40,6 +40,25 @@ def test_exclusion_by_name_and_id(tmp_path):
 
 
 
+def test_the_entries_that_left_out_a_record_are_collected(tmp_path):
+    path = tmp_path / "exclude.txt"
+    path.write_text("COCO_val2014_000000000042.jpg\n1234\nimg7\nmissing.jpg\n2417\n1234\n")
+    excluded = read_excluded_images(path)
+    assert excluded.entries == ("COCO_val2014_000000000042.jpg", "1234", "img7", "missing.jpg", "2417")
+    matched = set()
+    coco = [_record(1234, "000000001234.jpg"), _record(5, "img7.jpg")]
+    kept, left_out = filter_excluded(coco, excluded, matched=matched)
+    assert kept == [] and left_out == 2 and matched == {"1234", "img7"}
+    # a VG image is matched by the COCO id of its copy, never by its own id: "2417" stays unmatched
+    vg = [_record(2417, "2417.png", coco_id=42, source="vg"), _record(8, "8.jpg", coco_id=None, source="vg")]
+    kept, left_out = filter_excluded(vg, excluded, id_attribute="coco_id", matched=matched)
+    assert [r.image_id for r in kept] == [8] and left_out == 1
+    assert matched == {"1234", "img7", "COCO_val2014_000000000042.jpg"}
+    assert [e for e in excluded.entries if e not in matched] == ["missing.jpg", "2417"]
+    with pytest.raises(TypeError, match="matched: expected a set or None, got list"):
+        filter_excluded(coco, excluded, matched=[])
+
+
 def test_published_coco_names_exclude_every_copy_of_the_image(tmp_path):
     path = tmp_path / "exclude.txt"
     path.write_text("COCO_val2014_000000391895.jpg\nval2014/COCO_val2014_000000000009\n")

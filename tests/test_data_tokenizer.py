@@ -125,9 +125,13 @@ def test_invalid_inputs(vocab_file, tmp_path):
         WordPieceTokenizer.from_vocab_file(vocab_file[0], max_length=1)
     with pytest.raises(FileNotFoundError, match="vocabulary"):
         WordPieceTokenizer.from_vocab_file(tmp_path / "absent.txt")
-    (tmp_path / "no_specials.txt").write_text("a\nb\n")
-    with pytest.raises(ValueError, match="special tokens"):
+    (tmp_path / "no_specials.txt").write_text("a\nb\n[PAD]\n")
+    with pytest.raises(ValueError, match=r"^path: expected a vocabulary with the special tokens .*no_specials.txt lacks "
+                                         r"\['\[UNK\]', '\[CLS\]', '\[SEP\]', '\[MASK\]'\]$"):
         WordPieceTokenizer.from_vocab_file(tmp_path / "no_specials.txt")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ValueError, match=r"^path: expected a vocab.txt \(UTF-8, one token a line\), .*binary.txt is not one"):
+        WordPieceTokenizer.from_vocab_file(tmp_path / "binary.txt")
     with pytest.raises(ValueError, match="vocab_size"):
         WordPieceTokenizer.train_on_texts(["a b"], vocab_size=3)
 

@@ -78,3 +78,16 @@ def test_a_resumed_runs_init_need_not_exist(data, tmp_path):
     options(data, preset=None, init=moved, resume=True).validate()
     with pytest.raises(FileNotFoundError, match="^init: .*moved is not a checkpoint directory"):
         options(data, preset=None, init=moved).validate()
+
+
+def test_the_triton_backend_on_the_cpu_needs_the_interpreter(data, init, monkeypatch):
+    from fastvlp.train import loop
+
+    monkeypatch.setattr(loop, "triton_interpreter_problem", lambda: "the interpreter is off: set TRITON_INTERPRET=1")
+    for changes in ({"attention_backend": "triton"}, {"config_overrides": {"attention_backend": "triton"}},
+                    {"preset": None, "init": init, "attention_backend": "triton"}):
+        with pytest.raises(ValueError, match=r"^attention_backend: 'triton' on the CPU expects Triton's interpreter"):
+            options(data, **changes).validate()
+    options(data, attention_backend="torch").validate()  # the other backends need no interpreter
+    monkeypatch.setattr(loop, "triton_interpreter_problem", lambda: None)
+    options(data, attention_backend="triton").validate()

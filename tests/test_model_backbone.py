@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torchvision
+from safetensors import torch as safetensors_torch
 from torchvision.ops import FrozenBatchNorm2d
 
 from fastvlp.models.backbone import Backbone
@@ -86,10 +87,44 @@ def test_loads_torchvision_weights_from_a_path(tmp_path, frozen_batch_norm):
 
 def test_rejects_weights_of_another_network(tmp_path):
     backbone = Backbone("resnet18", 8)
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match=r"^source: expected a resnet18 state dict, the mapping is not one \(missing"):
         backbone.load_backbone_weights({"conv1.weight": torch.zeros(64, 3, 7, 7)})
     with pytest.raises(FileNotFoundError):
         backbone.load_backbone_weights(tmp_path / "absent.pth")
+    # the same keys with other shapes are named too, not left to load_state_dict's RuntimeError
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(32, 64, 3, 3)
+    with pytest.raises(ValueError, match=r"other shapes \['layer1.0.conv1.weight'\]"):
+        backbone.load_backbone_weights(state)
+
+
+def test_rejects_files_that_are_not_state_dicts(tmp_path):
+    backbone = Backbone("resnet10", 8)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(ValueError, match=r"^source: expected a torch.save file \(weights only\) holding a state dict, "
+                                         r".*garbage.pth is not one \("):
+        backbone.load_backbone_weights(tmp_path / "garbage.pth")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"^source: expected a safetensors file holding a state dict, "
+                                         r".*garbage.safetensors is not one \(SafetensorError"):
+        backbone.load_backbone_weights(tmp_path / "garbage.safetensors")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match=r"^source: expected a state dict \(parameter name -> tensor\), .* holds a list"):
+        backbone.load_backbone_weights(tmp_path / "list.pth")
+
+
+def test_a_meta_backbone_checks_a_weight_file_without_loading_it(tmp_path):
+    source = torchvision.models.resnet18(weights=None)
+    safetensors_torch.save_file(source.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    with torch.device("meta"):
+        meta = Backbone("resnet18", 8)
+    checked = meta.checked_backbone_weights(tmp_path / "resnet18.safetensors")
+    assert "fc.weight" not in checked and torch.equal(checked["conv1.weight"], source.conv1.weight)
+    assert meta.body.conv1.weight.is_meta
+    with torch.device("meta"):
+        other = Backbone("resnet34", 8)
+    with pytest.raises(ValueError, match=r"^source: expected a resnet34 state dict, .*resnet18.safetensors is not one"):
+        other.checked_backbone_weights(tmp_path / "resnet18.safetensors")
 
 
 def test_resnet10_is_torchvision_resnet_with_one_block_a_stage():

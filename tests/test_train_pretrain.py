@@ -1,4 +1,5 @@
 """End-to-end pre-training runs on a tiny synthetic corpus (CPU, a few steps each)."""
+import hashlib
 import json
 
 import pytest
@@ -30,7 +31,7 @@ def test_stop_after_then_resume_is_bitwise_equal_to_a_straight_run(data, straigh
     out = tmp_path / "run"
     first = run_pretraining(small_options(data, out, max_steps=4, stop_after=2))
     assert first.step == 2 and [p.name for p in list_checkpoints(out)] == ["step-2"]
-    second = run_pretraining(small_options(data, out, max_steps=4, resume=True))
+    second = run_pretraining(small_options(data, out, max_steps=4, resume=True))  # the same command line resumes
     assert second.step == 4
     a = load_file(str(straight.checkpoint / "model.safetensors"))
     b = load_file(str(second.checkpoint / "model.safetensors"))
@@ -120,7 +121,8 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     images = sorted((data / "vg" / "images").glob("*.jpg"))
     images[0].write_bytes(images[0].read_bytes()[:200])  # truncated JPEG
     exclude = tmp_path / "exclude.txt"
-    exclude.write_text(images[1].name + "\n")
+    # a bare number is a COCO image id: a Visual Genome image's own id leaves nothing out, nor a misspelt name
+    exclude.write_text(f"{images[1].name}\nno_such_image.jpg\n{images[2].stem}\n")
     # 6 batches of 2 from 9 captioned train images (coco train + vg) visit every image at least once
     result = run_pretraining(small_options(data, tmp_path / "run", max_steps=6, exclude_images=exclude))
     records = read_metrics(result.metrics_path)
@@ -128,7 +130,12 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
     assert all(b["skipped_records"] >= a["skipped_records"] for a, b in zip(records, records[1:]))
     log = (tmp_path / "run" / "train.log").read_text()
     assert "unreadable" in log and images[0].name in log
-    assert "left out 1 images" in log
+    assert "left out 1 images listed in" in log and "2 of its 3 entries matched no image" in log
+    assert f"no_such_image.jpg, {images[2].stem}" in log
+    run_info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_info["images"] == 8 and run_info["exclusion"] == {
+        "file": str(exclude), "sha256": hashlib.sha256(exclude.read_bytes()).hexdigest(), "left_out": 1,
+        "entries": 3, "unmatched_entries": 2}
 
 
 def test_a_visual_genome_copy_of_a_coco_image_shares_its_itm_key(tmp_path):

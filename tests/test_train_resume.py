@@ -1,16 +1,21 @@
 """``--resume`` takes the run's settings from its checkpoint and refuses a call that would change them:
-the model configuration (only the backends may change), the schedule and batch settings, the fine-tuned
-task; and it clears what an interrupted checkpoint write left (short CPU runs of a very small model)."""
+the model configuration (only the backends may change), the schedule and batch settings, the corpus (data
+folder, exclusion file, size), the tokenizer and weights, the fine-tuned task; and it clears what an
+interrupted checkpoint write left (short CPU runs of a very small model)."""
+import hashlib
 import json
+import re
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torchvision.models.resnet import BasicBlock, ResNet
 from train_helpers import SMALL_MODEL, SMALL_SCALE, small_options
 
 from fastvlp.cli import main as cli_main
 from fastvlp.data.synth.generate import write_synthetic_dataset
+from fastvlp.train import loop
 from fastvlp.train.checkpoint import list_checkpoints
 from fastvlp.train.finetune import FinetuneOptions, run_finetuning
 from fastvlp.train.metrics_log import read_metrics
@@ -83,16 +88,101 @@ def test_other_schedule_or_batch_settings_on_resume_are_refused(data, finished, 
 
 def test_the_default_warmup_given_explicitly_and_a_checkpoint_without_it_resume(data, finished, tmp_path):
     assert run_pretraining(pretrain_options(data, finished.run_dir, resume=True, warmup_steps=1)).step == 2
-    # a checkpoint written before trainer_state.json recorded the warm-up (and without preset.json) resumes
+    # a checkpoint written before trainer_state.json recorded the warm-up and the corpus (and without
+    # preset.json) resumes, even on another data folder
     out = tmp_path / "run"
     run_pretraining(pretrain_options(data, out, stop_after=1))
     step1 = list_checkpoints(out)[-1]
     state = json.loads((step1 / "trainer_state.json").read_text())
-    del state["warmup_steps"]
+    for key in ("warmup_steps", "data", "exclude_images_sha256", "corpus_size"):
+        del state[key]
     (step1 / "trainer_state.json").write_text(json.dumps(state))
     (step1 / "preset.json").unlink()
-    result = run_pretraining(pretrain_options(data, out, resume=True, warmup_steps=0))
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    result = run_pretraining(pretrain_options(moved, out, resume=True, warmup_steps=0))
     assert result.step == 2
+
+
+def test_the_checkpoint_records_the_corpus(data, finished):
+    trainer = json.loads((finished.checkpoint / "trainer_state.json").read_text())
+    run_info = json.loads((finished.run_dir / "run.json").read_text())
+    assert trainer["data"] == str(data.resolve()) and trainer["exclude_images_sha256"] is None
+    assert trainer["corpus_size"] == run_info["images"] > 0 and run_info["exclusion"] == {}
+
+
+def test_another_corpus_on_resume_is_refused_naming_the_option(data, finished, tmp_path):
+    before = finished.metrics_path.read_text()
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    with pytest.raises(ValueError, match=re.escape(f"--data: the run was started with {data.resolve()}, this call "
+                                                   f"gives {moved.resolve()}; its sampler position indexes that corpus")):
+        run_pretraining(pretrain_options(moved, finished.run_dir, resume=True))
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text("no_such_image.jpg\n")
+    digest = hashlib.sha256(exclude.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"^--exclude-images: the run was started with no --exclude-images file, "
+                                         f"this call gives an --exclude-images file of SHA-256 {digest}"):
+        run_pretraining(pretrain_options(data, finished.run_dir, resume=True, exclude_images=exclude))
+    assert finished.metrics_path.read_text() == before
+
+
+def test_another_exclusion_file_or_corpus_size_on_resume_is_refused(data, tmp_path):
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text("no_such_image.jpg\n")
+    out = tmp_path / "run"
+    run_pretraining(pretrain_options(data, out, stop_after=1, exclude_images=exclude))
+    digest = hashlib.sha256(exclude.read_bytes()).hexdigest()
+    exclude.write_text("no_such_image.jpg\n1.jpg\n")
+    with pytest.raises(ValueError, match=f"^--exclude-images: the run was started with an --exclude-images file of "
+                                         f"SHA-256 {digest}, this call gives an --exclude-images file of SHA-256 "):
+        run_pretraining(pretrain_options(data, out, resume=True, exclude_images=exclude))
+    with pytest.raises(ValueError, match="^--exclude-images: .* this call gives no --exclude-images file"):
+        run_pretraining(pretrain_options(data, out, resume=True))
+    exclude.write_text("no_such_image.jpg\n")
+    # the same folder and list, but the folder's contents changed since
+    step1 = list_checkpoints(out)[-1]
+    state = json.loads((step1 / "trainer_state.json").read_text())
+    size, state["corpus_size"] = state["corpus_size"], state["corpus_size"] + 1
+    (step1 / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=f"^--data: the run was started with {size + 1} training images, this call "
+                                         f"gives {size} training images"):
+        run_pretraining(pretrain_options(data, out, resume=True, exclude_images=exclude))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+
+
+def test_on_resume_another_vocab_is_refused_and_the_same_command_line_resumes(data, finished, tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("".join(t + "\n" for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a")))
+    with pytest.raises(ValueError, match=r"^--vocab: .*vocab.txt is not the vocabulary of the run's tokenizer; leave "
+                                         r"it out \(the run's tokenizer is restored from .*step-2\)"):
+        run_pretraining(pretrain_options(data, finished.run_dir, resume=True, vocab=vocab))
+    # The vocabulary the run started with, and backbone weights (not read: the checkpoint holds the weights),
+    # resume: the command line that started the run also resumes it.
+    weights = tmp_path / "resnet10.safetensors"
+    save_file(ResNet(BasicBlock, [1, 1, 1, 1]).state_dict(), str(weights))  # weights that fit the preset
+    from fastvlp.data.tokenizer import WordPieceTokenizer
+
+    run_vocab = WordPieceTokenizer.load(finished.checkpoint / "tokenizer.json").backend.get_vocab()
+    same = tmp_path / "same_vocab.txt"
+    same.write_text("".join(t + "\n" for t, _ in sorted(run_vocab.items(), key=lambda item: item[1])))
+    result = run_pretraining(pretrain_options(data, finished.run_dir, resume=True, backbone_weights=weights,
+                                              vocab=same))
+    assert result.step == finished.step
+    assert f"--backbone-weights {weights} is not read" in (finished.run_dir / "train.log").read_text()
+
+
+def test_a_checkpoint_of_the_triton_backend_resumes_on_the_cpu_only_with_the_interpreter(data, finished, tmp_path,
+                                                                                         monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(finished.run_dir, out)
+    config = json.loads((out / "checkpoints" / "step-2" / "config.json").read_text())
+    (out / "checkpoints" / "step-2" / "config.json").write_text(json.dumps({**config, "attention_backend": "triton"}))
+    monkeypatch.setattr(loop, "triton_interpreter_problem", lambda: "the interpreter is off: set TRITON_INTERPRET=1")
+    with pytest.raises(ValueError, match=r"^attention_backend: 'triton' on the CPU expects Triton's interpreter"):
+        run_pretraining(pretrain_options(data, out, resume=True, config_overrides={}))
+    # another backend given on resume replaces the checkpoint's
+    assert run_pretraining(pretrain_options(data, out, resume=True, config_overrides={}, attention_backend="torch")).step == 2
 
 
 def test_resume_clears_interrupted_writes_and_restores_a_replaced_checkpoint(data, tmp_path):

@@ -60,12 +60,21 @@ class WordPieceTokenizer:
 
     @classmethod
     def from_vocab_file(cls, path: str | Path, max_length: int = MAX_LENGTH) -> WordPieceTokenizer:
-        """From a BERT vocab.txt (one token a line, the line number its id), e.g. BERT's uncased vocabulary."""
+        """From a BERT vocab.txt (one token a line, the line number its id), e.g. BERT's uncased vocabulary.
+        Raises ValueError naming the file when it is not UTF-8 text or lacks a special token."""
         if not isinstance(path, (str, Path)):
             raise TypeError(f"path: expected a str or Path, got {type(path).__name__}")
         if not Path(path).is_file():
             raise FileNotFoundError(f"path: no such vocabulary file: {path}")
-        vocab = models.WordPiece.read_file(str(path))
+        try:
+            vocab = models.WordPiece.read_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception (e.g. for bytes that are not UTF-8)
+            raise ValueError(f"path: expected a vocab.txt (UTF-8, one token a line), {path} is not one "
+                             f"({error})") from None
+        missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+        if missing:
+            raise ValueError(f"path: expected a vocabulary with the special tokens {list(SPECIAL_TOKENS)}, {path} "
+                             f"lacks {missing}")
         tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
         _configure(tokenizer)
         return cls(tokenizer, max_length)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Dict, Mapping, Union
 
 import torch
 import torchvision
@@ -34,6 +34,34 @@ class VisualTokens:
     padding_mask: Tensor
     pos: Tensor
     spatial_shape: tuple
+
+
+def read_state_dict(path: Union[str, Path]) -> Dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` file, or from any other file through ``torch.load`` with
+    ``weights_only=True``. Raises ``ValueError`` naming the file when it is neither."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"source: no such backbone weight file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # each reader raises its own types (UnpicklingError, KeyError, SafetensorError, ...)
+        lines = str(error).strip().splitlines()
+        detail = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+        kind = "a safetensors file" if path.suffix == ".safetensors" else "a torch.save file (weights only)"
+        raise ValueError(f"source: expected {kind} holding a state dict, {path} is not one ({detail})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(key, str) for key in state):
+        raise ValueError(f"source: expected a state dict (parameter name -> tensor), {path} holds a "
+                         f"{type(state).__name__}")
+    return dict(state)
+
+
+def _few(keys: list) -> str:
+    return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
 
 
 def check_images(images: Tensor, pixel_mask: Tensor) -> None:
@@ -89,34 +117,36 @@ class Backbone(nn.Module):
 
     def load_backbone_weights(self, source: Union[str, Path, Mapping[str, Tensor]]) -> None:
         """Load a torchvision ResNet state dict (the ``fc`` classifier is ignored) from a ``.pth``/``.pt``
-        file, a ``.safetensors`` file, or a mapping. Raises ``ValueError`` naming missing or unexpected keys."""
-        if isinstance(source, (str, Path)):
-            path = Path(source)
-            if not path.is_file():
-                raise FileNotFoundError(f"source: no such backbone weight file: {path}")
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+        file, a ``.safetensors`` file, or a mapping. Raises ``ValueError`` when a file is not a state dict, or
+        naming missing, unexpected or wrongly shaped keys."""
+        self.body.load_state_dict(self.checked_backbone_weights(source), strict=True)
 
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+    def checked_backbone_weights(self, source: Union[str, Path, Mapping[str, Tensor]]) -> Dict[str, Tensor]:
+        """The part of ``source`` (as :meth:`load_backbone_weights` takes it) that this body loads, checked
+        without loading it, so that a backbone built on the ``meta`` device can vet a weight file cheaply."""
+        if isinstance(source, (str, Path)):
+            state = read_state_dict(source)
+            where = f"{Path(source)} is"
         elif isinstance(source, Mapping):
-            state = source
+            state, where = source, "the mapping is"
         else:
             raise TypeError(f"source: expected a path or a state dict, got {type(source).__name__}")
         # The classifier, and for a C4 backbone layer4, have no place in the body.
         state = {key: value for key, value in state.items() if key.split(".")[0] not in self.dropped_modules}
         # FrozenBatchNorm2d has no num_batches_tracked buffer; torchvision checkpoints do.
-        expected = set(self.body.state_dict())
+        expected = self.body.state_dict()
         state = {key: value for key, value in state.items() if key in expected or not key.endswith("num_batches_tracked")}
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        # Same keys, other widths (e.g. a wide ResNet): load_state_dict would fail with a RuntimeError.
+        reshaped = sorted(key for key in set(state) & set(expected)
+                          if not isinstance(state[key], Tensor) or state[key].shape != expected[key].shape)
+        if missing or unexpected or reshaped:
             raise ValueError(
-                f"source: not a {self.name} state dict (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+                f"source: expected a {self.name} state dict, {where} not one (missing {_few(missing)}, "
+                f"unexpected {_few(unexpected)}, other shapes {_few(reshaped)})"
             )
-        self.body.load_state_dict(state, strict=True)
+        return state
 
     def forward(self, images: Tensor, pixel_mask: Tensor) -> VisualTokens:
         """``images`` ``[B, 3, H, W]``, ``pixel_mask`` bool ``[B, H, W]`` (True = padding) -> :class:`VisualTokens`."""

@@ -27,6 +27,7 @@ from fastvlp.train.loop import (
     LoopOptions,
     TrainingJob,
     TrainingResult,
+    check_attention_backend,
     check_config_overrides,
     checked_device,
     configure_threads,
@@ -38,7 +39,7 @@ from fastvlp.train.loop import (
     validate_loop_options,
 )
 from fastvlp.train.optim import build_optimizer
-from fastvlp.train.pretrain_data import TOKENIZER
+from fastvlp.train.pretrain_data import TOKENIZER, check_resumed_vocabulary
 from fastvlp.train.schedule import build_scheduler, default_warmup_steps
 from fastvlp.train.tasks import TASK_NAMES, get_task
 from fastvlp.train.tasks.base import SeededSamples, StepDecay, collate_task_samples
@@ -112,7 +113,7 @@ class FinetuneOptions:
         if self.task in MIN_BATCH_SIZE and self.batch_size < MIN_BATCH_SIZE[self.task]:
             raise ValueError(f"batch_size: expected at least {MIN_BATCH_SIZE[self.task]} for {self.task} (its "
                              f"negatives come from the same batch), got {self.batch_size}")
-        checked_device(self.device)
+        device = checked_device(self.device)
         if not isinstance(self.task_options, dict):
             raise TypeError(f"task_options: expected a dict, got {type(self.task_options).__name__}")
         for key in self.task_options:
@@ -123,10 +124,15 @@ class FinetuneOptions:
                                      f"({list(TASK_OPTIONS.get(self.task, ()))}), got {key!r}")
                 raise ValueError(f"{key}: expected only with task {owner!r}, got it with task {self.task!r}")
         task.validate_options(self.task_options)
+        base = None
         if self.preset is not None:
-            check_config_overrides(get_preset(self.preset), self.config_overrides)
+            base = get_preset(self.preset)
         elif (Path(self.init) / CONFIG_FILE).is_file():
-            check_config_overrides(_checkpoint_config(Path(self.init)), self.config_overrides)
+            base = _checkpoint_config(Path(self.init))
+        if base is not None:
+            check_config_overrides(base, self.config_overrides)
+            backend = _config_changes(self).get("attention_backend", base.attention_backend)
+            check_attention_backend(backend, device)
         if self.lr is not None and not (isinstance(self.lr, float) and self.lr > 0):
             raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
         if self.vocab is not None and self.init is not None:
@@ -221,11 +227,7 @@ def _check_resumed_start(options: FinetuneOptions, run_dir: Path, checkpoint: Pa
     if options.preset is not None and (started_from is not None or saved_task.get("preset") != options.preset):
         raise ValueError(f"--preset: the run was started from {run_start}, this call gives --preset {options.preset}; "
                          f"keep it to resume from {checkpoint}, or choose another --out")
-    if options.vocab is not None:
-        run_vocab = WordPieceTokenizer.load(checkpoint / TOKENIZER).backend.get_vocab(with_added_tokens=True)
-        if WordPieceTokenizer.from_vocab_file(options.vocab).backend.get_vocab(with_added_tokens=True) != run_vocab:
-            raise ValueError(f"--vocab: {options.vocab} is not the vocabulary of the run's tokenizer; leave it out "
-                             f"(the run's tokenizer is restored from {checkpoint}), or choose another --out")
+    check_resumed_vocabulary(options.vocab, checkpoint)
 
 
 def _config_changes(options: FinetuneOptions) -> Dict[str, Any]:
@@ -252,6 +254,7 @@ def _resumed_task_config(options: FinetuneOptions, task, run_dir: Path, checkpoi
                          f"resume from {checkpoint}, or choose another --out")
     _check_resumed_start(options, run_dir, checkpoint, saved_task)
     config = resumed_config(_checkpoint_config(checkpoint), _config_changes(options))
+    check_attention_backend(config.attention_backend, options.device)  # the checkpoint's, when not given
     # The optimizer's saved rates replace the configuration's on resume: another --lr would be ignored.
     if options.lr is not None and options.lr != config.lr:
         raise ValueError(f"--lr: the run was started with {config.lr}, this call gives {options.lr}; keep it to resume "

@@ -42,6 +42,10 @@ RESUME_SETTINGS = (
     ("grad_accum", "--grad-accum"), ("seed", "--seed"), ("max_steps", "--max-steps"),
     ("warmup_steps", "--warmup-steps"),
 )
+# What the sampler's position and the unreadable-record indices are indices into (trainer_state.json key,
+# option): a task that records them in TrainingJob.corpus has a resume on another corpus refused. Unlike
+# RESUME_SETTINGS, None is a value here (no exclusion file); a checkpoint without the key is not compared.
+CORPUS_SETTINGS = (("data", "--data"), ("exclude_images_sha256", "--exclude-images"), ("corpus_size", "--data"))
 
 
 class RunExistsError(RuntimeError):
@@ -82,7 +86,9 @@ class TrainingJob:
     ``(index, reason, path)`` of unreadable records it stepped over; ``collate`` batches samples and keeps
     those lists under ``"skipped"``; ``build_batch(collated, generator)`` returns something with
     ``.to(device)``. ``save_files(directory)`` writes the task's own files (tokenizer, label spaces,
-    ``task.json``) into each checkpoint.
+    ``task.json``) into each checkpoint. ``corpus`` maps keys of :data:`CORPUS_SETTINGS` to what the
+    dataset was read from (its resolved data folder, the SHA-256 of its exclusion file or None, its size):
+    recorded in ``trainer_state.json`` and compared on resume.
     """
 
     model: torch.nn.Module
@@ -96,6 +102,7 @@ class TrainingJob:
     clip_max_norm: float = 0.1
     skipped_while_indexing: int = 0
     run_info: Dict[str, Any] = field(default_factory=dict)
+    corpus: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +152,37 @@ def checked_device(requested: Optional[Union[str, torch.device]], name: str = "d
     return resolve_device(None if requested is None else str(requested))
 
 
+def triton_interpreter_problem() -> Optional[str]:
+    """Why the Triton attention kernels cannot run CPU tensors in this process, or None when they can: on
+    the CPU they run only in Triton's interpreter, which TRITON_INTERPRET=1 chooses before they are defined."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({type(error).__name__}: {error})"
+    from fastvlp.ops.fmha.dispatch import interpreter_enabled
+
+    if not interpreter_enabled():
+        return "the interpreter is off: set TRITON_INTERPRET=1 in the environment before starting"
+    from fastvlp.ops.fmha.kernel_config import kernels_interpreted
+
+    if not kernels_interpreted():
+        return ("TRITON_INTERPRET=1 was set after the kernels were compiled for the GPU: set it in the environment "
+                "before starting")
+    return None
+
+
+def check_attention_backend(backend: Optional[str], device: Union[str, torch.device],
+                            name: str = "attention_backend") -> None:
+    """Refuse the ``"triton"`` attention backend on the CPU unless Triton's interpreter can run its kernels
+    here (ValueError naming ``name``): the first forward pass would fail otherwise, after the run's files
+    are written."""
+    if backend == "triton" and torch.device(device).type == "cpu":
+        problem = triton_interpreter_problem()
+        if problem is not None:
+            raise ValueError(f"{name}: 'triton' on the CPU expects Triton's interpreter to run the kernels, but "
+                             f"{problem} (or choose 'fastvlp', which runs the reference attention on the CPU)")
+
+
 def check_config_overrides(base, overrides: Dict[str, Any]) -> None:
     """Check ``overrides`` (``--set``) against the model configuration ``base`` they will change: known
     fields, and values it accepts. Raises ValueError naming ``config_overrides``."""
@@ -180,13 +218,26 @@ def resumed_config(saved, changes: Dict[str, Any]):
 
 def check_resume_settings(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume from ``checkpoint`` with settings other than those its ``trainer_state.json``
-    (``saved``) records: ``current`` maps the keys of :data:`RESUME_SETTINGS` to this call's values. A
-    setting the checkpoint does not record (an older checkpoint) or that is None on either side is not
-    compared."""
+    (``saved``) records: ``current`` maps the keys of :data:`RESUME_SETTINGS` and :data:`CORPUS_SETTINGS`
+    to this call's values. A setting the checkpoint does not record (an older checkpoint) is not compared,
+    nor one of RESUME_SETTINGS that is None on either side."""
     for key, option in RESUME_SETTINGS:
         if saved.get(key) is not None and current.get(key) is not None and saved[key] != current[key]:
             raise ValueError(f"{option}: the run was started with {saved[key]}, this call gives {current[key]}; keep "
                              f"it to resume from {checkpoint}" + ("; --stop-after stops a run early" if key == "max_steps" else ""))
+    for key, option in CORPUS_SETTINGS:
+        if key in saved and key in current and saved[key] != current[key]:
+            raise ValueError(f"{option}: the run was started with {_corpus_setting(key, saved[key])}, this call gives "
+                             f"{_corpus_setting(key, current[key])}; its sampler position indexes that corpus: keep it "
+                             f"to resume from {checkpoint}")
+
+
+def _corpus_setting(key: str, value: Any) -> str:
+    if key == "exclude_images_sha256":
+        return "no --exclude-images file" if value is None else f"an --exclude-images file of SHA-256 {value}"
+    if key == "corpus_size":
+        return f"{value} training images"
+    return str(value)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -282,8 +333,12 @@ def run_training(
     trainer: Dict[str, Any] = {
         "step": 0, "nonfinite_skipped": 0, "consecutive_nonfinite": 0, "unreadable_indices": [], "samples_seen": 0,
     }
+    unknown = sorted(set(job.corpus) - {key for key, _ in CORPUS_SETTINGS})
+    if unknown:
+        raise ValueError(f"job.corpus: expected keys of {[key for key, _ in CORPUS_SETTINGS]}, got {unknown}")
     settings = {"world_size": context.world_size, "batch_size": options.batch_size, "grad_accum": options.grad_accum,
-                "seed": options.seed, "max_steps": options.max_steps, "warmup_steps": options.warmup_steps}
+                "seed": options.seed, "max_steps": options.max_steps, "warmup_steps": options.warmup_steps,
+                **job.corpus}
     if resume_from is not None:
         check_resume_settings(ckpt.read_trainer_state(resume_from), settings, resume_from)
         state = ckpt.load_training_files(resume_from, model, optimizer, scheduler)

@@ -12,8 +12,10 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from fastvlp.data.exclusion import read_excluded_images
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import ScaleConfig, train_transform
+from fastvlp.models.backbone import Backbone
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import PRESETS, get_preset
@@ -26,6 +28,7 @@ from fastvlp.train.loop import (
     RunExistsError,
     TrainingJob,
     TrainingResult,
+    check_attention_backend,
     check_config_overrides,
     checked_device,
     configure_threads,
@@ -43,6 +46,7 @@ from fastvlp.train.pretrain_data import (
     PretrainingSamples,
     build_label_spaces,
     build_tokenizer,
+    check_resumed_vocabulary,
     collate_pretraining_samples,
     load_label_spaces,
     read_corpus,
@@ -61,7 +65,9 @@ class PretrainOptions:
     """Everything ``fastvlp pretrain`` takes. ``config_overrides`` change the preset (e.g. a smaller
     ``d_model`` for tests); ``scale`` is the transform's scale (a ScaleConfig or a preset name; default ``tiny`` for the tiny
     model preset, ``paper`` otherwise). A resumed run takes its model configuration from the checkpoint:
-    ``preset`` and ``config_overrides`` must agree with it, except the attention and matcher backends."""
+    ``preset`` and ``config_overrides`` must agree with it, except the attention and matcher backends; its
+    tokenizer and weights come from the checkpoint too (``vocab`` and ``backbone_weights`` are refused), and
+    ``data`` and ``exclude_images`` must give the corpus it started on."""
 
     preset: str
     data: Path
@@ -89,11 +95,15 @@ class PretrainOptions:
     progress: bool = True
 
     def validate(self) -> None:
+        """Check every option, and read the files they name, before anything is written (ValueError,
+        TypeError or FileNotFoundError naming the option)."""
         if self.preset not in PRESETS:
             raise ValueError(f"preset: expected one of {list(PRESETS)}, got {self.preset!r}")
         validate_loop_options(self)
-        checked_device(self.device)
+        device = checked_device(self.device)
         check_config_overrides(get_preset(self.preset), self.config_overrides)
+        config = get_preset(self.preset, **_backend_changes(self))
+        check_attention_backend(config.attention_backend, device)
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps: expected 0..max_steps={self.max_steps}, got {self.warmup_steps!r}")
         for name in ("exclude_images", "backbone_weights", "vocab"):
@@ -102,6 +112,34 @@ class PretrainOptions:
                 raise FileNotFoundError(f"{name}: no such file: {value}")
         if not Path(self.data).is_dir():
             raise FileNotFoundError(f"data: no such directory: {self.data}")
+        # The files are read now, not once the run folder holds files: a bad one would leave a run that
+        # only --resume could reopen.
+        if self.exclude_images is not None:
+            try:
+                read_excluded_images(self.exclude_images)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"exclude_images: expected a UTF-8 text file (one image a line), "
+                                 f"{self.exclude_images} is not one ({error})") from None
+        if self.vocab is not None:
+            try:
+                WordPieceTokenizer.from_vocab_file(self.vocab)
+            except ValueError as error:
+                raise _option_error("vocab", error) from None
+        if self.backbone_weights is not None:
+            with torch.device("meta"):  # the parameter shapes only: no memory, no initialisation
+                backbone = Backbone(config.backbone, config.d_model, config.frozen_batch_norm,
+                                    config.backbone_frozen_stages, config.backbone_output)
+            try:
+                backbone.checked_backbone_weights(self.backbone_weights)
+            except ValueError as error:
+                raise _option_error("backbone_weights", error) from None
+
+
+def _option_error(option: str, error: Exception) -> ValueError:
+    """``error`` as a ValueError naming ``option`` in place of the argument name that starts its message
+    (``"path: ..."`` -> ``"vocab: ..."``)."""
+    name, sep, rest = str(error).partition(": ")
+    return ValueError(f"{option}: {rest if sep and name.isidentifier() else error}")
 
 
 def run_pretraining(options: PretrainOptions) -> PretrainResult:
@@ -117,10 +155,16 @@ def run_pretraining(options: PretrainOptions) -> PretrainResult:
 def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Path) -> PretrainResult:
     threads = configure_threads(context)
     resume_from = resume_checkpoint(run_dir, options.resume)
-    config = _resumed_config(options, resume_from) if resume_from is not None else None
+    config = None
+    if resume_from is not None:
+        check_resumed_vocabulary(options.vocab, resume_from)
+        if options.backbone_weights is not None:  # the same command line resumes; say what it does not do
+            logger.info("--backbone-weights %s is not read: a resumed run's weights come from %s",
+                        options.backbone_weights, resume_from)
+        config = _resumed_config(options, resume_from)
+        check_attention_backend(config.attention_backend, context.device)  # the checkpoint's, when not given
     corpus = read_corpus(Path(options.data), options.exclude_images)
-    if options.exclude_images is not None:
-        logger.info("left out %d images listed in %s", corpus.excluded, options.exclude_images)
+    exclusion = corpus.exclusion
     logger.info("pre-training on %d images; %d records skipped while indexing (%s)", len(corpus.records),
                 corpus.skipped_while_indexing, corpus.skip_summary)
 
@@ -178,7 +222,10 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
             "task": "pretrain", "preset": options.preset, "config": config.to_dict(), "world_size": context.world_size,
             "device": str(context.device), "torch": torch.__version__, "python": platform.python_version(),
             "threads": threads, "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+            "images": len(corpus.records), "exclusion": exclusion,
         },
+        corpus={"data": str(Path(options.data).resolve()), "corpus_size": len(corpus.records),
+                "exclude_images_sha256": exclusion.get("sha256")},
     )
     loop = LoopOptions(
         max_steps=options.max_steps, stop_after=options.stop_after, batch_size=options.batch_size,

@@ -37,13 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, default=1000)
     parser.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (the newest)")
     parser.add_argument("--log-every", type=int, default=1)
-    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None)
+    parser.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None,
+                        help="triton on the CPU runs in Triton's interpreter: set TRITON_INTERPRET=1 before starting")
     parser.add_argument("--matcher-backend", choices=MATCHER_BACKENDS, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--exclude-images", type=Path, default=None, help="file of images to leave out")
-    parser.add_argument("--backbone-weights", type=Path, default=None, help="local torchvision ResNet state dict")
-    parser.add_argument("--vocab", type=Path, default=None, help="BERT vocab.txt (default: trained on the captions)")
+    parser.add_argument("--exclude-images", type=Path, default=None,
+                        help="file of images to leave out, one a line: a file name, or a bare number, which is a COCO "
+                             "image id (its Visual Genome copy goes too; a Visual Genome image is left out by its file "
+                             "name); the log and run.json count the entries that matched no image")
+    parser.add_argument("--backbone-weights", type=Path, default=None,
+                        help="local torchvision ResNet state dict (.pth or .safetensors); refused when --resume "
+                             "continues a checkpoint")
+    parser.add_argument("--vocab", type=Path, default=None,
+                        help="BERT vocab.txt (default: trained on the captions); refused when --resume continues a "
+                             "checkpoint")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the preset's E2EVLPConfig (repeatable), e.g. --set d_model=64")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,11 +2,12 @@
 function of (seed, epoch, index), and the collation of samples into a :class:`PretrainingBatch`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,25 +40,22 @@ class PretrainingCorpus:
     skip_summary: str
     excluded: int = 0
     categories: tuple = ()
+    exclusion: Dict[str, Any] = field(default_factory=dict)  # what --exclude-images did (read_corpus)
 
 
 def read_corpus(data_dir: Path, exclude_images: Optional[Path] = None) -> PretrainingCorpus:
     """COCO (train split) + Visual Genome under ``data_dir``, minus the images listed in ``exclude_images``
     (matched by file name, and by COCO id, bare or from a published COCO name, against COCO images and VG
-    images' COCO ids). Records without any caption are skipped and counted: every task but detection needs
-    text."""
+    images' COCO ids; a bare number is a COCO image id, so a Visual Genome image is left out by its file
+    name). Records without any caption are skipped and counted: every task but detection needs text.
+    ``exclusion`` reports what the list did (its entries, the images left out, the entries that matched no
+    image, the file's SHA-256); empty without a list."""
     result = read_pretraining_images(data_dir)
     skips = result.skips
     records = list(result.records)
-    excluded = 0
+    exclusion: Dict[str, Any] = {}
     if exclude_images is not None:
-        listed = read_excluded_images(exclude_images)
-        coco = [r for r in records if r.source == "coco"]
-        others = [r for r in records if r.source != "coco"]
-        coco, left_coco = filter_excluded(coco, listed, "image_id")
-        others, left_others = filter_excluded(others, listed, "coco_id")
-        records, excluded = coco + others, left_coco + left_others
-        logger.info("--exclude-images: %d images left out of pre-training", excluded)
+        records, exclusion = _exclude(records, Path(exclude_images))
     captioned = []
     for record in records:
         if record.captions:
@@ -67,7 +65,28 @@ def read_corpus(data_dir: Path, exclude_images: Optional[Path] = None) -> Pretra
     skips.report(logger, "pre-training records")
     if not captioned:
         raise ValueError(f"data_dir: no captioned image to pre-train on under {data_dir}")
-    return PretrainingCorpus(captioned, skips.total, skips.summary(), excluded, tuple(result.categories))
+    return PretrainingCorpus(captioned, skips.total, skips.summary(), exclusion.get("left_out", 0),
+                             tuple(result.categories), exclusion)
+
+
+def _exclude(records: List[ImageRecord], path: Path) -> Tuple[List[ImageRecord], Dict[str, Any]]:
+    """``records`` without the images ``path`` lists, and the report of :func:`read_corpus`; the entries that
+    match no image (a misspelt name, a Visual Genome id) are logged, so a wrong list does not pass unseen."""
+    listed = read_excluded_images(path)
+    matched: set = set()
+    coco, left_coco = filter_excluded([r for r in records if r.source == "coco"], listed, "image_id", matched)
+    others, left_others = filter_excluded([r for r in records if r.source != "coco"], listed, "coco_id", matched)
+    unmatched = [entry for entry in listed.entries if entry not in matched]
+    exclusion = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                 "left_out": left_coco + left_others, "entries": len(listed.entries),
+                 "unmatched_entries": len(unmatched)}
+    logger.info("--exclude-images: left out %d images listed in %s; %d of its %d entries matched no image",
+                exclusion["left_out"], path, len(unmatched), len(listed.entries))
+    if unmatched:
+        logger.warning("entries of %s that matched no image (a bare number is a COCO image id; a Visual Genome "
+                       "image is left out by its file name): %s%s", path, ", ".join(unmatched[:10]),
+                       f" and {len(unmatched) - 10} more" if len(unmatched) > 10 else "")
+    return coco + others, exclusion
 
 
 def build_label_spaces(data_dir: Path, corpus: PretrainingCorpus):
@@ -102,6 +121,17 @@ def load_label_spaces(directory: Path):
     attributes = LabelSpace.from_vocab_file(directory / ATTRIBUTES_VOCAB) if (directory / ATTRIBUTES_VOCAB).is_file() else None
     category_map = {int(k): v for k, v in json.loads((directory / CATEGORY_MAP).read_text(encoding="utf-8")).items()}
     return classes, attributes, category_map
+
+
+def check_resumed_vocabulary(vocab: Optional[Path], checkpoint: Path) -> None:
+    """On resume, a ``--vocab`` must be the vocabulary of the run's own tokenizer (restored from
+    ``checkpoint``): the same command line resumes, another vocabulary is refused, never ignored."""
+    if vocab is None:
+        return
+    run_vocab = WordPieceTokenizer.load(Path(checkpoint) / TOKENIZER).backend.get_vocab(with_added_tokens=True)
+    if WordPieceTokenizer.from_vocab_file(vocab).backend.get_vocab(with_added_tokens=True) != run_vocab:
+        raise ValueError(f"--vocab: {vocab} is not the vocabulary of the run's tokenizer; leave it out (the run's "
+                         f"tokenizer is restored from {checkpoint}), or choose another --out")
 
 
 def build_tokenizer(corpus: PretrainingCorpus, vocab: Optional[Path], vocab_size: int = 8000) -> WordPieceTokenizer:
