@@ -23,12 +23,18 @@ def test_the_resident_memory_sampler_catches_a_peak_freed_before_the_end():
     if read is None:
         assert not sys.platform.startswith("linux")  # /proc/self/statm is always there on Linux
         pytest.skip("no way to read the resident set size on this platform")
+    import mmap
+
+    size = 64 * 2**20
     with train_step.PeakResidentMemory(read) as sampler:
         entry = sampler.peak
-        # 64 MiB, above glibc's largest mmap threshold (32 MiB), so it leaves the resident set when freed.
-        block = torch.ones(16 * 2**20)
+        # A fresh anonymous mapping, every page written: new resident memory whatever the allocators already
+        # hold from earlier work in this process, and gone from the resident set once unmapped.
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
         time.sleep(20 * train_step.RSS_SAMPLE_INTERVAL_S)
-        del block
+        block.close()
         after = read()
     assert (sampler.peak - entry) / 2**20 >= 60
     assert (sampler.peak - after) / 2**20 >= 60  # the peak is a sample taken while the block lived

@@ -155,7 +155,8 @@ def test_task_evaluation_on_clean_data_scores_the_instances_file(coco_data):
     result, _ = evaluate_detection(coco_data, noise=0.3)
     direct = coco_detection_ap(result.predictions, coco_data / "coco" / "annotations" / "instances_val.json")
     assert 0.05 < result.metrics["ap"] < 0.95  # imperfect detections: the comparison is not of two ones
-    assert result.metrics == {key: direct[key] for key in result.metrics}
+    # pycocotools' own numbers, with its -1 (a size class without objects) reported as undefined
+    assert result.metrics == {key: None if direct[key] == -1 else direct[key] for key in result.metrics}
     assert not result.skipped and not any("skipped" in note for note in result.notes)
 
 

@@ -147,3 +147,32 @@ def test_a_visual_genome_copy_of_a_coco_image_shares_its_itm_key(tmp_path):
     vg_only = ImageRecord("vg", 9, tmp_path / "c.jpg")
     assert picture_key(coco) == picture_key(vg_copy) == "coco:9"
     assert picture_key(vg_only) == "vg:9" != picture_key(coco)
+
+
+def test_objects_outside_the_label_space_are_counted_and_logged(tmp_path):
+    """An object name missing from vg/objects_vocab.txt (as Visual Genome's names beyond its 1600 classes
+    are) leaves the object out of the detection target: counted once per record in the metrics, named in the
+    log."""
+    data = write_corpus(tmp_path)
+    for name, key in (("objects.json", "objects"), ("attributes.json", "attributes")):
+        path = data / "vg" / name  # Visual Genome's stars get a name outside the vocabulary
+        images = json.loads(path.read_text())
+        for image in images:
+            for obj in image[key]:
+                obj["names"] = ["starfish" if n == "star" else n for n in obj["names"]]
+        path.write_text(json.dumps(images))
+    result = run_pretraining(small_options(data, tmp_path / "run", max_steps=6))
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    dropped = {int(index): count for index, count in state["dropped_objects"].items()}
+    assert dropped  # 6 batches of 2 visit most of the images, and stars are common
+    from fastvlp.train.pretrain_data import read_corpus
+
+    records = read_corpus(data).records
+    for index, count in dropped.items():
+        assert records[index].source == "vg" and count == sum(o.name == "starfish" for o in records[index].objects)
+    assert read_metrics(result.metrics_path)[-1]["dropped_objects"] == sum(dropped.values())
+    log = (tmp_path / "run" / "train.log").read_text()
+    from fastvlp.train.loop import NAMED_DROPPED_OBJECT_IMAGES
+
+    assert log.count("objects left out of its detection target") == min(len(dropped), NAMED_DROPPED_OBJECT_IMAGES)
+    assert f"{sum(dropped.values())} objects left out of detection targets" in log

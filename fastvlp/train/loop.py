@@ -76,6 +76,9 @@ class LoopOptions:
     description: str = "train"
 
 
+# How many images whose detection targets leave objects out RUN/train.log names (all are counted).
+NAMED_DROPPED_OBJECT_IMAGES = 20
+
 @dataclass
 class TrainingJob:
     """What a task gives the loop.
@@ -84,7 +87,8 @@ class TrainingJob:
     scalars, the ``loss_keys`` other than ``"loss"``); the model also has ``config`` and, optionally,
     ``backend_report()``. ``dataset[(epoch, index)]`` returns a sample whose ``"skipped"`` entry lists the
     ``(index, reason, path)`` of unreadable records it stepped over; ``collate`` batches samples and keeps
-    those lists under ``"skipped"``; ``build_batch(collated, generator)`` returns something with
+    those lists under ``"skipped"``, and may list under ``"dropped_objects"`` the ``(index, unlabelled,
+    outside_image, path)`` of records whose target left objects out (counted once per record, logged); ``build_batch(collated, generator)`` returns something with
     ``.to(device)``. ``save_files(directory)`` writes the task's own files (tokenizer, label spaces,
     ``task.json``) into each checkpoint. ``corpus`` maps keys of :data:`CORPUS_SETTINGS` to what the
     dataset was read from (its resolved data folder, the SHA-256 of its exclusion file or None, its size):
@@ -332,6 +336,7 @@ def run_training(
     )
     trainer: Dict[str, Any] = {
         "step": 0, "nonfinite_skipped": 0, "consecutive_nonfinite": 0, "unreadable_indices": [], "samples_seen": 0,
+        "dropped_objects": {},  # record index (a str, as JSON keys are) -> objects its targets leave out
     }
     unknown = sorted(set(job.corpus) - {key for key, _ in CORPUS_SETTINGS})
     if unknown:
@@ -412,8 +417,9 @@ def run_training(
     try:
         while step < stop_step:
             started = time.perf_counter()
-            sums = torch.zeros(2 * len(loss_keys) + 2, dtype=torch.float64)
+            sums = torch.zeros(2 * len(loss_keys) + 3, dtype=torch.float64)
             new_unreadable: List[Tuple[int, str, str]] = []
+            new_dropped: List[Tuple[int, int, int, str]] = []
             for micro in range(options.grad_accum):
                 try:
                     collated = next(loader_iter)
@@ -424,6 +430,9 @@ def run_training(
                 for index, reason, path in collated["skipped"]:
                     if index not in unreadable:
                         new_unreadable.append((index, reason, str(path)))
+                for entry in collated.get("dropped_objects", ()):
+                    if str(entry[0]) not in trainer["dropped_objects"]:
+                        new_dropped.append(tuple(entry))
                 batch = job.build_batch(collated, step_generator(options.seed, context.rank, step, micro))
                 batch = batch.to(context.device)
                 sync = micro == options.grad_accum - 1 or not context.is_distributed
@@ -437,10 +446,24 @@ def run_training(
                         sums[2 * position] += float(value.detach())
                         sums[2 * position + 1] += 1
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
-            sums[-2] = float(grad_norm)
-            sums[-1] = len(new_unreadable)
+            sums[-3] = float(grad_norm)
+            sums[-2] = len(new_unreadable)
+            sums[-1] = len(new_dropped)
             total = all_reduce_sum(sums.clone(), context)
-            if total[-1] > 0:
+            if total[-1] > 0:  # as for unreadable records: every rank's, named once in RUN/train.log
+                for records in all_gather_objects(new_dropped, context):
+                    for index, unlabelled, outside, path in records:
+                        if str(index) not in trainer["dropped_objects"]:
+                            trainer["dropped_objects"][str(index)] = unlabelled + outside
+                            named = len(trainer["dropped_objects"])
+                            # Real Visual Genome has such objects in most images: name the first few only.
+                            if context.is_main and named <= NAMED_DROPPED_OBJECT_IMAGES:
+                                logger.warning("%s: %d objects left out of its detection target (%d with a class "
+                                               "outside the label space, %d with a box outside the decoded image)%s",
+                                               path, unlabelled + outside, unlabelled, outside,
+                                               "; further such images are counted in dropped_objects, not named"
+                                               if named == NAMED_DROPPED_OBJECT_IMAGES else "")
+            if total[-2] > 0:
                 # Every rank's new records, so that the main rank names in RUN/train.log those another rank read.
                 for records in all_gather_objects(new_unreadable, context):
                     for index, reason, path in records:
@@ -453,7 +476,7 @@ def run_training(
                 key: (float(total[2 * i] / total[2 * i + 1]) if total[2 * i + 1] > 0 else None)
                 for i, key in enumerate(loss_keys)
             }
-            finite = means["loss"] is not None and math.isfinite(means["loss"]) and math.isfinite(float(total[-2]))
+            finite = means["loss"] is not None and math.isfinite(means["loss"]) and math.isfinite(float(total[-3]))
             lr = group_learning_rate(optimizer, TRANSFORMER_GROUPS)
             lr_backbone = group_learning_rate(optimizer, BACKBONE_GROUPS)
             if not finite:
@@ -461,7 +484,7 @@ def run_training(
                 trainer["nonfinite_skipped"] += 1
                 trainer["consecutive_nonfinite"] += 1
                 logger.warning("non-finite loss or gradient (loss %s, grad norm %s) at step %d: update skipped "
-                               "(%d skipped so far)", means["loss"], float(total[-2]), step + 1, trainer["nonfinite_skipped"])
+                               "(%d skipped so far)", means["loss"], float(total[-3]), step + 1, trainer["nonfinite_skipped"])
                 if trainer["consecutive_nonfinite"] >= options.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
                         f"{trainer['consecutive_nonfinite']} consecutive steps had a non-finite loss or gradient "
@@ -482,8 +505,9 @@ def run_training(
             if context.is_main and (step % options.log_every == 0 or step == stop_step):
                 record = {
                     "step": step, **means, "lr": lr, "lr_backbone": lr_backbone,
-                    "grad_norm": float(total[-2]) / context.world_size,
+                    "grad_norm": float(total[-3]) / context.world_size,
                     "skipped_records": job.skipped_while_indexing + len(unreadable),
+                    "dropped_objects": sum(trainer["dropped_objects"].values()),
                     "nonfinite_skipped": trainer["nonfinite_skipped"], "epoch": sampler.epoch,
                     "samples_seen": trainer["samples_seen"], "step_time_s": round(elapsed, 4),
                 }
@@ -505,7 +529,8 @@ def run_training(
     skipped = job.skipped_while_indexing + len(unreadable)
     if stop_step < options.max_steps:
         logger.info("stopped after step %d of %d (--stop-after): continue with --resume", step, options.max_steps)
-    logger.info("done at step %d; %d records skipped, %d non-finite steps skipped; metrics in %s", step, skipped,
+    logger.info("done at step %d; %d records skipped, %d objects left out of detection targets, %d non-finite "
+                "steps skipped; metrics in %s", step, skipped, sum(trainer["dropped_objects"].values()),
                 trainer["nonfinite_skipped"], run_dir / METRICS)
     return TrainingResult(run_dir, step, ckpt.latest_checkpoint(run_dir), run_dir / METRICS,
                           trainer["nonfinite_skipped"], skipped, backends)

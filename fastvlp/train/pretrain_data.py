@@ -165,6 +165,10 @@ class _PretrainingRecords(ImageRecordView):
                 **({"attributes": sample["attributes"]} if sample["attributes"].shape[1] else {}),
             } if record.objects else None,
             "image_key": picture_key(record),
+            # Objects the target leaves out, for the run's log: a class outside the label space (Visual
+            # Genome's names beyond its 1600 classes), or a box outside the decoded image.
+            "dropped_objects": (index, sample["unlabelled_objects"], sample["empty_boxes"], str(record.image_path))
+            if sample["unlabelled_objects"] or sample["empty_boxes"] else None,
         }
 
 
@@ -201,6 +205,7 @@ def collate_pretraining_samples(samples: Sequence[Dict[str, Any]]) -> Dict[str, 
         "targets": [s["target"] for s in samples],
         "image_keys": [s["image_key"] for s in samples],
         "skipped": [entry for s in samples for entry in s["skipped"]],
+        "dropped_objects": [s["dropped_objects"] for s in samples if s.get("dropped_objects")],
     }
 
 
