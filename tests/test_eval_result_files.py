@@ -64,3 +64,25 @@ def test_invalid_inputs(tmp_path):
     with pytest.raises(ValueError, match="predictions"):
         classification_accuracy(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_write_json_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
+    from fastvlp.eval.result_files import write_json
+
+    path = tmp_path / "out" / "metrics.json"
+    write_json(path, {"accuracy": 0.5}, indent=1)
+    write_json(path, [{"question_id": 1, "answer": "red"}])
+    assert json.loads(path.read_text()) == [{"question_id": 1, "answer": "red"}]
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+def test_the_metrics_table_says_undefined_for_a_metric_without_a_value():
+    from types import SimpleNamespace
+
+    from fastvlp.eval.evaluate_cli import format_table
+
+    result = SimpleNamespace(task="detection", split="val", num_examples=3,
+                             metrics={"ap": 0.25, "ap_large": None, "count": 7})
+    lines = format_table(result).splitlines()
+    assert lines[0] == "detection on val: 3 examples"
+    assert [line.split() for line in lines[2:]] == [["ap", "0.2500"], ["ap_large", "undefined"], ["count", "7"]]

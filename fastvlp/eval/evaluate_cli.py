@@ -46,11 +46,17 @@ def check_generation_options(parser: argparse.ArgumentParser, args: argparse.Nam
                          f"(the {args.task} task generates no text)")
 
 
+def _cell(value) -> str:
+    if value is None:  # e.g. the AP of a size class the split has no objects of
+        return "undefined"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def format_table(result) -> str:
     rows = [(name, value) for name, value in result.metrics.items()]
     width = max([len(name) for name, _ in rows] + [6])
     lines = [f"{result.task} on {result.split}: {result.num_examples} examples", f"{'metric':<{width}}  value"]
-    lines += [f"{name:<{width}}  {value:.4f}" if isinstance(value, float) else f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"{name:<{width}}  {_cell(value)}" for name, value in rows]
     return "\n".join(lines)
 
 
@@ -73,15 +79,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"note: {note}")
     if result.skipped:
         print(f"skipped records: {json.dumps(result.skipped)}")
+    from fastvlp.eval.result_files import write_json
+
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        write_json(args.out, result.to_dict(), indent=1)
         print(f"metrics:     {args.out}")
     if args.predictions is not None:
         if result.predictions is None:
             print(f"fastvlp evaluate: {args.task} has no official prediction format; nothing written", file=sys.stderr)
         else:
-            args.predictions.parent.mkdir(parents=True, exist_ok=True)
-            args.predictions.write_text(json.dumps(result.predictions), encoding="utf-8")
+            write_json(args.predictions, result.predictions)
             print(f"predictions: {args.predictions}")
     return 0

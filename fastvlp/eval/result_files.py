@@ -19,14 +19,16 @@ from torch import Tensor
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _write_json(path: PathLike, records) -> None:
+def write_json(path: PathLike, records, indent: Optional[int] = None) -> None:
+    """``records`` as JSON at ``path``, written to a temporary file in the same folder and then renamed, so
+    that a stopped run never leaves half a file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(handle, "w") as file:
-            json.dump(records, file)
+            json.dump(records, file, indent=indent)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -111,11 +113,11 @@ def detection_results(
 
 
 def write_vqa_results(path: PathLike, answers: Mapping[object, str]) -> None:
-    _write_json(path, vqa_results(answers))
+    write_json(path, vqa_results(answers))
 
 
 def write_caption_results(path: PathLike, captions: Mapping[object, str]) -> None:
-    _write_json(path, caption_results(captions))
+    write_json(path, caption_results(captions))
 
 
 def write_detection_results(path: PathLike, detections: Sequence[Mapping]) -> None:
@@ -124,4 +126,4 @@ def write_detection_results(path: PathLike, detections: Sequence[Mapping]) -> No
     for index, record in enumerate(records):
         if not isinstance(record, Mapping) or {"image_id", "category_id", "bbox", "score"} - record.keys():
             raise ValueError(f"detections[{index}]: expected image_id, category_id, bbox and score")
-    _write_json(path, records)
+    write_json(path, records)
