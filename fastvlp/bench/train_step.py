@@ -13,7 +13,11 @@ activations, gradients and optimiser state. On the CPU, ``peak_rss_above_start_m
 resident memory during the timed steps minus its resident memory when the contender started, sampled every
 2 ms by a background thread (psutil where installed, else ``/proc/self/statm``): it counts the same things
 plus whatever the C allocator keeps mapped after a free, and a peak shorter than the interval can be missed.
-Each row holds both fields, the other one None. After each contender its gradients and optimiser are freed
+Each row holds both fields, the other one None. ``--profile-steps N`` (CUDA) profiles N more steps of
+each contender after its timed ones and adds ``kernel_profile`` (device time per step of the attention
+kernels, the solver's and the rest, and the heaviest kernels) and
+``speedup_bound_without_attention_and_matcher``: the step's median over what would be left with its
+attention kernels and matcher free, the ceiling of any speed-up that changes only those two. After each contender its gradients and optimiser are freed
 (on the CPU, glibc's free heap is also handed back to the system), so the next one starts from the same
 memory. The batches are random pixels, tokens and boxes of the requested size: what a
 step costs does not depend on what the pixels show.
@@ -184,10 +188,13 @@ def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, 
     _synchronize(device)
 
 
-def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device) -> Dict[str, object]:
+def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device,
+                   profile_steps: int = 0) -> Dict[str, object]:
     """Time ``model``'s training step on ``batches``: raw step times (ms), the peak memory above the start
     (MiB: the allocator's on CUDA, the process's resident memory on the CPU, None where unreadable), each
-    part's median (ms) and the backends. Leaves ``model`` without gradients and drops its optimiser."""
+    part's median (ms) and the backends; with ``profile_steps`` on CUDA, also the device time of the kernels
+    of that many more steps by kind (:mod:`fastvlp.bench.step_profile`). Leaves ``model`` without gradients
+    and drops its optimiser."""
     cuda = device.type == "cuda"
     start_allocated = torch.cuda.memory_allocated(device) if cuda else 0
     read_rss = None if cuda else resident_memory_reader()
@@ -226,6 +233,12 @@ def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device)
             parts["backward"].append((marks["backward"] - marks["forward"]) * 1e3)
             parts["optimizer"].append((end - marks["backward"]) * 1e3)
             parts["matcher"].append(sum(matcher_ms))
+        kernels = None
+        if profile_steps > 0 and cuda:  # after the timed steps, so the profiler's cost stays out of them
+            from fastvlp.bench.step_profile import profile_steps as profile
+
+            kernels = profile(lambda index: _step(model, optimizer, batches[index % len(batches)], amp, device),
+                              profile_steps)
     finally:
         # Free this contender's gradients and optimiser state before the next contender is measured.
         model.zero_grad(set_to_none=True)
@@ -236,7 +249,7 @@ def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device)
     return {"raw_ms": totals, "peak_memory_above_start_mb": peak, "peak_rss_above_start_mb": peak_rss,
             "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()},
             "stages_raw_ms": parts, "matcher_check_finite": model.criterion.matcher.check_finite,
-            "backends": model.backend_report()}
+            "backends": model.backend_report(), "kernel_profile": kernels}
 
 
 def memory_column(device) -> str:
@@ -245,7 +258,7 @@ def memory_column(device) -> str:
 
 
 def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeats: int = 5, warmup: int = 2,
-        device: str = "cpu", amp: bool = False, seed: int = 0) -> List[Dict[str, object]]:
+        device: str = "cpu", amp: bool = False, seed: int = 0, profile_steps: int = 0) -> List[Dict[str, object]]:
     from fastvlp.models import E2EVLP, get_preset
 
     device = torch.device(device)
@@ -259,7 +272,7 @@ def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeat
     rows = []
     shape = f"{preset} B{batch_size} {image_size[0]}x{image_size[1]}"
     for contender, model in (("fastvlp", fast), ("torch-scipy", baseline)):
-        measured = time_contender(model, batches, repeats, warmup, amp, device)
+        measured = time_contender(model, batches, repeats, warmup, amp, device, profile_steps)
         row = result_row("train-step", contender, shape, measured.pop("raw_ms"), device=device.type, amp=amp,
                          batch_size=batch_size, **measured)
         row["images_per_s"] = batch_size / (row["median_ms"] / 1e3)
@@ -269,6 +282,15 @@ def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeat
         print(f"  {contender:<12} {row['median_ms']:9.1f} ms/step  {row['images_per_s']:7.1f} images/s  "
               + ("" if memory is None else f"{kind} peak +{memory:.1f} MiB  ")
               + "  ".join(f"{name} {value:.1f}" for name, value in row["stages"].items()))
+        if row["kernel_profile"] is not None:
+            from fastvlp.bench.step_profile import attention_bound, format_profile
+
+            print("\n".join(format_profile(contender, row["kernel_profile"])))
+            attention_ms = row["kernel_profile"]["device_ms_per_step"]["attention"]
+            row["speedup_bound_without_attention_and_matcher"] = attention_bound(
+                row["median_ms"], attention_ms, row["stages"]["matcher"])
+            print(f"    with its attention kernels ({attention_ms:.1f} ms) and matcher ({row['stages']['matcher']:.1f} ms) "
+                  f"free, this step could be at most {row['speedup_bound_without_attention_and_matcher']:.2f}x faster")
     return rows
 
 
@@ -283,8 +305,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for both contenders")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="on CUDA, profile this many more steps per contender: kernel time by kind")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
+    if args.profile_steps < 0:
+        parser.error("--profile-steps must be >= 0")
     try:
         height, width = (int(side) for side in args.image_size.lower().split("x"))
     except ValueError:
@@ -292,12 +318,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats must be >= 1")
     print(f"training step, {args.preset}, batch {args.batch_size}, {height}x{width}, on {device_name(args.device)}:")
-    rows = run(args.preset, args.batch_size, (height, width), args.repeats, args.warmup, args.device, args.amp)
+    rows = run(args.preset, args.batch_size, (height, width), args.repeats, args.warmup, args.device, args.amp,
+               profile_steps=args.profile_steps)
     speedup = rows[1]["median_ms"] / rows[0]["median_ms"]
     print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x")
     path = write_results("train_step", rows, device_name(args.device), args.out_dir,
                          extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp,
-                                "repeats": args.repeats, "warmup": args.warmup},
+                                "repeats": args.repeats, "warmup": args.warmup, "profile_steps": args.profile_steps},
                          table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "images_per_s",
                                         memory_column(args.device), "stages"))
     print(f"wrote {path} and {path.with_suffix('.md')}")

@@ -1,0 +1,65 @@
+"""The training step's kernel profile: kernels classed by name, summed per step, and the speed-up ceiling."""
+import pytest
+import torch
+
+from fastvlp.bench import step_profile
+
+# Kernel names as the profiler reports them on an H100 (torch 2.11, Triton 3.6, cuDNN 9.19).
+NAMES = {
+    "attention_forward_kernel": "attention",
+    "attention_backward_dkdv_kernel": "attention",
+    "attention_backward_dq_kernel": "attention",
+    "attention_backward_delta_kernel": "attention",
+    "fmha_cutlassF_f16_aligned_64x64_rf_sm80": "attention",
+    "fmha_cutlassB_f16_aligned_64x64_k32_sm80": "attention",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<32, 128, 128, 4, false, false, cutlass::half_t>>": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+    "lsap_kernel(SolverParams)": "matcher",
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "other",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "other",
+    "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>": "other",
+}
+
+
+def test_kernels_are_classed_by_name():
+    assert {name: step_profile.kernel_kind(name) for name in NAMES} == NAMES
+
+
+def test_summary_per_step_by_kind_and_heaviest_first():
+    kernels = [("attention_forward_kernel", 300.0), ("attention_forward_kernel", 100.0), ("lsap_kernel", 50.0),
+               ("sm90_xmma_fprop_implicit_gemm", 1000.0), ("fill", 10.0)]
+    summary = step_profile.summarize_kernels(kernels, steps=2, top=2)
+    assert summary["device_ms_per_step"] == {"attention": 0.2, "matcher": 0.025, "other": 0.505}
+    assert summary["device_ms_per_step_total"] == pytest.approx(0.73)
+    assert summary["heaviest_kernels"] == [
+        {"name": "sm90_xmma_fprop_implicit_gemm", "kind": "other", "ms_per_step": 0.5},
+        {"name": "attention_forward_kernel", "kind": "attention", "ms_per_step": 0.2},
+    ]
+    with pytest.raises(ValueError, match="steps"):
+        step_profile.summarize_kernels(kernels, steps=0)
+
+
+def test_the_ceiling_of_a_speedup_that_changes_attention_and_matching_only():
+    assert step_profile.attention_bound(365.0, 40.0, 8.0) == pytest.approx(365.0 / 317.0)
+    assert step_profile.attention_bound(100.0, 0.0) == 1.0
+    with pytest.raises(ValueError, match="attention_ms"):
+        step_profile.attention_bound(10.0, 8.0, 2.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_profiling_needs_a_gpu():
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        step_profile.profile_steps(lambda index: None, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_both_backends_attention_kernels_are_found_in_a_real_step():
+    from fastvlp.bench import train_step
+
+    rows = train_step.run("tiny", batch_size=2, image_size=(128, 160), repeats=1, warmup=1, device="cuda",
+                          profile_steps=1)
+    for row in rows:
+        profile = row["kernel_profile"]
+        assert profile["device_ms_per_step"]["attention"] > 0, (row["contender"], profile["heaviest_kernels"])
+        assert row["speedup_bound_without_attention_and_matcher"] > 1
