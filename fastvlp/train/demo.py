@@ -1,5 +1,5 @@
 """``fastvlp demo``: synthesise data, pre-train the tiny preset, fine-tune and evaluate VQA and captioning,
-and print the results next to the trivial baselines (about 11 to 12 minutes on 2 CPU cores).
+and print the results next to the trivial baselines (4 to 12 minutes on 2 CPU cores, with the machine's speed).
 
 ``--preset`` and ``--device cuda`` scale it up. The paper's presets keep a frozen-batch-norm ResNet trained
 at a tenth of the Transformer's rate, which learns nothing useful from random weights: give them
