@@ -112,6 +112,10 @@ def test_pretraining_corpus_leaves_out_a_published_coco_name_everywhere(tmp_path
 
     assert read(None) == ([("coco", 7), ("coco", 391895), ("vg", 1), ("vg", 2)], 0)
     assert read(exclude) == ([("coco", 7), ("vg", 2)], 2)
+    # COCO 2017's name of the same image also leaves out Visual Genome's copy, and so does the bare id.
+    for entry in ("000000391895.jpg", "391895"):
+        exclude.write_text(entry + "\n")
+        assert read(exclude) == ([("coco", 7), ("vg", 2)], 2), entry
 
 def test_exclusion_of_image_pairs(tmp_path):
     path = tmp_path / "exclude.txt"

@@ -1,8 +1,8 @@
 """`--exclude-images FILE`: leave chosen images out of a data set (e.g. downstream test images out of
 pre-training). The file holds one image a line: a file name (COCO_val2014_000000000042.jpg, 42.jpg) or a
 bare numeric id, which pre-training reads as a COCO image id (a Visual Genome image is left out by its file
-name, e.g. 2417.jpg). A published COCO name (COCO_<split>_<digits>, with or without extension) also lists its
-number as a COCO image id, so that the same image is left out under another file name and as Visual
+name, e.g. 2417.jpg). A published COCO name (2014's COCO_<split>_<digits>, with or without extension, or
+2017's zero-padded 000000000042.jpg) also lists its number as a COCO image id, so that the same image is left out under another file name and as Visual
 Genome's copy. Blank lines and lines starting with '#' are ignored."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Optional, Sequence, TypeVar
 
 R = TypeVar("R")
 
-_PUBLISHED_COCO_STEM = re.compile(r"COCO_[A-Za-z0-9-]+_(\d+)")
+# COCO's published file names: 2014's COCO_<split>_<id, 12 digits> and 2017's bare zero-padded <12 digits>.
+_PUBLISHED_COCO_STEM = re.compile(r"COCO_[A-Za-z0-9-]+_(\d+)|(\d{12})")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def _entry_keys(entry: str) -> set[tuple[str, object]]:
     keys: set[tuple[str, object]] = {("name", name), ("name", stem)}
     published = _PUBLISHED_COCO_STEM.fullmatch(stem)
     if published:
-        keys.add(("coco_id", int(published.group(1))))
+        keys.add(("coco_id", int(published.group(1) or published.group(2))))
     return keys
 
 
