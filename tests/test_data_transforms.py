@@ -152,6 +152,23 @@ def test_boxes_outside_are_clipped_and_inputs_validated():
 def test_swap_left_right():
     assert swap_left_right("Left of the right one, leftover.") == "Right of the left one, leftover."
     assert swap_left_right("no sides") == "no sides"
+    # Sides: after a determiner, possessive, preposition or verb of direction, before a part, in pairs.
+    sides = {
+        "A brown triangle to the left of a yellow triangle.": "A brown triangle to the right of a yellow triangle.",
+        "Is the star right of the circle?": "Is the star left of the circle?",
+        "turn left at the corner": "turn right at the corner",
+        "on his left hand": "on his right hand",
+        "The dog is on the RIGHT.": "The dog is on the LEFT.",
+        "left and right": "right and left",
+        "to the right behind the car": "to the left behind the car",
+        "the leftmost shape": "the rightmost shape",
+    }
+    # Not sides: the verb, the remainder, intensifiers, "all right", angles; a flip changes nothing there.
+    unchanged = ["A pizza with one slice left.", "The man left the room.", "A cat sitting right next to a dog.",
+                 "A clock right side up", "a right angle", "All right then", "There is nothing left.",
+                 "right behind the car"]
+    assert {text: swap_left_right(text) for text in sides} == sides
+    assert [swap_left_right(text) for text in unchanged] == unchanged
     assert swap_left_right("the leftmost cup, moving Rightwards, a lefthand glove") == \
         "the rightmost cup, moving Leftwards, a righthand glove"
     assert swap_left_right("LEFT and Left-hand, bright, copyright, rightly") == \

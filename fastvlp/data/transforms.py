@@ -68,16 +68,58 @@ def xyxy_to_normalised_cxcywh(boxes: torch.Tensor, height: int, width: int) -> t
 
 # The words and their compounds ("leftmost", "rightwards", "lefthand"), never words that merely contain them.
 _LEFT_RIGHT = re.compile(r"\b(left|right)(most|wards?|hand(?:ed)?)?\b", re.IGNORECASE)
+# "left" and "right" name a side after these words ("the left", "to its right", "turn left") ...
+_SIDE_BEFORE = frozenset("""
+    the a an its his her their my your our this that to on at from toward towards far upper lower top bottom
+    front back rear turn turns turned turning facing faces face looking looks look pointing points point
+    heading heads head leaning leans lean moving moves move going goes go veer veers veering
+""".split())
+# ... or before these ("left of", "right side", "left-hand", "right corner") ...
+_SIDE_AFTER = frozenset("""
+    of side sides hand handed corner corners edge edges half arm arms leg legs foot feet eye eyes ear ears
+    wing wings lane lanes turn turns field bank column panel page shoulder knee wrist
+""".split())
+# ... but never in these ("right angle", "right side up") ...
+_NEVER_A_SIDE = re.compile(r"\s*(angled?|angles|side\s+up)\b", re.IGNORECASE)
+# ... and, unless a determiner or preposition comes first ("to the right behind"), not as an intensifier
+# ("right next to", "right behind") or after "all". Nor as the verb or the remainder ("the man left", "one
+# slice left"), which no rule above matches: a flip changes nothing there.
+_INTENSIFIED = re.compile(r"\s*(next|now|away|here|there|after|before|behind|beside|by|into|through|"
+                          r"in\s+front|on\s+top)\b", re.IGNORECASE)
+_SIDE_DETERMINERS = frozenset("the a an its his her their my your our to on at from toward towards".split())
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def _names_a_side(text: str, match: re.Match) -> bool:
+    if match.group(2):  # leftmost, rightward(s), lefthand(ed): always a side
+        return True
+    if _NEVER_A_SIDE.match(text, match.end()):
+        return False
+    before = [word.lower() for word in _WORD.findall(text[: match.start()])]
+    after = [word.lower() for word in _WORD.findall(text[match.end():])]
+    previous = before[-1] if before else ""
+    if previous not in _SIDE_DETERMINERS and (previous == "all" or _INTENSIFIED.match(text, match.end())):
+        return False
+    # "left and right", "right or left": both name sides
+    paired = (after[:1] in (["and"], ["or"]) and after[1:2] in (["left"], ["right"])) or (
+        previous in ("and", "or") and before[-2:-1] in (["left"], ["right"]))
+    return paired or previous in _SIDE_BEFORE or (bool(after) and after[0] in _SIDE_AFTER)
 
 
 def swap_left_right(text: str) -> str:
-    """'left' <-> 'right', also inside 'leftmost', 'leftward(s)' and 'lefthand(ed)', for text that goes with a
-    flipped image. The case is kept: all capitals, a capital first letter, or lower case."""
+    """'left' <-> 'right' where the word names a side, for text that goes with a flipped image: after a
+    determiner, a possessive, a preposition or a verb of direction ("to the left of", "on his right", "turn
+    left"), before a part or place ("left hand", "right corner", "left of"), and always inside 'leftmost',
+    'leftward(s)' and 'lefthand(ed)'; not in "right next to", "right angle", "all right", nor where 'left' is
+    a verb or the remainder ("the man left", "one slice left"). The case is kept: all capitals, a capital
+    first letter, or lower case. A rule over neighbouring words, not a parser: rare phrasings can escape it."""
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
 
     def swap(match: re.Match) -> str:
         original = match.group(0)
+        if not _names_a_side(text, match):
+            return original
         swapped = ("right" if match.group(1).lower() == "left" else "left") + original[len(match.group(1)):].lower()
         if original.isupper():
             return swapped.upper()
