@@ -174,6 +174,15 @@ def test_vqa_and_nlvr2_datasets(synth_dir, tmp_path):
         VqaDataset(records, lambda image: image)
 
 
+def test_vqa_dataset_refuses_flips():
+    """Questions such as "Is the cup on the left?" would get the unflipped image's answer."""
+    records = [VqaRecord(1, 7, Path("7.jpg"), "Is the cup on the left?", ("yes",) * 10, "yes")]
+    for transform in (ImageTransform((128,), 256, horizontal_flip=True), train_transform("tiny", horizontal_flip=True)):
+        with pytest.raises(ValueError, match="^transform: expected no horizontal flip for VQA$"):
+            VqaDataset(records, transform, ["yes"])
+    assert len(VqaDataset(records, train_transform("tiny"), ["yes"])) == 1
+
+
 def test_a_box_outside_the_decoded_image_is_dropped_with_its_label_and_attributes(synth_dir):
     from fastvlp.data.records import ObjectAnnotation
 

@@ -48,7 +48,8 @@ class VqaDataset(Dataset):
     """Sample i: image, question, question_id, image_id, answers (the ten raw answers), target (soft
     scores over `answer_vocabulary`; empty when no vocabulary is given), size. SkippedSample when the
     image does not decode. `normalise` maps raw answers into the vocabulary's form (e.g. VQA's official
-    answer processing)."""
+    answer processing). Flips are refused: questions and answers name left and right, and flipping the
+    image would not swap them."""
 
     def __init__(
         self,
@@ -59,6 +60,8 @@ class VqaDataset(Dataset):
     ) -> None:
         if not isinstance(transform, ImageTransform):
             raise TypeError(f"transform: expected an ImageTransform, got {type(transform).__name__}")
+        if transform.horizontal_flip:
+            raise ValueError("transform: expected no horizontal flip for VQA")
         if any(not isinstance(r, VqaRecord) for r in records):
             raise TypeError("records: expected VqaRecord items")
         self.records, self.transform, self.normalise = list(records), transform, normalise

@@ -49,17 +49,25 @@ def coco_annotation_file(coco_dir: str | Path, kind: str, split: str) -> Path:
     return find_file([root / "annotations", root], names, f"COCO {kind} of split {split!r}")
 
 
-def _image_table(content: dict, skips: SkipCounter, path: Path) -> dict[int, dict]:
-    images = {}
+def _readable_id(record, key: str) -> int | None:
+    return optional_int(record, key) if isinstance(record, dict) else None
+
+
+def _image_table(content: dict, skips: SkipCounter, path: Path) -> tuple[dict[int, dict], set[int]]:
+    """Image id -> its entry, and the ids of the malformed entries whose id could be read: those images are
+    counted here once, so the annotations that name them are dropped without being counted again."""
+    images, malformed = {}, set()
     for entry in file_section(content, "images", list, path):
         try:
             image_id = require(entry, "id", int)
             require(entry, "file_name", str)
         except MalformedRecord as error:
             skips.add(MALFORMED_ANNOTATION, f"image entry: {error}")
+            if (image_id := _readable_id(entry, "id")) is not None:
+                malformed.add(image_id)
             continue
         images[image_id] = entry
-    return images
+    return images, malformed
 
 
 def _record(entry: dict, path: Path, split: str, **fields) -> ImageRecord:
@@ -84,14 +92,16 @@ def read_coco_captions(
 ) -> ReadResult[ImageRecord]:
     """One ImageRecord per image with its captions, in the order of the file's `images` list.
 
-    Skipped and counted: malformed image or caption entries, captions of unlisted images, images without
-    captions, images whose file is missing (or, with `verify_images`, does not decode).
+    Skipped and counted once each: malformed image or caption entries, captions of unlisted images, images
+    without captions, images whose file is missing (or, with `verify_images`, does not decode). The captions
+    of a malformed image entry go with it, and an image whose every caption is malformed is lost with them.
     """
     caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     path = coco_annotation_file(coco_dir, "captions", split)
     content = load_json(path)
-    images = _image_table(content, skips, path)
+    images, malformed_images = _image_table(content, skips, path)
     captions: dict[int, list[str]] = {image_id: [] for image_id in images}
+    had_malformed_caption = set()
     for annotation in file_section(content, "annotations", list, path):
         try:
             image_id = require(annotation, "image_id", int)
@@ -100,9 +110,11 @@ def read_coco_captions(
                 raise MalformedRecord("empty caption")
         except MalformedRecord as error:
             skips.add(MALFORMED_ANNOTATION, f"caption: {error}")
+            had_malformed_caption.add(_readable_id(annotation, "image_id"))
             continue
         if image_id not in captions:
-            skips.add(UNKNOWN_IMAGE, str(image_id))
+            if image_id not in malformed_images:  # a malformed image's captions are lost with it, counted once
+                skips.add(UNKNOWN_IMAGE, str(image_id))
             continue
         captions[image_id].append(caption)
 
@@ -110,7 +122,8 @@ def read_coco_captions(
     records = []
     for image_id, entry in images.items():
         if not captions[image_id]:
-            skips.add(NO_ANNOTATIONS, entry["file_name"])
+            if image_id not in had_malformed_caption:  # else already counted, as its malformed captions
+                skips.add(NO_ANNOTATIONS, entry["file_name"])
             continue
         image_path = locate_image(index, skips, verify_images, entry["file_name"], image_id, split_base(split))
         if image_path is not None:
@@ -144,13 +157,14 @@ def read_coco_instances(
     """One ImageRecord per image with its objects (boxes as x0, y0, x1, y1 clipped to the image); images
     without objects are kept, as COCO's evaluation keeps them. `categories` of the result lists COCO's.
 
-    Skipped and counted: malformed entries, objects of unlisted images or unknown categories, boxes with no
-    area (the object only), images whose file is missing or (with `verify_images`) does not decode.
+    Skipped and counted once each: malformed entries, objects of unlisted images or unknown categories, boxes
+    with no area (the object only), images whose file is missing or (with `verify_images`) does not decode.
+    The objects of a malformed image entry go with it.
     """
     caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     path = coco_annotation_file(coco_dir, "instances", split)
     content = load_json(path)
-    images = _image_table(content, skips, path)
+    images, malformed_images = _image_table(content, skips, path)
     categories = _categories(content, skips, path)
     objects: dict[int, list[ObjectAnnotation]] = {image_id: [] for image_id in images}
     for annotation in file_section(content, "annotations", list, path):
@@ -164,7 +178,8 @@ def read_coco_instances(
             skips.add(MALFORMED_ANNOTATION, f"object: {error}")
             continue
         if image_id not in images:
-            skips.add(UNKNOWN_IMAGE, str(image_id))
+            if image_id not in malformed_images:  # a malformed image's objects are lost with it, counted once
+                skips.add(UNKNOWN_IMAGE, str(image_id))
             continue
         if category_id not in categories:
             skips.add(UNKNOWN_CATEGORY, str(category_id))

@@ -54,7 +54,8 @@ def read_karpathy_file(
 ) -> ReadResult[ImageRecord]:
     """ImageRecords of the entries whose split is in `splits` (all when None), with their sentences as
     captions. `image_id` is the entry's `cocoid`, else the number in its file name, else its `imgid`.
-    Skipped and counted: malformed entries, entries without sentences, missing or undecodable images."""
+    Skipped and counted once each: malformed entries (of the wanted splits, or whose split is unreadable),
+    entries without sentences, missing or undecodable images."""
     if not isinstance(path, (str, Path)):
         raise TypeError(f"path: expected a str or Path, got {type(path).__name__}")
     if not isinstance(source, str) or not source:
@@ -67,6 +68,11 @@ def read_karpathy_file(
     index = image_index if image_index is not None else ImageIndex([as_directory(image_root, "image_root")])
     records = []
     for entry in file_section(load_json(path), "images", list, path):
+        # Entries of other splits are not read, so their defects are not counted; an entry whose split cannot
+        # be read might be one that was asked for, and is counted as malformed below.
+        named_split = entry.get("split") if isinstance(entry, dict) else None
+        if wanted is not None and isinstance(named_split, str) and named_split not in wanted:
+            continue
         try:
             file_name = require(entry, "filename", str)
             split = require(entry, "split", str)
@@ -78,8 +84,6 @@ def read_karpathy_file(
                 image_id = require(entry, "imgid", int)
         except MalformedRecord as error:
             skips.add(MALFORMED_ANNOTATION, f"{path.name}: {error}")
-            continue
-        if wanted is not None and split not in wanted:
             continue
         if not captions:
             skips.add(NO_ANNOTATIONS, file_name)

@@ -50,12 +50,13 @@ def _entry_image_id(entry: dict) -> int:
 
 
 def _object_name(obj: dict) -> str:
+    """The first non-blank entry of `names` (1.2+), else `name` (1.0), normalised."""
     names = _json_object(obj).get("names")
-    if isinstance(names, list) and names and isinstance(names[0], str) and names[0].strip():
-        return normalise_name(names[0])
-    if isinstance(obj.get("name"), str) and obj["name"].strip():
-        return normalise_name(obj["name"])
-    raise MalformedRecord("missing key 'names'")
+    # A blank first name (e.g. ["", "dog"]) does not make the object unusable while another name is given.
+    for name in (names if isinstance(names, list) else []) + [obj.get("name")]:
+        if isinstance(name, str) and name.strip():
+            return normalise_name(name)
+    raise MalformedRecord("no non-blank name in 'names' or 'name'")
 
 
 def _object_id(obj: dict) -> int:
@@ -107,8 +108,9 @@ def read_visual_genome(
     from attributes.json) and, when present and asked for, its region phrases as captions.
 
     Objects come from objects.json, or from attributes.json when objects.json is absent. Skipped and counted:
-    malformed entries, objects of unlisted images, boxes with no area (the object only), images whose file is
-    missing or (with `verify_images`) does not decode.
+    malformed entries, objects (without a non-blank name, say) and regions (the record alone), objects and
+    region lists of unlisted images, boxes with no area (the object only), images whose file is missing or
+    (with `verify_images`) does not decode.
     """
     caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     root = as_directory(vg_dir, "vg_dir")
@@ -160,14 +162,23 @@ def read_visual_genome(
         for entry in file_section({"entries": load_json(regions_path)}, "entries", list, regions_path):
             try:
                 image_id = _entry_image_id(entry)
-                phrases = [require(region, "phrase", str).strip() for region in require(entry, "regions", list)]
+                regions = require(entry, "regions", list)
             except MalformedRecord as error:
                 skips.add(MALFORMED_ANNOTATION, f"region descriptions: {error}")
                 continue
             if image_id not in images:
                 skips.add(UNKNOWN_IMAGE, f"region descriptions of {image_id}")
                 continue
-            captions.setdefault(image_id, []).extend(p for p in phrases if p)
+            phrases = captions.setdefault(image_id, [])
+            for region in regions:  # a bad region costs only its own phrase
+                try:
+                    phrase = require(region, "phrase", str).strip()
+                    if not phrase:
+                        raise MalformedRecord("empty phrase")
+                except MalformedRecord as error:
+                    skips.add(MALFORMED_ANNOTATION, f"region of image {image_id}: {error}")
+                    continue
+                phrases.append(phrase)
 
     index = image_index if image_index is not None else ImageIndex([root])
     records = []

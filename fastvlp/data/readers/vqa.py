@@ -8,6 +8,7 @@ folder by the question's COCO image id.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from fastvlp.data.image_index import ImageIndex
@@ -30,8 +31,16 @@ from fastvlp.data.skips import MALFORMED_ANNOTATION, NO_ANNOTATIONS, ReadResult,
 logger = logging.getLogger(__name__)
 
 
-def _annotations(path: Path, skips: SkipCounter) -> dict[int, tuple[tuple[str, ...], str, str | None, str | None]]:
-    table = {}
+def _majority_answer(answers: tuple[str, ...]) -> str:
+    # VQA defines multiple_choice_answer as the most frequent of the ten answers and documents no tie rule;
+    # a tie goes to the answer listed first, so the derived value does not depend on hashing or sorting.
+    return Counter(answers).most_common(1)[0][0]
+
+
+def _annotations(path: Path, skips: SkipCounter) -> tuple[dict[int, tuple], set[int]]:
+    """Question id -> (answers, multiple-choice answer, question type, answer type), and the ids of the
+    questions whose annotation was malformed (counted here, so that their questions are not counted again)."""
+    table, malformed = {}, set()
     for entry in file_section(load_json(path), "annotations", list, path):
         try:
             question_id = require(entry, "question_id", int)
@@ -39,13 +48,18 @@ def _annotations(path: Path, skips: SkipCounter) -> dict[int, tuple[tuple[str, .
             if not answers:
                 raise MalformedRecord("no answers")
             chosen = entry.get("multiple_choice_answer")
-            if not isinstance(chosen, str):
-                raise MalformedRecord("missing key 'multiple_choice_answer'")
+            if chosen is None:
+                chosen = _majority_answer(answers)
+            elif not isinstance(chosen, str):
+                raise MalformedRecord(f"key 'multiple_choice_answer': expected a str, got {type(chosen).__name__}")
         except MalformedRecord as error:
             skips.add(MALFORMED_ANNOTATION, f"answer: {error}")
+            question_id = entry.get("question_id") if isinstance(entry, dict) else None
+            if isinstance(question_id, int) and not isinstance(question_id, bool):
+                malformed.add(question_id)
             continue
         table[question_id] = (answers, chosen, entry.get("question_type"), entry.get("answer_type"))
-    return table
+    return table, malformed
 
 
 def read_vqa(
@@ -60,9 +74,10 @@ def read_vqa(
 ) -> ReadResult[VqaRecord]:
     """One VqaRecord per question of `split`, with its ten answers when the annotation file exists.
 
-    `require_answers` (default: whether the annotation file exists) skips questions without answers.
-    Skipped and counted: malformed questions or answers, unanswered questions when answers are required,
-    questions whose image is missing or (with `verify_images`) does not decode.
+    `require_answers` (default: whether the annotation file exists) skips questions without answers. An
+    annotation without `multiple_choice_answer` gets its most frequent answer (ties: the first listed).
+    Skipped and counted once each: malformed questions or answers, unanswered questions when answers are
+    required, questions whose image is missing or (with `verify_images`) does not decode.
     """
     caller_skips, skips = skips, SkipCounter()  # this read's own skips: see report_skips
     root = as_directory(vqa_dir, "vqa_dir")
@@ -76,7 +91,7 @@ def read_vqa(
         require_answers = annotations_path is not None
     if require_answers and annotations_path is None:
         raise FileNotFoundError(f"require_answers: no VQA annotation file for split {split!r} in {root}")
-    answers = _annotations(annotations_path, skips) if annotations_path is not None else {}
+    answers, malformed = _annotations(annotations_path, skips) if annotations_path is not None else ({}, set())
 
     index = image_index if image_index is not None else ImageIndex([as_directory(coco_dir, "coco_dir")])
     records = []
@@ -90,7 +105,8 @@ def read_vqa(
             continue
         answered = answers.get(question_id)
         if answered is None and require_answers:
-            skips.add(NO_ANNOTATIONS, f"question {question_id}")
+            if question_id not in malformed:  # else its loss is already counted, as a malformed annotation
+                skips.add(NO_ANNOTATIONS, f"question {question_id}")
             continue
         image_path = locate_image(index, skips, verify_images, None, image_id, split_base(split))
         if image_path is None:
