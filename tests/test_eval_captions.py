@@ -26,6 +26,46 @@ def check_perfect_beats_wrong(perfect, wrong):
 def test_simple_tokenizer():
     assert simple_caption_tokens("A Dog's toy, (red) -- isn't it?") == "a dog 's toy red is n't it"
     assert simple_caption_tokens("...") == ""
+    assert simple_caption_tokens("A close-up of a black-and-white T-shirt.") == "a close-up of a black-and-white t-shirt"
+    assert simple_caption_tokens("a Café with naïve art") == "a café with naïve art"
+    assert simple_caption_tokens("3.5 m, 1,000 people at 10:30.") == "3.5 m 1,000 people at 10:30"
+    assert simple_caption_tokens("a sign that says 'stop' at 5 o'clock") == "a sign that says stop at 5 o'clock"
+    assert simple_caption_tokens("The dog’s owner cannot stop, won't stop") == "the dog 's owner can not stop wo n't stop"
+    assert simple_caption_tokens("black & white, 50% off!!") == "black & white 50 % off !!"
+
+
+# Captions on which the Java-free tokenizer must give what the PTB pipeline gives.
+TRICKY_CAPTIONS = [
+    "A man in a t-shirt.",
+    "A close-up of a black-and-white cat",
+    "A 10-year-old boy with his mother-in-law on a snow-covered hill",
+    "a café with naïve art",
+    "Crème brûlée at the ÉCOLE on Straße",
+    "a sign that says 'stop'",
+    'a sign that says "STOP" in red',
+    "“Quoted” and ‘single’ quotes",
+    "3.5 meters, 1,000 people at 10:30 pm",
+    "a 1.5-liter bottle and 1,000,000 dollars at 12:00:00",
+    "It's 5 o'clock",
+    "He cannot go and Cannot stop",
+    "don't won't can't shouldn't isn't CAN'T",
+    "A dog's bone, the dogs' bowls and the 1990's",
+    "I'm sure you're right; we've seen they'll go and she'd stay",
+    "The dog’s toy isn’t red",
+    "a black & white photo of a $5 bill at 50% off",
+    "a dog/cat hybrid!!! what?",
+    "A man -- on a horse ... riding: fast; yes!",
+    "A Dog's toy, -- isn't it?",
+]
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs java (PTB tokenizer)")
+def test_simple_tokenizer_agrees_with_the_ptb_pipeline():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(TRICKY_CAPTIONS)})
+    expected = [ptb[i][0].split() for i in range(len(TRICKY_CAPTIONS))]
+    assert [simple_caption_tokens(c).split() for c in TRICKY_CAPTIONS] == expected
 
 
 def test_scores_without_java(monkeypatch):

@@ -64,6 +64,62 @@ def test_shifted_boxes_score_lower_and_wrong_classes_zero():
     assert coco_detection_ap([], gt)["ap"] == 0.0
 
 
+def bare_ground_truth():
+    """Boxes without iscrowd or area: areas 100 and 800 (small, the second 40 px wide) and 2500 (medium)."""
+    return {
+        "images": [{"id": 1, "width": 200, "height": 200}, {"id": 2, "width": 200, "height": 200}],
+        "categories": [{"id": 5, "name": "cup"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 5, "bbox": [50, 50, 40, 20]},
+            {"id": 3, "image_id": 2, "category_id": 5, "bbox": [20, 30, 50, 50]},
+        ],
+    }
+
+
+def test_bare_ground_truth_gets_crowd_and_area_defaults(tmp_path):
+    gt = bare_ground_truth()
+    perfect = perfect_detections(gt)
+    result = coco_detection_ap(perfect, gt)
+    assert result["ap"] == pytest.approx(1.0) and result["ar100"] == pytest.approx(1.0)
+    assert result["ap_small"] == pytest.approx(1.0) and result["ap_medium"] == pytest.approx(1.0)
+    assert result["ap_large"] == -1.0 and result["ar_large"] == -1.0
+    assert all("iscrowd" not in a and "area" not in a for a in gt["annotations"])  # the caller's dict is untouched
+    # Only the 40 x 20 box found: the small class is half found, so its area was taken as w * h = 800 < 32 ** 2.
+    only_wide = coco_detection_ap([perfect[1]], gt)
+    assert only_wide["ar_small"] == pytest.approx(0.5) and only_wide["ar_medium"] == 0.0
+    path = tmp_path / "bare.json"
+    path.write_text(json.dumps(gt))
+    assert coco_detection_ap(perfect, path) == result
+    gt["annotations"][0]["bbox"] = [1, 2]
+    with pytest.raises(ValueError, match="coco_gt: annotation 1: expected a bbox"):
+        coco_detection_ap(perfect, gt)
+
+
+def test_no_predictions_give_what_cocoeval_gives():
+    gt = bare_ground_truth()
+    empty = coco_detection_ap([], gt)
+    # 0 where the ground truth has objects, COCOeval's -1 for the size class without any (large).
+    assert empty == {**{name: 0.0 for name in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ar1", "ar10", "ar100",
+                                               "ar_small", "ar_medium")},
+                     "ap_large": -1.0, "ar_large": -1.0, "num_detections": 0}
+    # A detection that matches nothing scores the same.
+    miss = coco_detection_ap([{"image_id": 2, "category_id": 5, "bbox": [150, 150, 5, 5], "score": 0.9}], gt)
+    assert {k: v for k, v in miss.items() if k != "num_detections"} == {k: v for k, v in empty.items() if k != "num_detections"}
+
+
+def test_unknown_category_ids_are_refused():
+    gt = tiny_ground_truth()
+    detections = perfect_detections(gt)
+    detections[4] = dict(detections[4], category_id=7)
+    with pytest.raises(ValueError, match=r"predictions: 1 category ids are not categories of coco_gt: 7 \(expected ids among \[3, 18\]\)"):
+        coco_detection_ap(detections, gt)
+    # Contiguous label indices instead of COCO ids
+    indices = [dict(d, category_id=[3, 18].index(d["category_id"])) for d in perfect_detections(gt)]
+    with pytest.raises(ValueError, match="predictions: 2 category ids are not categories of coco_gt: 0, 1 "):
+        coco_detection_ap(indices, gt)
+
+
 def test_detection_records_from_normalised_boxes():
     gt = tiny_ground_truth()
     height, width = 480, 640

@@ -1,5 +1,7 @@
 """Official result-file formats and classification accuracy."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -74,6 +76,30 @@ def test_write_json_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
     write_json(path, [{"question_id": 1, "answer": "red"}])
     assert json.loads(path.read_text()) == [{"question_id": 1, "answer": "red"}]
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_write_json_gives_the_mode_of_a_plainly_opened_file(tmp_path, monkeypatch, umask, mode):
+    from fastvlp.eval import result_files
+    from fastvlp.eval.result_files import _umask, write_json
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc")
+
+    previous = os.umask(umask)
+    try:
+        assert _umask() == umask
+        with monkeypatch.context() as patch:
+            patch.setattr(result_files, "open", no_proc, raising=False)  # where /proc/self/status is missing
+            assert _umask() == umask
+        assert os.umask(umask) == umask  # the fallback put it back
+        write_json(tmp_path / "res.json", [])
+        with open(tmp_path / "plain.json", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "res.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "plain.json").stat().st_mode) == mode
 
 
 def test_the_metrics_table_says_undefined_for_a_metric_without_a_value():

@@ -1,10 +1,10 @@
 """COCO caption metrics through pycocoevalcap: BLEU-4, METEOR, ROUGE-L and CIDEr (CIDEr-D).
 
 The standard pipeline tokenises with the Stanford PTB tokenizer and scores METEOR with its jar, both in
-Java. Without ``java`` the captions are tokenised by :func:`simple_caption_tokens` instead (lower case,
-words split from punctuation, punctuation dropped as the PTB pipeline drops it) and METEOR is skipped;
-the result's ``notes`` and ``skipped`` say so. Such scores are close to, not equal to, the official
-ones. SPICE needs the Stanford CoreNLP models downloaded and is always reported as skipped.
+Java. Without ``java`` the captions are tokenised by :func:`simple_caption_tokens` instead, which follows
+the PTB pipeline on ordinary captions, and METEOR is skipped; the result's ``notes`` and ``skipped`` say so.
+The scores can still differ from the official ones where the captions hold brackets, abbreviations or rare
+contractions. SPICE needs the Stanford CoreNLP models downloaded and is always reported as skipped.
 """
 from __future__ import annotations
 
@@ -12,7 +12,26 @@ import re
 import shutil
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-_WORD_OR_CLITIC = re.compile(r"n't|'[a-z]+|[a-z0-9]+(?=n't)|[a-z0-9]+")
+# Words the PTB tokenizer splits in two.
+_SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "wanna": "wan na", "gotta": "got ta", "gimme": "gim me",
+                "lemme": "lem me"}
+_SPLIT_WORD = re.compile(r"\b(?:" + "|".join(_SPLIT_WORDS) + r")\b")
+# Single characters that come out of the PTB pipeline as nothing: the tokens pycocoevalcap drops (its
+# PUNCTUATIONS) and the quotes, dashes and ellipsis that the PTB tokenizer turns into them. Brackets differ:
+# the PTB pipeline keeps them as "-lrb-" and the like, since it lower-cases before it compares.
+_DROPPED = "'\"`.,:;-!?()[]{}\u2013\u2014\u2026\u00ab\u00bb\u201c\u201d"
+# Runs of \w, joined by a hyphen or a slash, by . , : between digits ("3.5", "1,000", "10:30"), or by an
+# apostrophe after a lone d, l, n or o ("o'clock"). A word stops before a final "n't".
+_WORD_PART = r"(?:(?!n't(?!\w))\w)+"
+_JOINER = r"(?:[-/]|(?<=\d)[.,:](?=\d)|(?<=\b[dlno])'(?=[^\W\d_]{2}))"
+_TOKEN = re.compile(
+    rf"""(?:'(?:s|re|ve|ll|d|m)|n't)(?!\w)   # clitic: "dog's" -> dog 's, "don't" -> do n't
+    | {_WORD_PART}(?:{_JOINER}{_WORD_PART})*
+    | [!?]{{2,}} | [*#@<>]+                  # runs the PTB tokenizer keeps as one token
+    | [^\w\s{re.escape(_DROPPED)}]           # any other symbol ("&", "%", "$") on its own
+    """,
+    re.VERBOSE,
+)
 
 
 def java_available() -> bool:
@@ -21,11 +40,16 @@ def java_available() -> bool:
 
 
 def simple_caption_tokens(caption: str) -> str:
-    """Lower-cased words separated by single spaces, punctuation dropped, clitics split off as the PTB
-    tokenizer splits them ("dog's" -> "dog 's", "don't" -> "do n't")."""
+    """``caption`` tokenised as the PTB pipeline of pycocoevalcap tokenises it, without Java: lower-cased
+    tokens separated by single spaces, with punctuation and quotes dropped; hyphenated words ("t-shirt"),
+    numbers ("3.5", "1,000", "10:30") and non-ASCII letters kept whole; clitics split off ("dog's" ->
+    "dog 's", "don't" -> "do n't", "cannot" -> "can not"); other symbols ("&", "%") kept as tokens.
+    Brackets are dropped, where the PTB pipeline keeps "-lrb-" and the like."""
     if not isinstance(caption, str):
         raise TypeError(f"caption: expected str, got {type(caption).__name__}")
-    return " ".join(_WORD_OR_CLITIC.findall(caption.lower()))
+    text = caption.lower().replace("\u2018", "'").replace("\u2019", "'")  # typographic apostrophes
+    text = _SPLIT_WORD.sub(lambda match: _SPLIT_WORDS[match.group()], text)
+    return " ".join(_TOKEN.findall(text))
 
 
 def _check_inputs(predictions, references):

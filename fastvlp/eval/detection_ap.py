@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 from typing import Dict, List, Mapping, Sequence, Union
 
 # COCOeval.stats order for the "bbox" type.
@@ -15,15 +16,40 @@ def _load_ground_truth(coco_gt):
 
     if isinstance(coco_gt, COCO):
         return coco_gt
+    if isinstance(coco_gt, (str, bytes)) or hasattr(coco_gt, "__fspath__"):
+        with open(coco_gt, encoding="utf-8") as file:
+            dataset = json.load(file)
+    elif isinstance(coco_gt, Mapping):
+        dataset = copy.deepcopy(dict(coco_gt))
+    else:
+        raise TypeError(
+            f"coco_gt: expected a COCO object, a path to a COCO instances JSON or its dict, got {type(coco_gt).__name__}"
+        )
+    # COCOeval reads both keys of every annotation; a hand-made ground truth often leaves them out.
+    for annotation in dataset.get("annotations", []):
+        annotation.setdefault("iscrowd", 0)
+        if "area" not in annotation:
+            bbox = annotation.get("bbox")
+            if isinstance(bbox, (str, bytes)) or not isinstance(bbox, Sequence) or len(bbox) != 4:
+                raise ValueError(f"coco_gt: annotation {annotation.get('id')!r}: expected a bbox [x, y, w, h], got {bbox!r}")
+            annotation["area"] = bbox[2] * bbox[3]
+    coco = COCO()
+    coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        if isinstance(coco_gt, (str, bytes)) or hasattr(coco_gt, "__fspath__"):
-            return COCO(str(coco_gt))
-        if isinstance(coco_gt, Mapping):
-            coco = COCO()
-            coco.dataset = copy.deepcopy(dict(coco_gt))
-            coco.createIndex()
-            return coco
-    raise TypeError(f"coco_gt: expected a COCO object, a path to a COCO instances JSON or its dict, got {type(coco_gt).__name__}")
+        coco.createIndex()
+    return coco
+
+
+def _empty_result(gt):
+    """A result set without detections, which ``loadRes`` cannot build (it reads the first detection)."""
+    from pycocotools.coco import COCO
+
+    result = COCO()
+    images, categories = gt.dataset.get("images", []), gt.dataset.get("categories", [])
+    result.dataset = {"images": list(images), "categories": list(categories), "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        result.createIndex()
+    return result
 
 
 def _check_detections(predictions) -> None:
@@ -43,7 +69,9 @@ def coco_detection_ap(predictions: List[Mapping], coco_gt) -> Dict[str, Union[fl
     Evaluates the images that have ground truth. Returns ``ap`` (IoU 0.50:0.95), ``ap50``, ``ap75``,
     ``ap_small``, ``ap_medium``, ``ap_large`` and the recalls ``ar1``, ``ar10``, ``ar100``, ``ar_small``,
     ``ar_medium``, ``ar_large``, as fractions (COCOeval's -1 where a size class is empty), and
-    ``num_detections``. No detections give 0 AP.
+    ``num_detections``. No detections give 0, or -1 where the ground truth has no objects of the class.
+    Annotations of a path or dict without ``iscrowd`` or ``area`` get ``iscrowd`` 0 and the box's area.
+    Raises ValueError for predictions with an image id or a category id that ``coco_gt`` lacks.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -52,10 +80,15 @@ def coco_detection_ap(predictions: List[Mapping], coco_gt) -> Dict[str, Union[fl
     unknown = {d["image_id"] for d in predictions} - set(gt.getImgIds())
     if unknown:
         raise ValueError(f"predictions: {len(unknown)} image ids are not in coco_gt, e.g. {next(iter(unknown))!r}")
-    if not predictions:
-        return {**{name: 0.0 for name in _STAT_NAMES}, "num_detections": 0}
+    # COCOeval would score these as misses without a word; contiguous label indices written without
+    # detection_results' category_ids= are the usual cause.
+    unknown = sorted({d["category_id"] for d in predictions} - set(gt.getCatIds()), key=lambda c: (type(c).__name__, c))
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise ValueError(f"predictions: {len(unknown)} category ids are not categories of coco_gt: {shown} "
+                         f"(expected ids among {sorted(gt.getCatIds())})")
     with contextlib.redirect_stdout(io.StringIO()):
-        detections = gt.loadRes([dict(d) for d in predictions])
+        detections = gt.loadRes([dict(d) for d in predictions]) if predictions else _empty_result(gt)
         evaluator = COCOeval(gt, detections, "bbox")
         evaluator.evaluate()
         evaluator.accumulate()

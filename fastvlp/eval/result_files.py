@@ -4,7 +4,8 @@
 * COCO captions: ``[{"image_id": int, "caption": str}]``
 * COCO detections: ``[{"image_id", "category_id", "bbox": [x, y, w, h] in pixels, "score"}]``
 
-Files are written atomically (a temporary file in the same folder, then renamed).
+Files are written atomically (a temporary file in the same folder, then renamed), with the mode a plain
+``open(path, "w")`` would give a new file.
 """
 from __future__ import annotations
 
@@ -19,9 +20,23 @@ from torch import Tensor
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it, which briefly changes it for every thread; Linux shows it here.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: PathLike, records, indent: Optional[int] = None) -> None:
     """``records`` as JSON at ``path``, written to a temporary file in the same folder and then renamed, so
-    that a stopped run never leaves half a file."""
+    that a stopped run never leaves half a file. The file gets mode ``0o666 & ~umask``, as with ``open``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -29,6 +44,8 @@ def write_json(path: PathLike, records, indent: Optional[int] = None) -> None:
     try:
         with os.fdopen(handle, "w") as file:
             json.dump(records, file, indent=indent)
+        # mkstemp creates the file readable by its owner only, and the rename keeps that.
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
