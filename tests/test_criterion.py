@@ -220,3 +220,134 @@ def test_invalid_arguments():
     bad = dict(outputs, pred_logits=outputs["pred_logits"][..., :-1])
     with pytest.raises(ValueError, match="pred_logits"):
         criterion(bad, random_targets([1, 1], generator))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_integer_labels_of_any_width_give_the_int64_losses(dtype):
+    generator = torch.Generator().manual_seed(17)
+    targets = random_targets([3, 0, 5], generator)
+    outputs, _ = make_outputs(2, 3, 6, generator)
+    expected = make_criterion(num_aux=1)(outputs, targets)
+    narrow = [dict(target, labels=target["labels"].to(dtype)) for target in targets]
+    losses = make_criterion(num_aux=1)(outputs, narrow)
+    assert losses.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(losses[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_bad_labels_are_named():
+    generator = torch.Generator().manual_seed(19)
+    targets = random_targets([2, 3], generator)
+    outputs, _ = make_outputs(1, 2, 4, generator)
+    criterion = make_criterion(num_aux=0)
+    for bad_dtype in (torch.float32, torch.float64, torch.bool):
+        bad = [dict(target) for target in targets]
+        bad[1]["labels"] = bad[1]["labels"].to(bad_dtype)
+        with pytest.raises(TypeError, match=r"targets\[1\]\['labels'\]: expected an integer tensor"):
+            criterion(outputs, bad)
+    # The no-object index is not a target class either.
+    for label in (NUM_CLASSES, NUM_CLASSES + 3, -1):
+        bad = [dict(target) for target in targets]
+        bad[1]["labels"] = bad[1]["labels"].clone()
+        bad[1]["labels"][2] = label
+        expected = rf"targets\[1\]\['labels'\]: expected class indices in \[0, {NUM_CLASSES}\).*got {label}"
+        with pytest.raises(ValueError, match=expected):
+            criterion(outputs, bad)
+
+
+@pytest.mark.parametrize("backend", ["fastvlp", "scipy"])
+def test_empty_batch_gives_zero_losses_that_backpropagate(backend):
+    generator = torch.Generator().manual_seed(23)
+    outputs, layers = make_outputs(3, 0, 6, generator)
+    reference_outputs, _ = make_outputs(3, 2, 6, generator)
+    criterion = make_criterion(backend, num_aux=2)
+    losses = criterion(outputs, [])
+    assert losses.keys() == criterion(reference_outputs, random_targets([1, 2], generator)).keys()
+    for name, value in losses.items():
+        assert value.shape == () and value.device == outputs["pred_logits"].device, name
+        assert value.item() == (100.0 if name == "class_error" else 0.0), name
+    criterion.weighted_total(losses).backward()
+    for layer in layers:
+        for tensor in layer.values():
+            assert tensor.grad is None or tensor.grad.numel() == 0
+
+
+def test_changing_eos_coef_takes_effect():
+    generator = torch.Generator().manual_seed(29)
+    targets = random_targets([2, 4], generator)
+    outputs, layers = make_outputs(1, 2, 5, generator)
+    criterion = make_criterion(num_aux=0)
+    first = criterion(outputs, targets)["loss_ce"]
+    torch.testing.assert_close(first, torch.as_tensor(reference_losses(layers, targets, "softmax")["loss_ce"]))
+    for eos in (1.0, 0.37, 0.0):
+        criterion.eos_coef = eos
+        fresh = make_criterion(num_aux=0)
+        fresh.eos_coef = eos
+        assert criterion.empty_weight[-1].item() == pytest.approx(eos) and criterion.empty_weight[:-1].eq(1).all()
+        changed = criterion(outputs, targets)["loss_ce"]
+        torch.testing.assert_close(changed, fresh(outputs, targets)["loss_ce"], rtol=0, atol=0)
+        # The same loss written out: cross-entropy weighted by class, with no-object weighted eos.
+        logits = outputs["pred_logits"].detach()
+        classes = torch.full(logits.shape[:2], NUM_CLASSES)
+        for image, (rows, cols) in enumerate(criterion.matcher(outputs, targets)):
+            classes[image, rows] = targets[image]["labels"][cols]
+        weight = torch.ones(NUM_CLASSES + 1, dtype=torch.float64)
+        weight[-1] = eos
+        torch.testing.assert_close(changed.detach(), F.cross_entropy(logits.transpose(1, 2), classes, weight))
+    assert changed.item() != pytest.approx(first.item())
+    with pytest.raises(ValueError, match="eos_coef: expected a non-negative finite weight"):
+        criterion.eos_coef = -0.1
+
+
+def test_empty_weight_is_a_buffer_outside_the_state_dict():
+    criterion = make_criterion(num_aux=0)
+    assert dict(criterion.named_buffers())["empty_weight"].shape == (NUM_CLASSES + 1,)
+    assert criterion.empty_weight[-1].item() == pytest.approx(EOS)
+    # Model checkpoints saved before the buffer existed keep loading strictly.
+    assert "empty_weight" not in criterion.state_dict()
+    criterion.load_state_dict({}, strict=True)
+
+
+def test_targets_are_moved_to_the_predictions_device_once():
+    """Matches come back on the predictions' device; every target tensor the losses index is moved
+    there first (checked here with the meta device, which needs no GPU)."""
+    generator = torch.Generator().manual_seed(37)
+    targets = random_targets([2, 0, 3], generator)
+    targets[0]["labels"] = targets[0]["labels"].to(torch.int32)
+    moved = SetCriterion._targets_on(targets, torch.device("meta"))
+    for original, target in zip(targets, moved):
+        assert target["labels"].device.type == "meta" and target["labels"].dtype == torch.int64
+        assert target["boxes"].device.type == "meta"
+        assert ("attributes" in target) == ("attributes" in original)
+        if "attributes" in target:
+            assert target["attributes"].device.type == "meta"
+    assert targets[0]["labels"].device.type == "cpu"  # the caller's dicts are left alone
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["fastvlp", "scipy"])
+def test_cpu_targets_with_cuda_predictions(backend):
+    generator = torch.Generator().manual_seed(41)
+    targets = random_targets([3, 0, 5], generator)
+    outputs, _ = make_outputs(2, 3, 6, generator)
+    expected = make_criterion(backend, num_aux=1)(outputs, targets)
+    on_cuda = {key: value.detach().cuda() for key, value in outputs.items() if key != "aux_outputs"}
+    on_cuda["aux_outputs"] = [{key: value.detach().cuda() for key, value in layer.items()}
+                              for layer in outputs["aux_outputs"]]
+    losses = make_criterion(backend, num_aux=1)(on_cuda, targets)
+    for name in expected:
+        assert losses[name].device.type == "cuda"
+        torch.testing.assert_close(losses[name].cpu(), expected[name].detach(), rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_non_finite_predicted_boxes_give_non_finite_box_losses_not_errors():
+    generator = torch.Generator().manual_seed(43)
+    targets = random_targets([3, 4], generator)
+    outputs, _ = make_outputs(1, 2, 6, generator)
+    with torch.no_grad():
+        outputs["pred_boxes"][1, 2, 0] = float("nan")
+    matcher = HungarianMatcher(*COSTS, check_finite=False)
+    criterion = SetCriterion(NUM_CLASSES, matcher, build_weight_dict(), EOS, ("labels", "boxes"))
+    losses = criterion(outputs, targets)
+    assert torch.isnan(losses["loss_bbox"]) and torch.isnan(losses["loss_giou"])
+    assert torch.isfinite(losses["loss_ce"])

@@ -215,6 +215,48 @@ def test_drop_in_errors():
     assert np.isclose(negative_strides[rows, cols].sum(), negative_strides[expected].sum())
 
 
+def outcome(function, cost_matrix):
+    """Result or (error type, message) of a drop-in call, for comparing with scipy."""
+    try:
+        rows, cols = function(cost_matrix)
+    except (ValueError, TypeError, OverflowError) as error:
+        return type(error), str(error)
+    return "ok", np.asarray(rows).tolist(), np.asarray(cols).tolist(), np.asarray(rows).dtype, np.asarray(cols).dtype
+
+
+def test_drop_in_converts_other_input_to_float64_as_scipy_does():
+    rng = np.random.default_rng(7)
+    with_none = rng.random((4, 5)).tolist()
+    with_none[int(rng.integers(4))][int(rng.integers(5))] = None
+    numeric_strings = [[str(value) for value in row] for row in rng.integers(0, 9, (3, 3)).tolist()]
+    cases = [
+        [[1.0, None], [1, 2]],  # an object array to numpy: scipy reads None as NaN
+        with_none,
+        [[None, None]],
+        numeric_strings,
+        [[1, "x"], [3, 4]],
+        [[1 + 0j, 2], [3, 4]],
+        [[1, 2**70], [3, 4]],
+        [[1, 2**2000], [3, 4]],
+        [[1, 2], [3]],
+        [[np.longdouble(1), 2], [3, 4]],
+        ((1, 2), (3, 4)),
+        (rng.random((3, 6)) * 10 - 5).tolist(),
+        # Arrays and buffers keep their dtype and are cast by the safe rule.
+        np.array([[1, None], [1, 2]], dtype=object),
+        memoryview(np.array([[1, 2], [3, 4]], dtype=np.longdouble)),
+        memoryview(rng.random((3, 2))),
+        # Not matrices: scipy names the number of dimensions.
+        [], 1.0, [1, 2], [[[1.0]]], "ab", b"ab",
+    ]
+    for case in cases:
+        assert outcome(linear_sum_assignment, case) == outcome(scipy_lsap, case), repr(case)
+    with pytest.raises(ValueError, match="^matrix contains invalid numeric entries$"):
+        linear_sum_assignment([[1.0, None], [1, 2]])
+    with pytest.raises(ValueError, match=r"expected a matrix \(2-D array\), got a 3 array"):
+        linear_sum_assignment(torch.rand(1, 2, 2))
+
+
 # --- torch.library registration ----------------------------------------------------------------
 
 

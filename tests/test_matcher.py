@@ -8,14 +8,13 @@ from fastvlp.ops import box_cxcywh_to_xyxy, generalized_box_iou
 from fastvlp.ops.matching_cost import matching_cost, pad_targets
 
 
-def plain_detr_cost(logits, boxes, labels, target_boxes, cost_class, cost_bbox, cost_giou):
+def plain_detr_cost(logits, boxes, labels, target_boxes, cost_class, cost_bbox, cost_giou, check_boxes=True):
     """DETR's cost for one image, written out in float64."""
     probabilities = logits.double().softmax(-1)
-    return (
-        cost_bbox * torch.cdist(boxes.double(), target_boxes.double(), p=1)
-        - cost_class * probabilities[:, labels]
-        - cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes.double()), box_cxcywh_to_xyxy(target_boxes.double()))
-    )
+    giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes.double()), box_cxcywh_to_xyxy(target_boxes.double()),
+                               check_degenerate=check_boxes)
+    return cost_bbox * torch.cdist(boxes.double(), target_boxes.double(), p=1) - cost_class * probabilities[:, labels] \
+        - cost_giou * giou
 
 
 def random_problem(batch, queries, classes, counts, generator):
@@ -177,3 +176,75 @@ def test_matching_cost_and_pad_targets_name_bad_arguments():
         pad_targets([[1, 2]], [torch.rand(2, 4)], torch.device("cpu"))
     with pytest.raises(TypeError, match="boxes: expected a sequence of tensors"):
         pad_targets([torch.tensor([1])], torch.rand(1, 1, 4), torch.device("cpu"))
+
+
+def scipy_rejects(cost):
+    try:
+        scipy_lsap(cost.numpy())
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_predicted_boxes_follow_check_finite(value, device):
+    """A NaN or infinite predicted box is judged by the solver on every device: with check_finite it
+    raises scipy's error for the first image scipy rejects, without it that image gets placeholders."""
+    generator = torch.Generator().manual_seed(31)
+    counts = [4, 6, 0, 3, 9]
+    outputs, targets = random_problem(len(counts), 8, 5, counts, generator)
+    outputs["pred_boxes"][1, 3, 0] = value  # a centre
+    outputs["pred_boxes"][3, 5, 2] = value  # a width
+    outputs["pred_boxes"][4, 0, 1] = value
+    costs = [plain_detr_cost(outputs["pred_logits"][i], outputs["pred_boxes"][i], targets[i]["labels"],
+                             targets[i]["boxes"], 1, 5, 2, check_boxes=False) for i in range(len(counts))]
+    rejected = [i for i, count in enumerate(counts) if count and scipy_rejects(costs[i])]
+    assert 1 in rejected  # a non-finite centre always makes a NaN cost row
+    on_device = {key: value.to(device) for key, value in outputs.items()}
+    with pytest.raises(ValueError, match=rf"invalid numeric entries \(problem {rejected[0]}\)"):
+        HungarianMatcher(1, 5, 2)(on_device, targets)
+    matches = HungarianMatcher(1, 5, 2, check_finite=False)(on_device, targets)
+    for index, (rows, cols) in enumerate(matches):
+        assert rows.device.type == device and len(rows) == len(cols) == min(8, counts[index])
+        rows, cols = rows.cpu(), cols.cpu()
+        if index in rejected:
+            expected = torch.arange(min(8, counts[index]))
+            assert torch.equal(rows, expected) and torch.equal(cols, expected)
+        elif counts[index]:
+            expected_rows, expected_cols = scipy_lsap(costs[index].numpy())
+            total = costs[index][expected_rows, expected_cols].sum().item()
+            assert costs[index][rows, cols].sum().item() == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_width_match_like_int64(dtype):
+    generator = torch.Generator().manual_seed(41)
+    outputs, targets = random_problem(3, 10, 6, [5, 0, 12], generator)
+    narrow = [dict(target, labels=target["labels"].to(dtype)) for target in targets]
+    expected = HungarianMatcher(1, 5, 2)(outputs, targets)
+    for (rows, cols), (expected_rows, expected_cols) in zip(HungarianMatcher(1, 5, 2)(outputs, narrow), expected):
+        assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)
+
+
+def test_bad_labels_and_boxes_are_named():
+    generator = torch.Generator().manual_seed(43)
+    outputs, targets = random_problem(3, 6, 4, [2, 3, 1], generator)  # 5 logits per query
+    for bad_dtype in (torch.float32, torch.bool):
+        bad = [dict(target) for target in targets]
+        bad[1]["labels"] = bad[1]["labels"].to(bad_dtype)
+        with pytest.raises(TypeError, match=r"targets\[1\]\['labels'\]: expected an integer tensor"):
+            HungarianMatcher()(outputs, bad)
+        with pytest.raises(TypeError, match=r"labels\[1\]: expected an integer tensor"):
+            pad_targets([t["labels"] for t in bad], [t["boxes"] for t in bad], torch.device("cpu"))
+    for label in (5, -1):
+        bad = [dict(target) for target in targets]
+        bad[2]["labels"] = torch.tensor([label])
+        expected = rf"targets\[2\]\['labels'\]: expected class indices in \[0, 5\).*got {label}"
+        with pytest.raises(ValueError, match=expected):
+            HungarianMatcher()(outputs, bad)
+    bad = [dict(target) for target in targets]
+    bad[0]["boxes"] = bad[0]["boxes"].clone()
+    bad[0]["boxes"][1, 3] = -0.1  # a negative height
+    with pytest.raises(ValueError, match="target_boxes has degenerate boxes"):
+        HungarianMatcher()(outputs, bad)

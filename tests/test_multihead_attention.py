@@ -481,3 +481,63 @@ def test_triton_path_matches_torch_on_gpu(dtype, batch_first):
     (out.double() * grad).sum().backward()
     (expected * grad).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, **{k: v * 5 for k, v in tol.items()})
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torch_func_grad_and_per_sample_grads_match_torch(backend, batch_first):
+    """torch.func transforms run the module's torch path (the fused op has no functorch rules), so
+    grad and vmap(grad) give torch's values; outside them the same call takes the fast path."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(53)
+    ours, theirs = make_pair(torch.float64, backend=backend, batch_first=batch_first)
+    query, key, value = inputs(3, 5, 7, torch.float64, batch_first)
+    padding = random_padding(3, 7)
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+    reasons = []
+
+    def loss(module):
+        def f(params, query, key, value, padding):
+            if module is ours:
+                reasons.append(ours.why_not_fast_path(query, key, value, padding, need_weights=False))
+            out, _ = functional_call(module, params, (query, key, value),
+                                     {"key_padding_mask": padding, "need_weights": False})
+            return (out.sin() * out).sum()
+        return f
+
+    assert ours.why_not_fast_path(query, key, value, padding, need_weights=False) is None
+    for argnums in (0, (0, 1, 2)):
+        mine = grad(loss(ours), argnums=argnums)(params, query, key, value, padding)
+        expected = grad(loss(theirs), argnums=argnums)(params, query, key, value, padding)
+        torch.testing.assert_close(mine, expected, **TOL[torch.float64])
+    assert reasons and all("torch.func transform" in reason for reason in reasons)
+
+    # Per-sample gradients: vmap over the batch of a per-sample (unbatched) loss.
+    batch_dim = 0 if batch_first else 1
+    per_sample = dict(in_dims=(None, batch_dim, batch_dim, batch_dim, 0))
+    mine = vmap(grad(loss(ours)), **per_sample)(params, query, key, value, padding)
+    expected = vmap(grad(loss(theirs)), **per_sample)(params, query, key, value, padding)
+    torch.testing.assert_close(mine, expected, **TOL[torch.float64])
+    # ... and they add up to the gradient of the batch loss.
+    total = grad(loss(theirs))(params, query, key, value, padding)
+    for name in params:
+        torch.testing.assert_close(mine[name].sum(0), total[name], **TOL[torch.float64])
+
+
+def test_torchscript_is_not_supported_but_export_is():
+    """Documented limits: torch.jit.script fails (torch's module scripts); torch.export traces it,
+    keeping the fused op with strict=True."""
+    torch.manual_seed(59)
+    ours, theirs = make_pair(torch.float32, backend="auto", batch_first=True)
+    torch.jit.script(theirs)
+    with pytest.raises((ValueError, RuntimeError)):  # TorchScript's frontend errors
+        torch.jit.script(ours)
+    assert "torch.jit.script" in mha_module.__doc__
+    query, key, value = inputs(2, 5, 6, torch.float32, True)
+    padding = random_padding(2, 6)
+    kwargs = {"key_padding_mask": padding, "need_weights": False}
+    exported = torch.export.export(ours, (query, key, value), kwargs, strict=True)
+    assert any("fastvlp.attention_forward" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(query, key, value, **kwargs)[0],
+                               theirs(query, key, value, **kwargs)[0], **TOL[torch.float32])

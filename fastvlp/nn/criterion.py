@@ -8,19 +8,23 @@ Interface as DETR's ``SetCriterion``: ``forward(outputs, targets)`` returns the 
 * ``outputs``: ``pred_logits`` ``[B, Q, num_classes + 1]`` (the last class is "no object"),
   ``pred_boxes`` ``[B, Q, 4]`` normalised cxcywh, optionally ``pred_attributes`` ``[B, Q, A]`` and
   ``aux_outputs`` (a list of dicts with the same keys, one per earlier decoder layer).
-* ``targets``: one dict per image with ``labels`` ``[N]`` int64, ``boxes`` ``[N, 4]`` normalised cxcywh
-  and optionally ``attributes`` ``[N, A]`` (multi-hot, bool or float).
+* ``targets``: one dict per image with ``labels`` ``[N]`` (any integer dtype, classes in
+  ``[0, num_classes)``), ``boxes`` ``[N, 4]`` normalised cxcywh and optionally ``attributes`` ``[N, A]``
+  (multi-hot, bool or float), on any device: they are moved to the predictions' device once.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+import math
+import numbers
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastvlp.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from fastvlp.ops.boxes import box_cxcywh_to_xyxy, check_box_order, generalized_box_iou
+from fastvlp.ops.matching_cost import check_target_labels
 
 LOSSES = ("labels", "boxes", "cardinality", "attributes")
 ATTRIBUTE_LOSSES = ("softmax", "bce")
@@ -75,7 +79,9 @@ class SetCriterion(nn.Module):
         num_classes: object classes, without the no-object class (index ``num_classes``).
         matcher: a module with DETR's matcher interface, e.g. :class:`fastvlp.nn.matcher.HungarianMatcher`.
         weight_dict: loss name -> weight, read by :meth:`weighted_total` (see :func:`build_weight_dict`).
-        eos_coef: the weight of the no-object class in the classification cross-entropy (0.1).
+        eos_coef: the weight of the no-object class in the classification cross-entropy (0.1). It may be
+            changed between calls; ``empty_weight`` (DETR's buffer of all class weights, not saved in the
+            ``state_dict``) follows it. Change the weight through ``eos_coef``, not by writing the buffer.
         losses: which of ``"labels"`` (``loss_ce``, and ``class_error`` for logging), ``"boxes"``
             (``loss_bbox``: L1; ``loss_giou``: 1 - GIoU; both summed over matched boxes and divided by the
             number of target boxes), ``"cardinality"`` (``cardinality_error``, logging only) and
@@ -90,6 +96,10 @@ class SetCriterion(nn.Module):
 
     Box and attribute normalisers are averaged over the distributed group when one is initialised, as in
     DETR, so every process must call the criterion.
+
+    Labels are validated (integer dtype; on the CPU also the class range, naming the image: on CUDA that
+    would be a host sync). An empty batch gives zero losses that still backpropagate. Predicted boxes with
+    NaN or infinite coordinates give non-finite box losses on every device, not an error.
     """
 
     def __init__(
@@ -110,8 +120,6 @@ class SetCriterion(nn.Module):
             raise TypeError(f"matcher: expected a callable matcher module, got {type(matcher).__name__}")
         if not isinstance(weight_dict, Mapping):
             raise TypeError(f"weight_dict: expected a mapping, got {type(weight_dict).__name__}")
-        if not 0.0 <= eos_coef:
-            raise ValueError(f"eos_coef: expected a non-negative weight, got {eos_coef!r}")
         unknown = [loss for loss in losses if loss not in LOSSES]
         if unknown or isinstance(losses, str):
             raise ValueError(f"losses: expected a sequence drawn from {LOSSES}, got {losses!r}")
@@ -120,22 +128,38 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
-        self.eos_coef = float(eos_coef)
+        # Not persistent: model checkpoints saved without it must keep loading strictly.
+        self.register_buffer("empty_weight", torch.ones(num_classes + 1), persistent=False)
+        self.eos_coef = eos_coef
         self.losses = tuple(losses)
         self.attribute_loss = attribute_loss
         self.match_layers_together = bool(match_layers_together)
-        self._class_weights: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+        self._class_weights: Dict[Tuple[torch.dtype, torch.device], Tuple[float, Tensor]] = {}
         self.last_match_device: Optional[torch.device] = None
+
+    @property
+    def eos_coef(self) -> float:
+        return self._eos_coef
+
+    @eos_coef.setter
+    def eos_coef(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < math.inf:
+            raise ValueError(f"eos_coef: expected a non-negative finite weight, got {value!r}")
+        self._eos_coef = float(value)
+        with torch.no_grad():
+            self.empty_weight[-1] = self._eos_coef  # a fill on the buffer's device, no host sync
 
     def class_weights(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``[num_classes + 1]`` cross-entropy weights, 1 except ``eos_coef`` for no-object, built in
-        ``dtype`` (a float32 0.1 cast to float64 would not be 0.1) and cached per dtype and device."""
+        ``dtype`` from the Python value (a float32 0.1 cast to float64 would not be 0.1), cached per dtype
+        and device and rebuilt when ``eos_coef`` changes."""
         key = (dtype, device)
-        if key not in self._class_weights:
+        cached = self._class_weights.get(key)
+        if cached is None or cached[0] != self._eos_coef:
             weights = torch.ones(self.num_classes + 1, dtype=dtype)
-            weights[-1] = self.eos_coef
-            self._class_weights[key] = weights.to(device)
-        return self._class_weights[key]
+            weights[-1] = self._eos_coef
+            cached = self._class_weights[key] = (self._eos_coef, weights.to(device))
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, attribute_loss={self.attribute_loss!r}"
@@ -156,28 +180,46 @@ class SetCriterion(nn.Module):
     # ------------------------------------------------------------------ losses
 
     @staticmethod
-    def _prediction_index(matches: Sequence[Match]) -> Tuple[Tensor, Tensor]:
+    def _prediction_index(matches: Sequence[Match], device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
+        """``(image, query)`` indices of the matched predictions; ``device`` is used for an empty batch."""
+        if not matches:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return empty, empty.clone()
         batch_index = torch.cat([torch.full_like(source, image) for image, (source, _) in enumerate(matches)])
         query_index = torch.cat([source for source, _ in matches])
         return batch_index, query_index
+
+    @staticmethod
+    def _matched(targets, matches, key: str, empty: Callable[[], Tensor]) -> Tensor:
+        """``targets[i][key]`` at each image's matched target indices, concatenated (``empty()`` if no image).
+        The indices are moved to the targets' device: a no-op in ``forward``, which moved the targets."""
+        values = [target[key][index.to(target[key].device)] for target, (_, index) in zip(targets, matches)]
+        return torch.cat(values) if values else empty()
 
     def loss_labels(self, outputs, targets, matches, counts, log: bool = True) -> Dict[str, Tensor]:
         logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"pred_logits: expected {self.num_classes + 1} classes (with no-object), got {logits.shape[-1]}")
-        index = self._prediction_index(matches)
-        matched_labels = torch.cat([target["labels"][target_index] for target, (_, target_index) in zip(targets, matches)])
+        index = self._prediction_index(matches, logits.device)
+        empty = lambda: torch.zeros(0, dtype=torch.int64, device=logits.device)  # noqa: E731
+        # Labels of any integer dtype: index_put needs int64 like target_classes.
+        matched_labels = self._matched(targets, matches, "labels", empty).to(logits.device, torch.int64)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[index] = matched_labels.to(logits.device)
+        target_classes[index] = matched_labels
         # cross_entropy computes half-precision logits in float32 (also under autocast).
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        loss = F.cross_entropy(logits.transpose(1, 2).to(compute_dtype), target_classes, self.class_weights(compute_dtype, logits.device))
+        if target_classes.numel():
+            loss = F.cross_entropy(
+                logits.transpose(1, 2).to(compute_dtype), target_classes, self.class_weights(compute_dtype, logits.device)
+            )
+        else:  # no prediction at all: the weighted mean would be 0 / 0
+            loss = logits.sum().to(compute_dtype) * 0
         losses = {"loss_ce": loss}
         if log:
             with torch.no_grad():
                 matched_logits = logits[index]
                 if matched_logits.shape[0]:
-                    accuracy = (matched_logits.argmax(-1) == matched_labels.to(logits.device)).float().mean() * 100
+                    accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
                 else:
                     accuracy = logits.new_zeros(())
                 losses["class_error"] = 100 - accuracy
@@ -187,23 +229,25 @@ class SetCriterion(nn.Module):
     def loss_cardinality(self, outputs, targets, matches, counts, log: bool = True) -> Dict[str, Tensor]:
         """The L1 error of the number of predicted (not no-object) boxes: logging only, no gradient."""
         logits = outputs["pred_logits"]
+        if logits.shape[0] == 0:  # an empty batch: l1_loss would average nothing to NaN
+            return {"cardinality_error": logits.new_zeros((), dtype=torch.float32)}
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
         expected = torch.as_tensor([len(target["labels"]) for target in targets], dtype=torch.float32, device=logits.device)
         return {"cardinality_error": F.l1_loss(predicted, expected)}
 
     def loss_boxes(self, outputs, targets, matches, counts, log: bool = True) -> Dict[str, Tensor]:
-        index = self._prediction_index(matches)
+        index = self._prediction_index(matches, outputs["pred_boxes"].device)
         predicted = outputs["pred_boxes"][index]
-        target_boxes = torch.cat([target["boxes"][target_index] for target, (_, target_index) in zip(targets, matches)])
-        target_boxes = target_boxes.to(predicted)
+        target_boxes = self._matched(targets, matches, "boxes", lambda: predicted.new_zeros((0, 4))).to(predicted)
         num_boxes = counts[0]
         loss_bbox = F.l1_loss(predicted, target_boxes, reduction="none").sum() / num_boxes
+        predicted_xyxy, target_xyxy = box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(target_boxes)
+        if predicted.device.type == "cpu":  # the check reads data: a host sync on CUDA
+            # Non-finite boxes pass as on CUDA: the loss becomes NaN, which a training loop can skip.
+            check_box_order("outputs['pred_boxes'] (matched)", predicted_xyxy, skip_non_finite=True)
+            check_box_order("targets' boxes (matched)", target_xyxy, skip_non_finite=True)
         # Pairwise GIoU of each matched pair: [N, 1, 4] x [N, 1, 4] -> [N, 1, 1].
-        giou = generalized_box_iou(
-            box_cxcywh_to_xyxy(predicted)[:, None],
-            box_cxcywh_to_xyxy(target_boxes)[:, None],
-            check_degenerate=predicted.device.type == "cpu",  # the check reads data: a host sync on CUDA
-        )
+        giou = generalized_box_iou(predicted_xyxy[:, None], target_xyxy[:, None], check_degenerate=False)
         loss_giou = (1 - giou.flatten()).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
@@ -211,7 +255,7 @@ class SetCriterion(nn.Module):
         if "pred_attributes" not in outputs:
             raise ValueError("outputs: the 'attributes' loss needs 'pred_attributes'")
         logits = outputs["pred_attributes"]
-        index = self._prediction_index(matches)
+        index = self._prediction_index(matches, logits.device)
         matched_logits = logits[index]
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         wanted = []
@@ -221,7 +265,7 @@ class SetCriterion(nn.Module):
                 attributes = logits.new_zeros((len(target["labels"]), logits.shape[-1]))
             elif attributes.dim() != 2 or attributes.shape[1] != logits.shape[-1]:
                 raise ValueError(f"targets: 'attributes' must be [N, {logits.shape[-1]}], got {list(attributes.shape)}")
-            wanted.append(attributes[target_index].to(device=logits.device, dtype=compute_dtype))
+            wanted.append(attributes[target_index.to(attributes.device)].to(device=logits.device, dtype=compute_dtype))
         wanted = torch.cat(wanted) if wanted else logits.new_zeros((0, logits.shape[-1]), dtype=compute_dtype)
         labelled = wanted.sum(1)
         keep = (labelled > 0).to(compute_dtype)  # objects without attributes contribute 0
@@ -259,6 +303,20 @@ class SetCriterion(nn.Module):
         so every process runs the same collectives in the same order. Without a group it does nothing."""
         _world_average(torch.zeros(2, device=device))
 
+    @staticmethod
+    def _targets_on(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -> List[Dict[str, Tensor]]:
+        """The targets with ``labels`` (as int64), ``boxes`` and ``attributes`` on ``device``: the matches
+        come back on the predictions' device and index them there. A no-op copy for tensors already there."""
+        moved = []
+        for target in targets:
+            target = dict(target)
+            target["labels"] = target["labels"].to(device, torch.int64)
+            for key in ("boxes", "attributes"):
+                if isinstance(target.get(key), Tensor):
+                    target[key] = target[key].to(device)
+            moved.append(target)
+        return moved
+
     def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
         _check_outputs(outputs, "outputs")
         if isinstance(targets, Mapping) or len(targets) != outputs["pred_logits"].shape[0]:
@@ -266,6 +324,9 @@ class SetCriterion(nn.Module):
         for image, target in enumerate(targets):
             if not isinstance(target, Mapping) or "labels" not in target or "boxes" not in target:
                 raise ValueError(f"targets[{image}]: expected a dict with 'labels' and 'boxes'")
+        check_target_labels([target["labels"] for target in targets], self.num_classes,
+                            f" (num_classes={self.num_classes}; {self.num_classes} is the no-object class)")
+        targets = self._targets_on(targets, outputs["pred_logits"].device)
         auxiliary = list(outputs.get("aux_outputs", ()))
         for index, aux in enumerate(auxiliary):
             _check_outputs(aux, f"outputs['aux_outputs'][{index}]")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastvlp.ops.lsap import batched_linear_sum_assignment
-from fastvlp.ops.matching_cost import matching_cost, pad_targets
+from fastvlp.ops.matching_cost import check_target_labels, matching_cost, pad_targets
 
 MATCHER_BACKENDS = ("fastvlp", "scipy")
 
@@ -25,6 +25,12 @@ class HungarianMatcher(nn.Module):
     indices but not a minimal-cost assignment. ``backend="scipy"`` is DETR's own path (the
     cost moved to the host and scipy called once per image, which raises on NaN either
     way), kept as the baseline.
+
+    ``targets[i]['labels']`` may be any integer dtype; floating or bool labels raise
+    ``TypeError``, and labels on the CPU outside ``[0, num_classes of pred_logits)`` raise
+    ``ValueError`` naming the image. Predicted boxes with NaN or infinite coordinates are
+    not an error in themselves, on any device: the cost they give (NaN, or ``+inf``, which
+    only forbids the pair) is handled by the solver as above.
 
     Returns, for each image, ``(index_i, index_j)`` int64 tensors: the matched
     prediction indices in increasing order and their target indices, with
@@ -62,6 +68,8 @@ class HungarianMatcher(nn.Module):
         if len(targets) != pred_logits.shape[0]:
             raise ValueError(f"targets must hold one dict per image ({pred_logits.shape[0]}), got {len(targets)}")
         device = pred_logits.device
+        check_target_labels([target["labels"] for target in targets], pred_logits.shape[-1],
+                            " (the classes of pred_logits)")
         labels, boxes, counts = pad_targets(
             [target["labels"] for target in targets], [target["boxes"] for target in targets], device
         )

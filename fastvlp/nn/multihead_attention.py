@@ -17,10 +17,17 @@ Which call takes which path:
 * **Fallback**: every other call, notably the default ``need_weights=True``, float (additive) masks,
   any ``attn_mask`` that is not the causal hint, ``add_bias_kv`` and ``add_zero_attn``. It calls
   ``torch.nn.functional.multi_head_attention_forward`` exactly as ``torch.nn.MultiheadAttention``
-  does, so outputs, weights and errors are torch's.
+  does, so outputs, weights and errors are torch's. Calls made under a ``torch.func`` transform
+  (``grad``, ``vmap``, ``jvp``, ...) also take it: the fused op has no functorch rules.
 
 Callers that do not use the weights should pass ``need_weights=False`` to get the fast path (DETR's
 layers call with the default ``need_weights=True`` and take ``[0]``, which stays on the fallback).
+
+Compilers: ``torch.compile`` and ``torch.export`` trace the module (with ``strict=True`` export puts the
+fused op ``fastvlp::attention_forward`` in the graph; the default non-strict export traces torch's path).
+``torch.jit.script`` does not compile it (unlike ``torch.nn.MultiheadAttention``): TorchScript cannot
+read this module's annotations or its dispatch code, so a model that is scripted as a whole, as DETR's
+tests do, must keep ``torch.nn.MultiheadAttention``.
 
 Queries whose keys are all masked: on the fast path their attention output is zero, so the module
 returns ``out_proj.bias`` for them (zero gradients, no NaN). The fallback returns what torch returns:
@@ -308,6 +315,9 @@ class MultiheadAttention(nn.Module):
             return "need_weights=True: attention weights need the materialised path"
         if has_torch_function(tensors + tuple(params)):
             return "a tensor argument overrides __torch_function__"
+        if torch._C._are_functorch_transforms_active():
+            # The fused op's autograd.Function has no functorch rules; torch's path has them all.
+            return "a torch.func transform (grad, vmap, jvp, ...) is active"
         if self.bias_k is not None or self.bias_v is not None:
             return "add_bias_kv is enabled"
         if self.add_zero_attn:

@@ -209,22 +209,39 @@ def linear_sum_assignment(cost_matrix, maximize: bool = False):
     Same results and errors: ``row_ind`` is sorted; NaN and ``-inf`` raise
     ``ValueError("matrix contains invalid numeric entries")``; ``+inf`` forbids a pair,
     and a matrix whose ``+inf`` pattern admits no complete assignment raises
-    ``ValueError("cost matrix is infeasible")``; non-2-D input raises ``ValueError``
-    and input that cannot be cast safely to float64 raises ``TypeError``. Empty shapes
+    ``ValueError("cost matrix is infeasible")``; non-2-D input raises ``ValueError``,
+    and an array that cannot be cast safely to float64 raises ``TypeError``. Other input
+    (lists) is converted to float64 as scipy converts it: ``None`` entries are NaN. Empty shapes
     give empty results. Lists and numpy arrays give numpy arrays; a torch tensor gives
     int64 tensors on its own device.
     """
     if isinstance(cost_matrix, torch.Tensor):
         return _linear_sum_assignment_tensor(cost_matrix, maximize)
-    matrix = np.asarray(cost_matrix)
+    if isinstance(cost_matrix, np.ndarray) or _exposes_buffer(cost_matrix):
+        # Arrays (and buffers) keep their dtype, then are cast by the safe rule as scipy casts them.
+        matrix = np.asarray(cost_matrix)
+    else:
+        # scipy converts anything else straight to float64: None becomes NaN ("invalid numeric
+        # entries"), numeric strings are parsed, and complex or ragged input raises numpy's error.
+        matrix = np.asarray(cost_matrix, dtype=np.float64)
     if matrix.ndim != 2:
-        raise ValueError(f"expected a matrix (2-D array), got a {matrix.shape!r} array")
+        raise ValueError(f"expected a matrix (2-D array), got a {matrix.ndim} array")
     return _solve_numpy(_as_float_numpy(matrix), bool(maximize))
+
+
+def _exposes_buffer(value) -> bool:
+    if isinstance(value, bytes):  # numpy reads bytes as a string scalar, not as a buffer
+        return False
+    try:
+        memoryview(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _linear_sum_assignment_tensor(cost: torch.Tensor, maximize: bool):
     if cost.dim() != 2:
-        raise ValueError(f"expected a matrix (2-D array), got a {tuple(cost.shape)!r} array")
+        raise ValueError(f"expected a matrix (2-D array), got a {cost.dim()} array")
     if cost.dtype not in _DTYPE_NAMES:
         if cost.dtype.is_complex:
             raise TypeError(f"Cannot cast array data from {cost.dtype} to float64 according to the rule 'safe'")

@@ -6,7 +6,38 @@ from typing import Sequence, Tuple
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from fastvlp.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from fastvlp.ops.boxes import box_cxcywh_to_xyxy, check_box_order, generalized_box_iou
+
+
+def check_target_labels(labels: Sequence[torch.Tensor], num_classes: int, bound: str = "") -> None:
+    """Check per-image label tensors as DETR targets carry them (``targets[i]['labels']``).
+
+    Raises ``TypeError`` naming the image for labels that are not an integer tensor (floats or
+    bools would be truncated to a class silently) and, for labels on the CPU, ``ValueError``
+    naming the image for a class outside ``[0, num_classes)``; ``bound`` says where that limit
+    comes from. Labels on another device are not range-checked: reading them would cost a host
+    sync (an out-of-range class then fails inside the indexing kernels).
+    """
+    for index, item in enumerate(labels):
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"targets[{index}]['labels']: expected a tensor, got {type(item).__name__}")
+        if item.dtype.is_floating_point or item.dtype.is_complex or item.dtype == torch.bool:
+            raise TypeError(
+                f"targets[{index}]['labels']: expected an integer tensor of class indices, got {item.dtype}"
+            )
+    on_host = [(index, item.reshape(-1)) for index, item in enumerate(labels)
+               if item.device.type == "cpu" and item.numel()]
+    if not on_host:
+        return
+    low, high = torch.aminmax(torch.cat([item.to(torch.int64) for _, item in on_host]))
+    if low >= 0 and high < num_classes:
+        return
+    for index, item in on_host:
+        bad = item[(item < 0) | (item >= num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"targets[{index}]['labels']: expected class indices in [0, {num_classes}){bound}, got {int(bad[0])}"
+            )
 
 
 def pad_targets(
@@ -17,7 +48,8 @@ def pad_targets(
 
     Padding boxes are ``(0.5, 0.5, 0.5, 0.5)``, a valid box, so that no NaN is computed
     even outside the extent the solver reads. Raises ``ValueError`` naming the image when
-    its boxes are not ``[T, 4]`` for its ``T`` labels.
+    its boxes are not ``[T, 4]`` for its ``T`` labels, and ``TypeError`` when its labels are
+    not integers (integer labels of any width are read as int64).
     """
     for name, items in (("labels", labels), ("boxes", boxes)):
         if isinstance(items, torch.Tensor) or not isinstance(items, Sequence) \
@@ -28,6 +60,9 @@ def pad_targets(
     for index, (item_labels, item_boxes) in enumerate(zip(labels, boxes)):
         if item_labels.dim() != 1:
             raise ValueError(f"labels[{index}]: expected shape [T], got {list(item_labels.shape)}")
+        if item_labels.dtype.is_floating_point or item_labels.dtype.is_complex or item_labels.dtype == torch.bool:
+            # Casting would truncate 2.7 to class 2 without a word.
+            raise TypeError(f"labels[{index}]: expected an integer tensor of class indices, got {item_labels.dtype}")
         # A missing box would otherwise be padded with a valid box and matched as a real target.
         if item_boxes.shape != (len(item_labels), 4) and not (len(item_labels) == 0 and item_boxes.numel() == 0):
             got = len(item_boxes) if item_boxes.dim() == 2 and item_boxes.shape[1] == 4 else list(item_boxes.shape)
@@ -59,6 +94,12 @@ def matching_cost(
     ``cost_class * -p(label) + cost_bbox * L1(cxcywh) + cost_giou * -GIoU``, as DETR
     defines it, computed in float32 even under autocast: a bf16 cost would reorder
     near-tied matches from one step to the next.
+
+    On the CPU, boxes with a negative width or height raise ``ValueError`` naming
+    ``pred_boxes`` or ``target_boxes`` (on CUDA that check would cost a host sync, so it is
+    skipped). Boxes with NaN or infinite coordinates are left alone on both devices: the
+    cost they give (NaN) is then judged by the solver, which raises or, with
+    ``check_finite=False``, leaves that problem unsolved.
     """
     for name, value in (("pred_logits", pred_logits), ("pred_boxes", pred_boxes), ("target_labels", target_labels),
                         ("target_boxes", target_boxes)):
@@ -85,8 +126,9 @@ def matching_cost(
         predicted = pred_boxes.float()
         targets = target_boxes.float()
         bbox_cost = torch.cdist(predicted, targets, p=1) if targets.shape[1] else predicted.new_zeros(class_cost.shape)
-        # Validating boxes reads the data: free on the CPU, a host sync on CUDA.
-        giou_cost = -generalized_box_iou(
-            box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(targets), check_degenerate=predicted.device.type == "cpu"
-        )
+        predicted_xyxy, targets_xyxy = box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(targets)
+        if predicted.device.type == "cpu":  # reading the data is free on the CPU, a host sync on CUDA
+            check_box_order("pred_boxes", predicted_xyxy, skip_non_finite=True)
+            check_box_order("target_boxes", targets_xyxy, skip_non_finite=True)
+        giou_cost = -generalized_box_iou(predicted_xyxy, targets_xyxy, check_degenerate=False)
         return cost_bbox * bbox_cost + cost_class * class_cost + cost_giou * giou_cost

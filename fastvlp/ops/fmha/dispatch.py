@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,24 +43,56 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _triton_unsupported(q: torch.Tensor) -> Optional[str]:
-    """Why the Triton kernels cannot take this call, or None if they can."""
+def _grid_limit_exceeded(q: torch.Tensor) -> Optional[str]:
+    """Why the kernels' launch grid cannot hold this call, or None if it can."""
+    if q.shape[0] > MAX_KERNEL_GRID_EXTENT or q.shape[2] > MAX_KERNEL_GRID_EXTENT:
+        return (f"batch {q.shape[0]} or heads {q.shape[2]} exceeds the kernels' launch grid limit of "
+                f"{MAX_KERNEL_GRID_EXTENT} (split the batch)")
+    return None
+
+
+# Whether the one-time warning about auto's grid-limit fallback on CUDA was given in this process.
+_grid_fallback_warned = False
+
+
+def _warn_grid_fallback(q: torch.Tensor, reason: Optional[str], device_type: str) -> None:
+    """Warn once when ``auto`` runs a CUDA call on the reference only because of the grid limit: the
+    reference materialises the ``[B, H, Lq, Lk]`` scores in float32, far slower and maybe out of memory."""
+    global _grid_fallback_warned
+    if _grid_fallback_warned or device_type != "cuda" or reason is None or reason != _grid_limit_exceeded(q):
+        return
+    if torch.compiler.is_compiling():  # warnings.warn breaks a full-graph trace
+        return
+    _grid_fallback_warned = True
+    warnings.warn(
+        f"fastvlp attention(backend='auto') runs this CUDA call on the reference implementation: {reason}. "
+        "The reference materialises the score matrix (slow, memory-hungry); split the batch into chunks of at "
+        f"most {MAX_KERNEL_GRID_EXTENT} rows to keep the Triton kernels. Warned once per process.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _triton_unsupported(q: torch.Tensor, device_type: Optional[str] = None) -> Optional[str]:
+    """Why the Triton kernels cannot take this call, or None if they can. ``device_type`` stands
+    for ``q.device.type`` (tests pass "cuda" to check the CUDA decisions without a GPU)."""
+    device_type = device_type or q.device.type
     if q.dtype == torch.float64:
         return "float64 inputs are computed by the reference (the kernels take float16, bfloat16 and float32)"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported by the kernels (float16, bfloat16, float32)"
     if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
         return f"head_dim {q.shape[-1]} exceeds the kernels' maximum of {MAX_KERNEL_HEAD_DIM}"
-    if q.shape[0] > MAX_KERNEL_GRID_EXTENT or q.shape[2] > MAX_KERNEL_GRID_EXTENT:
-        return (f"batch {q.shape[0]} or heads {q.shape[2]} exceeds the kernels' launch grid limit of "
-                f"{MAX_KERNEL_GRID_EXTENT} (split the batch)")
+    grid = _grid_limit_exceeded(q)
+    if grid:
+        return grid
     missing = _triton_available()
     if missing:
         return missing
-    if q.device.type == "cuda":
+    if device_type == "cuda":
         return None
-    if q.device.type != "cpu":
-        return f"device type {q.device.type!r} has no Triton kernels here"
+    if device_type != "cpu":
+        return f"device type {device_type!r} has no Triton kernels here"
     if not interpreter_enabled():
         return (
             "CPU tensors run the kernels only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
@@ -90,7 +123,9 @@ def select_backend(
     """Say which implementation :func:`attention` would run for these arguments.
 
     ``"auto"`` takes the Triton kernels for CUDA tensors they support and the
-    reference otherwise (CPU tensors, float64, head_dim > 128, no Triton).
+    reference otherwise (CPU tensors, float64, head_dim > 128, no Triton, or a batch or head
+    count over the 65535 launch grid limit: :func:`attention` warns once per process when
+    that last reason sends a CUDA call to the reference).
     ``"triton"`` forces the kernels (in Triton's interpreter for CPU tensors) and
     raises ``RuntimeError`` with the reason when they cannot run the call.
     ``"reference"`` forces the plain PyTorch implementation.
@@ -99,17 +134,22 @@ def select_backend(
     return _select(q, backend)
 
 
-def _select(q: torch.Tensor, backend: str) -> BackendChoice:
+def _select(q: torch.Tensor, backend: str, *, warn: bool = False, device_type: Optional[str] = None) -> BackendChoice:
+    """The choice for ``q``; ``warn``: give the one-time grid-limit warning (for calls that run it).
+    ``device_type`` stands for ``q.device.type``, as in :func:`_triton_unsupported`."""
+    device_type = device_type or q.device.type
     if backend == "reference":
         return BackendChoice("reference", {"triton": "backend='reference' was requested"})
-    problem = _triton_unsupported(q)
+    problem = _triton_unsupported(q, device_type)
     if backend == "triton":
         if problem:
             raise RuntimeError(f"backend='triton' cannot run this call: {problem}")
         return BackendChoice("triton", {"reference": "backend='triton' was requested"})
-    if problem is None and q.device.type != "cuda":
+    if problem is None and device_type != "cuda":
         problem = "auto runs CPU tensors on the reference (pass backend='triton' for the interpreter)"
     if problem:
+        if warn:
+            _warn_grid_fallback(q, problem, device_type)
         return BackendChoice("reference", {"triton": problem})
     return BackendChoice(
         "triton", {"reference": "the Triton kernels support this call and never materialise the score matrix"}
@@ -165,7 +205,7 @@ def attention(
     differ between processes and changes the order of the float32 sums).
     """
     _validate(q, k, v, key_padding_mask, causal, dropout_p, scale, backend, allow_tf32)
-    choice = _select(q, backend)
+    choice = _select(q, backend, warn=True)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     dropout_seed = draw_dropout_seed(q.device) if dropout_p > 0.0 else None
