@@ -9,6 +9,26 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+SEED_VARIABLE = "FASTVLP_TEST_SEED"
+
+
+@pytest.fixture
+def fresh_seed(request):
+    """A new seed on every run, so random inputs differ from run to run; a failing test's report names it,
+    and FASTVLP_TEST_SEED=<seed> replays that run."""
+    seed = int(os.environ[SEED_VARIABLE]) if os.environ.get(SEED_VARIABLE) else int(torch.seed() % 2**31)
+    request.node.user_properties.append(("fresh_seed", seed))
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seeds = [value for key, value in item.user_properties if key == "fresh_seed"]
+    if report.failed and seeds:
+        report.sections.append(("random inputs", f"seed {seeds[0]}: replay with {SEED_VARIABLE}={seeds[0]}"))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")

@@ -29,9 +29,9 @@ def plain_attention(q, k, v, keep):
     return out
 
 
-def test_values_with_padding_causal_and_dropout_keep():
-    q, k, v = random_qkv(query_length=5, key_length=7)
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_values_with_padding_causal_and_dropout_keep(fresh_seed):
+    q, k, v = random_qkv(query_length=5, key_length=7, seed=fresh_seed)
+    generator = torch.Generator().manual_seed(fresh_seed + 1)
     mask = torch.rand(2, 7, generator=generator) < 0.4
     mask[1] = True  # a fully masked image
     drop_keep = torch.rand(2, 3, 5, 7, generator=generator) >= 0.3

@@ -107,8 +107,8 @@ def assert_matches_scipy(cost, assignment, status, num_rows=None, num_cols=None,
 
 
 @pytest.fixture
-def generator():
-    return torch.Generator(device=DEVICE).manual_seed(torch.seed() % 2**31)
+def generator(fresh_seed):
+    return torch.Generator(device=DEVICE).manual_seed(fresh_seed)
 
 
 def random_cost(shape, generator, dtype=torch.float32, scale=10.0, offset=-3.0):

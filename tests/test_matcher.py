@@ -33,8 +33,8 @@ def random_problem(batch, queries, classes, counts, generator):
 
 @pytest.mark.parametrize("counts", [[3, 0, 15, 100], [0, 0], [7]])
 @pytest.mark.parametrize("backend", ["fastvlp", "scipy"])
-def test_matches_plain_reference(counts, backend):
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_matches_plain_reference(counts, backend, fresh_seed):
+    generator = torch.Generator().manual_seed(fresh_seed)
     outputs, targets = random_problem(len(counts), 30, 11, counts, generator)
     matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2, backend=backend)
     matches = matcher(outputs, targets)
@@ -76,8 +76,8 @@ def bf16_model_outputs(outputs, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_cost_is_float32_for_bf16_predictions_under_autocast(device):
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_cost_is_float32_for_bf16_predictions_under_autocast(device, fresh_seed):
+    generator = torch.Generator().manual_seed(fresh_seed)
     counts = [4, 6, 0]
     outputs, targets = random_problem(len(counts), 20, 5, counts, generator)
     predictions = bf16_model_outputs(outputs, device)
@@ -93,8 +93,8 @@ def test_cost_is_float32_for_bf16_predictions_under_autocast(device):
         torch.testing.assert_close(cost[index, :, :count].cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_matches_for_bf16_predictions_under_autocast():
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_matches_for_bf16_predictions_under_autocast(fresh_seed):
+    generator = torch.Generator().manual_seed(fresh_seed)
     counts = [4, 6, 9]
     outputs, targets = random_problem(len(counts), 20, 5, counts, generator)
     predictions = bf16_model_outputs(outputs, "cpu")
@@ -107,8 +107,8 @@ def test_matches_for_bf16_predictions_under_autocast():
         assert cost[rows, cols].sum().item() == pytest.approx(cost[expected_rows, expected_cols].sum().item(), rel=1e-5)
 
 
-def test_nan_cost_without_check_finite_gets_valid_placeholder_matches():
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+def test_nan_cost_without_check_finite_gets_valid_placeholder_matches(fresh_seed):
+    generator = torch.Generator().manual_seed(fresh_seed)
     counts = [5, 12, 3, 0]
     outputs, targets = random_problem(len(counts), 8, 4, counts, generator)
     outputs["pred_logits"][1, 6, 2] = float("nan")  # a NaN prediction: image 1's cost row is NaN
