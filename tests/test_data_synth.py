@@ -348,3 +348,20 @@ def test_command_line_rejects_invalid_values_with_a_usage_error(tmp_path, capsys
     assert stop.value.code == 2
     assert f"argument {option}:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_size_words_follow_the_drawn_extent():
+    """Every size word is read off the shape's larger extent in the image, so the three words cover
+    separate extent ranges whatever the shape (a pentagon or star spans less than its nominal side)."""
+    from fastvlp.data.synth.scene import sample_scene
+
+    rng = np.random.default_rng(11)
+    extents = defaultdict(list)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        short = min(scene.width, scene.height)
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            extents[obj.size].append(max(x1 - x0, y1 - y0) / short)
+    assert set(extents) == {"small", "medium", "large"}
+    assert max(extents["small"]) < min(extents["medium"]) and max(extents["medium"]) < min(extents["large"])

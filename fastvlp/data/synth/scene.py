@@ -127,8 +127,10 @@ def _bounds(outline: tuple[tuple[float, float], ...]) -> tuple[float, float, flo
     return (round(min(xs), 2), round(min(ys), 2), round(max(xs), 2), round(max(ys), 2))
 
 
-def _size_word(side: float, short_side: int) -> str:
-    ratio = side / short_side
+def _size_word(extent: float, short_side: int) -> str:
+    """The size word of a shape whose larger extent is ``extent`` pixels in an image of short side
+    ``short_side``: one rule over what is drawn, so the words follow from the pixels."""
+    ratio = extent / short_side
     if ratio < 0.18:
         return "small"
     return "large" if ratio > 0.255 else "medium"
@@ -161,7 +163,9 @@ def _place(rng: np.random.Generator, kinds: list[tuple[str, str]], width: int, h
             else:
                 break
             boxes.append(box)
-            placed[i] = ShapeObject(kinds[i][0], kinds[i][1], _size_word(side, short), box, outline)
+            # The size word follows the drawn extent (a pentagon or star spans a little less than its side).
+            extent = max(box[2] - box[0], box[3] - box[1])
+            placed[i] = ShapeObject(kinds[i][0], kinds[i][1], _size_word(extent, short), box, outline)
         if len(placed) == len(kinds):
             return [placed[i] for i in range(len(kinds))]
         scale *= 0.85

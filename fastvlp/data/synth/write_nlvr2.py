@@ -37,7 +37,8 @@ def write_nlvr2(root: Path, pairs: list[ScenePair], seed: int) -> dict[str, int]
     counts = {}
     for split_index, split in enumerate(NLVR2_SPLITS):
         subset = [pair for pair in pairs if pair.split == split]
-        rng = np.random.default_rng([seed, 4, 1000 + split_index])
+        # Its own stream (10): [seed, 4, i] are the scene streams of the pairs (generate.py).
+        rng = np.random.default_rng([seed, 10, split_index])
         total = len(subset) * SENTENCES_PER_PAIR
         labels = [i % 2 == 0 for i in range(total)]
         labels = [labels[i] for i in rng.permutation(total)]
