@@ -14,12 +14,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastvlp.nn.matcher as matcher_module  # noqa: E402
-from fastvlp.models import E2EVLP, E2EVLPConfig, make_pretraining_batch  # noqa: E402
+from fastvlp.models import E2EVLP, make_pretraining_batch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VOCAB, SPECIAL = 40, (0, 1, 2, 3, 4)  # [PAD] [UNK] [CLS] [SEP] [MASK]
-CLS, SEP, MASK = 2, 3, 4
-NUM_CLASSES, NUM_ATTRIBUTES = 5, 4
+from test_model_e2e_vlp import (  # noqa: E402  the same tiny vocabulary, label spaces and token rows
+    MASK, NUM_ATTRIBUTES, NUM_CLASSES, SPECIAL, VOCAB, small_config, token_rows,
+)
 ROLES = {"encoder_self_attention", "decoder_self_attention", "decoder_causal_self_attention", "decoder_cross_attention"}
 
 # Both sides compute in fp32 with the same weights; they differ only in the order of the attention's
@@ -51,22 +51,7 @@ pytestmark = [
 
 
 def tiny_config(**overrides):
-    values = dict(
-        backbone="resnet18", frozen_batch_norm=False, backbone_frozen_stages=0, d_model=32, num_heads=2, ffn_dim=48,
-        num_encoder_layers=2, num_decoder_layers=2, num_queries=5, vocab_size=VOCAB, max_text_len=8,
-        num_classes=NUM_CLASSES, num_attributes=NUM_ATTRIBUTES, dropout=0.0, aux_loss=True,
-    )
-    values.update(overrides)
-    return E2EVLPConfig(**values)
-
-
-def token_rows(lengths, total, generator):
-    ids = torch.randint(len(SPECIAL), VOCAB, (len(lengths), total), generator=generator)
-    mask = torch.arange(total)[None] < torch.tensor(lengths)[:, None]
-    ids[:, 0] = CLS
-    for row, length in enumerate(lengths):
-        ids[row, length - 1] = SEP
-    return ids.masked_fill(~mask, 0), mask
+    return small_config(**{"num_heads": 2, "num_queries": 5, "max_text_len": 8, "aux_loss": True, **overrides})
 
 
 def tiny_batch(seed=0):
