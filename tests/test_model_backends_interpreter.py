@@ -18,7 +18,7 @@ from fastvlp.models import E2EVLP, make_pretraining_batch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 from test_model_e2e_vlp import (  # noqa: E402  the same tiny vocabulary, label spaces and token rows
-    MASK, NUM_ATTRIBUTES, NUM_CLASSES, SPECIAL, VOCAB, small_config, token_rows,
+    MASK, SPECIAL, VOCAB, random_targets, small_config, token_rows,
 )
 ROLES = {"encoder_self_attention", "decoder_self_attention", "decoder_causal_self_attention", "decoder_cross_attention"}
 
@@ -65,15 +65,7 @@ def tiny_batch(seed=0):
     images = images.masked_fill(pixel_mask[:, None], 0.0)
     text_ids, text_mask = token_rows([8, 5, 7], 8, generator)
     caption_ids, caption_mask = token_rows([6, 4, 6], 6, generator)
-    targets = []
-    for count in (3, 2, 4):
-        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
-        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
-        targets.append({
-            "labels": torch.randint(NUM_CLASSES, (count,), generator=generator),
-            "boxes": torch.cat((centers, sizes), 1),
-            "attributes": torch.rand(count, NUM_ATTRIBUTES, generator=generator) < 0.5,
-        })
+    targets = random_targets((3, 2, 4), generator)
     batch = make_pretraining_batch(
         images, pixel_mask, text_ids, text_mask, special_token_ids=SPECIAL, mask_token_id=MASK, vocab_size=VOCAB,
         caption_ids=caption_ids, caption_attention_mask=caption_mask, targets=targets, generator=generator,

@@ -30,6 +30,20 @@ def token_rows(lengths, total, generator):
     return ids.masked_fill(~mask, 0), mask
 
 
+def random_targets(counts, generator):
+    """One detection target per count: that many random boxes (cxcywh inside the image), labels and attributes."""
+    targets = []
+    for count in counts:
+        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
+        targets.append({
+            "labels": torch.randint(NUM_CLASSES, (count,), generator=generator),
+            "boxes": torch.cat((centers, sizes), 1),
+            "attributes": torch.rand(count, NUM_ATTRIBUTES, generator=generator) < 0.5,
+        })
+    return targets
+
+
 def synthetic_batch(seed=0, batch=4):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, 64, 96, generator=generator)
@@ -41,15 +55,7 @@ def synthetic_batch(seed=0, batch=4):
     images = images.masked_fill(pixel_mask[:, None], 0.0)
     text_ids, text_mask = token_rows([9, 6, 7, 9][:batch], 9, generator)
     caption_ids, caption_mask = token_rows([8, 5, 8, 6][:batch], 8, generator)
-    targets = []
-    for count in [3, 0, 2, 5][:batch]:
-        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
-        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
-        targets.append({
-            "labels": torch.randint(NUM_CLASSES, (count,), generator=generator),
-            "boxes": torch.cat((centers, sizes), 1),
-            "attributes": torch.rand(count, NUM_ATTRIBUTES, generator=generator) < 0.5,
-        })
+    targets = random_targets([3, 0, 2, 5][:batch], generator)
     return make_pretraining_batch(
         images, pixel_mask, text_ids, text_mask, special_token_ids=SPECIAL, mask_token_id=MASK, vocab_size=VOCAB,
         caption_ids=caption_ids, caption_attention_mask=caption_mask, targets=targets, generator=generator,
