@@ -23,7 +23,7 @@ from fastvlp.data.transforms import eval_transform
 from fastvlp.eval.image_dependence import caption_loss, cross_attention_entropy, swap_rows
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
-from fastvlp.train.finetune import default_scale, source_preset
+from fastvlp.train.finetune import source_preset, source_scale
 from fastvlp.train.tasks.caption import CaptionModel, read_caption_records
 from fastvlp.train.tasks.weights import load_task_weights
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a data directory with COCO captions")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--scale", choices=("tiny", "paper"), default=None,
-                        help="the image transform; default: from the preset the checkpoint records")
+                        help="the image transform; default: the scale the checkpoint records")
     args = parser.parse_args()
     if args.num_images < 2:
         parser.error("--num-images: expected at least 2 (the swap needs another image)")
@@ -54,7 +54,7 @@ def main() -> None:
         preset = source_preset(args.checkpoint)  # task.json, preset.json or the run's run.json
         if preset is None:
             parser.error("--scale: the checkpoint does not say which preset it came from; give tiny or paper")
-        scale = default_scale(preset)
+        scale = source_scale(args.checkpoint)  # recorded, or for an older checkpoint its preset's default
     model = load_vlp(args.checkpoint)
     tokenizer = WordPieceTokenizer.load(args.checkpoint / "tokenizer.json")
     records = read_caption_records(args.data, "test").records[: args.num_images]

@@ -1,4 +1,5 @@
 """Transforms: sizes follow the scale rule, boxes stay on the pixels they mark, normalisation is ImageNet's."""
+import json
 
 import numpy as np
 import pytest
@@ -11,8 +12,12 @@ from fastvlp.data.transforms import (
     PAPER_SHORT_SIDES,
     ImageTransform,
     ScaleConfig,
+    check_scale,
+    default_scale,
     eval_transform,
     resized_size,
+    scale_from_record,
+    scale_record,
     swap_left_right,
     train_transform,
     xyxy_to_normalised_cxcywh,
@@ -173,3 +178,18 @@ def test_swap_left_right():
         "the rightmost cup, moving Leftwards, a righthand glove"
     assert swap_left_right("LEFT and Left-hand, bright, copyright, rightly") == \
         "RIGHT and Right-hand, bright, copyright, rightly"
+
+
+def test_a_scale_record_survives_json_and_a_bad_one_names_its_file():
+    custom = ScaleConfig(short_sides=(64, 72), max_size=96, eval_short_side=64)
+    for scale in ("paper", "tiny", custom):
+        record = scale_record(scale)
+        assert json.loads(json.dumps(record)) == record
+        assert scale_from_record(json.loads(json.dumps(record)), "preset.json") == scale
+    with pytest.raises(ValueError, match=r"^preset.json: 'scale' must be one of \['paper', 'tiny'\]"):
+        scale_from_record({"short_sides": [64]}, "preset.json")
+    with pytest.raises(ValueError, match=r"^task.json: 'scale' holds an invalid ScaleConfig \(short_sides: "):
+        scale_from_record({"short_sides": "64", "max_size": 96, "eval_short_side": 64}, "task.json")
+    with pytest.raises(ValueError, match=r"^--scale: expected a ScaleConfig or one of \['paper', 'tiny'\], got 7"):
+        check_scale(7, "--scale")
+    assert default_scale("tiny") == "tiny" and default_scale("e2e-vlp-6-r50") == default_scale(None) == "paper"

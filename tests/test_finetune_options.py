@@ -2,6 +2,7 @@
 retrieval's batch size) and a resumed run's ``init``, checked before any work is done."""
 import pytest
 
+from fastvlp.cli import main
 from fastvlp.models.presets import get_preset
 from fastvlp.train.finetune import TASK_OPTIONS, FinetuneOptions, run_finetuning
 
@@ -91,3 +92,14 @@ def test_the_triton_backend_on_the_cpu_needs_the_interpreter(data, init, monkeyp
     options(data, attention_backend="torch").validate()  # the other backends need no interpreter
     monkeypatch.setattr(loop, "triton_interpreter_problem", lambda: None)
     options(data, attention_backend="triton").validate()
+
+
+def test_an_unknown_scale_is_refused_naming_the_option(data, capsys):
+    with pytest.raises(ValueError, match=r"^scale: expected a ScaleConfig or one of \['paper', 'tiny'\], got 'huge'"):
+        options(data, scale="huge").validate()
+    options(data, scale="paper").validate()
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "--task", "vqa", "--preset", "tiny", "--data", str(data), "--out", str(data.parent / "out"),
+              "--scale", "huge"])
+    assert stop.value.code == 2 and "argument --scale: invalid choice: 'huge'" in capsys.readouterr().err
+    assert not (data.parent / "out").exists()

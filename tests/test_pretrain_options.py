@@ -139,3 +139,25 @@ def test_an_exclusion_file_that_is_not_text_is_refused_naming_the_option(paths, 
         options(paths, exclude_images=path).validate()
     status, err = usage_error(pretrain_argv(paths, "--exclude-images", str(path)), capsys)
     assert status == 2 and "argument --exclude-images: expected a UTF-8 text file" in err and not paths[1].exists()
+
+
+def test_an_unknown_scale_is_refused_naming_the_option(paths, capsys):
+    with pytest.raises(ValueError, match=r"^scale: expected a ScaleConfig or one of \['paper', 'tiny'\], got 'huge'"):
+        options(paths, scale="huge").validate()
+    status, err = usage_error(pretrain_argv(paths, "--scale", "huge"), capsys)
+    assert status == 2 and "argument --scale: invalid choice: 'huge'" in err and not paths[1].exists()
+
+
+@pytest.mark.parametrize("extra, scale", [((), None), (("--scale", "paper"), "paper"), (("--scale", "tiny"), "tiny")])
+def test_the_scale_option_reaches_the_run(paths, monkeypatch, extra, scale):
+    import fastvlp.train.pretrain as pretrain
+
+    given = []
+
+    def stop_before_the_run(options):
+        given.append(options)
+        raise ValueError("stopped before the run")
+
+    monkeypatch.setattr(pretrain, "run_pretraining", stop_before_the_run)
+    assert main(pretrain_argv(paths, *extra)) == 1
+    assert [options.scale for options in given] == [scale]

@@ -244,3 +244,18 @@ def test_finetune_resume_keeps_the_checkpoints_model_and_may_change_its_backend(
     assert result.step == 2 and [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     config = json.loads((result.checkpoint / "config.json").read_text())
     assert config["d_model"] == SMALL_MODEL["d_model"] and config["attention_backend"] == "torch"
+
+
+def test_another_scale_on_resume_is_refused_and_a_missing_one_is_the_runs(data, finished, tmp_path):
+    before = finished.metrics_path.read_text()
+    with pytest.raises(ValueError, match=r"^--scale: the run was trained at \{'short_sides': \[64, 72\], "
+                                         r"'max_size': 96, 'eval_short_side': 64\}, this call gives 'tiny'"):
+        run_pretraining(pretrain_options(data, finished.run_dir, resume=True, scale="tiny"))
+    assert finished.metrics_path.read_text() == before
+    # left out, the scale is the run's: the resumed run ends with the straight run's weights
+    out = tmp_path / "run"
+    run_pretraining(pretrain_options(data, out, stop_after=1))
+    resumed = run_pretraining(pretrain_options(data, out, resume=True, scale=None))
+    a = load_file(str(finished.checkpoint / "model.safetensors"))
+    b = load_file(str(resumed.checkpoint / "model.safetensors"))
+    assert resumed.step == finished.step == 2 and all(torch.equal(a[k], b[k]) for k in a)

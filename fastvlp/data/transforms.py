@@ -4,8 +4,8 @@ side capped), optional horizontal flip, ImageNet normalisation, boxes out as nor
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
 import torch
 import torchvision.transforms.v2.functional as F
@@ -214,9 +214,40 @@ def eval_transform(config: ScaleConfig | str = "paper") -> ImageTransform:
     return ImageTransform((config.eval_short_side,), config.max_size)
 
 
-def _config(config: ScaleConfig | str) -> ScaleConfig:
+def _config(config: ScaleConfig | str, name: str = "config") -> ScaleConfig:
     if isinstance(config, ScaleConfig):
         return config
     if isinstance(config, str) and config in SCALE_PRESETS:
         return SCALE_PRESETS[config]
-    raise ValueError(f"config: expected a ScaleConfig or one of {sorted(SCALE_PRESETS)}, got {config!r}")
+    raise ValueError(f"{name}: expected a ScaleConfig or one of {sorted(SCALE_PRESETS)}, got {config!r}")
+
+
+def check_scale(scale: ScaleConfig | str, name: str = "scale") -> None:
+    """Raise ValueError naming `name` unless `scale` is a ScaleConfig or the name of one."""
+    _config(scale, name)
+
+
+def default_scale(preset: str | None) -> str:
+    """The scale a model preset trains at: `tiny` for the tiny preset, the paper's for the others (and when
+    the preset is unknown)."""
+    return "tiny" if preset == "tiny" else "paper"
+
+
+def scale_record(scale: ScaleConfig | str) -> str | dict[str, Any]:
+    """`scale` as JSON: a scale name as is, a ScaleConfig as its fields (the short sides as a list, as JSON
+    reads them back, so that records compare equal before and after a round trip)."""
+    check_scale(scale)
+    return scale if isinstance(scale, str) else {**asdict(scale), "short_sides": list(scale.short_sides)}
+
+
+def scale_from_record(record: Any, source: str) -> ScaleConfig | str:
+    """The scale a :func:`scale_record` wrote; ValueError naming `source` (the file it came from) otherwise."""
+    if isinstance(record, str) and record in SCALE_PRESETS:
+        return record
+    if isinstance(record, Mapping) and set(record) == {entry.name for entry in fields(ScaleConfig)}:
+        try:
+            return ScaleConfig(**{**record, "short_sides": tuple(record["short_sides"])})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: 'scale' holds an invalid ScaleConfig ({error})") from None
+    raise ValueError(f"{source}: 'scale' must be one of {sorted(SCALE_PRESETS)} or the fields of ScaleConfig, "
+                     f"got {record!r}")

@@ -129,20 +129,35 @@ def write_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], Non
     return final
 
 
-def write_preset(directory: Path, preset: Optional[str]) -> None:
-    """Record in the checkpoint ``directory`` the preset its model was built from."""
-    (Path(directory) / PRESET_FILE).write_text(json.dumps({"preset": preset}), encoding="utf-8")
+def write_preset(directory: Path, preset: Optional[str], scale: Optional[Any] = None) -> None:
+    """Record in the checkpoint ``directory`` the preset its model was built from and the image scale it
+    was trained at (a :func:`fastvlp.data.transforms.scale_record`)."""
+    (Path(directory) / PRESET_FILE).write_text(json.dumps({"preset": preset, "scale": scale}), encoding="utf-8")
+
+
+def _preset_record(directory: Path) -> Dict[str, Any]:
+    # A checkpoint written before it held preset.json has its run's run.json two folders up.
+    directory = Path(directory)
+    for path in (directory / PRESET_FILE, directory.parent.parent / RUN_INFO):
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return {}
 
 
 def checkpoint_preset(directory: Path) -> Optional[str]:
     """The preset a pre-training checkpoint's model was built from: its own ``preset.json``, else (a
     checkpoint written before it held one) the ``run.json`` of the run it still sits in; None when
     neither says."""
+    return _preset_record(directory).get("preset")
+
+
+def checkpoint_scale(directory: Path) -> Optional[Any]:
+    """The image scale a pre-training checkpoint was trained at, as ``preset.json`` records it (a scale
+    name or a ScaleConfig's fields); None for a checkpoint written before it recorded one."""
     directory = Path(directory)
-    for path in (directory / PRESET_FILE, directory.parent.parent / RUN_INFO):
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8")).get("preset")
-    return None
+    if not (directory / PRESET_FILE).is_file():
+        return None
+    return _preset_record(directory).get("scale")
 
 
 def read_trainer_state(directory: Path) -> Dict[str, Any]:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
 from fastvlp.data.tokenizer import WordPieceTokenizer
-from fastvlp.data.transforms import ScaleConfig, train_transform
+from fastvlp.data.transforms import (ScaleConfig, check_scale, default_scale, scale_from_record, scale_record,
+                                     train_transform)
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.presets import PRESETS, get_preset
 from fastvlp.train import checkpoint as ckpt
@@ -65,9 +66,11 @@ class FinetuneOptions:
     pre-trained with (a tenth for the paper's presets, equal for ``tiny``). ``vocab`` (a BERT vocab.txt) goes
     with ``preset``: an ``init`` checkpoint brings its tokenizer. ``task_options`` are task-specific
     (``num_answers`` for VQA, ``with_text`` for detection, ``num_negatives`` for retrieval); another task's
-    are refused. A resumed run takes its task, model configuration, tokenizer and task state from the
-    checkpoint: ``task``, ``init`` or ``preset``, ``vocab``, ``lr`` and ``config_overrides`` must agree with
-    it, except the attention and matcher backends; its ``init`` directory is no longer read."""
+    are refused. ``scale`` (a ScaleConfig, or ``paper`` or ``tiny``) is the images' scale augmentation; by
+    default the one the ``init`` checkpoint records, else the preset's (``tiny`` for tiny). A resumed run
+    takes its task, model configuration, tokenizer, task state and scale from the checkpoint: ``task``,
+    ``init`` or ``preset``, ``vocab``, ``lr``, ``scale`` and ``config_overrides`` must agree with it, except
+    the attention and matcher backends; its ``init`` directory is no longer read."""
 
     task: str
     data: Path
@@ -133,6 +136,8 @@ class FinetuneOptions:
             check_config_overrides(base, self.config_overrides)
             backend = _config_changes(self).get("attention_backend", base.attention_backend)
             check_attention_backend(backend, device)
+        if self.scale is not None:
+            check_scale(self.scale)
         if self.lr is not None and not (isinstance(self.lr, float) and self.lr > 0):
             raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
         if self.vocab is not None and self.init is not None:
@@ -166,15 +171,20 @@ def saved_scale(saved: Mapping[str, Any]) -> Union[str, ScaleConfig]:
     scale = saved.get("scale")
     if scale is None:
         return default_scale(saved.get("preset"))
-    if isinstance(scale, str):
-        return scale
-    if not isinstance(scale, Mapping) or set(scale) != {entry.name for entry in fields(ScaleConfig)}:
-        raise ValueError(f"task.json: 'scale' must be a scale name or the fields of ScaleConfig, got {scale!r}")
-    return ScaleConfig(**{**scale, "short_sides": tuple(scale["short_sides"])})
+    return scale_from_record(scale, TASK_FILE)
 
 
-def _scale_record(scale: Union[str, ScaleConfig]) -> Union[str, Dict[str, Any]]:
-    return scale if isinstance(scale, str) else asdict(scale)
+def source_scale(checkpoint: Path) -> Union[str, ScaleConfig]:
+    """The image scale a checkpoint's model was trained at: a fine-tuned checkpoint's ``task.json`` says, a
+    pre-training checkpoint's ``preset.json``; for a checkpoint written before they recorded it, the default
+    scale of its preset."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / TASK_FILE).is_file():
+        return saved_scale(read_task_file(checkpoint))
+    record = ckpt.checkpoint_scale(checkpoint)
+    if record is None:
+        return default_scale(ckpt.checkpoint_preset(checkpoint))
+    return scale_from_record(record, str(checkpoint / ckpt.PRESET_FILE))
 
 
 def run_finetuning(options: FinetuneOptions) -> TrainingResult:
@@ -331,15 +341,20 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
         warmup = default_warmup_steps(options.max_steps)
         scheduler = build_scheduler(optimizer, warmup, options.max_steps)
 
-    scale = options.scale or default_scale(preset_name)
+    if options.scale is not None:
+        scale = options.scale
+    elif options.init is not None and resume_from is None:
+        scale = source_scale(Path(options.init))  # the scale the init checkpoint's model learnt at
+    else:
+        scale = default_scale(preset_name)
     if resume_from is not None:
         run_scale = saved_scale(saved)
-        if options.scale is not None and _scale_record(options.scale) != _scale_record(run_scale):
+        if options.scale is not None and scale_record(options.scale) != scale_record(run_scale):
             raise ValueError(f"--resume: scale {options.scale!r} differs from the run's {run_scale!r}; keep it to "
                              f"resume from {resume_from}, or choose another --out")
         scale = run_scale
     task_file = json.dumps({"task": task.name, "preset": preset_name, "pretraining_rates": list(source_rates),
-                            "scale": _scale_record(scale), **task_state}, indent=1)
+                            "scale": scale_record(scale), **task_state}, indent=1)
 
     def save_files(directory: Path) -> None:
         tokenizer.save(directory / TOKENIZER)
@@ -358,7 +373,7 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
         skipped_while_indexing=data.skips.total,
         run_info={
             "task": task.name, "init": None if options.init is None else str(options.init), "preset": preset_name,
-            "config": config.to_dict(), "scale": _scale_record(scale),
+            "config": config.to_dict(), "scale": scale_record(scale),
             "world_size": context.world_size, "device": str(context.device), "torch": torch.__version__,
             "python": platform.python_version(), "threads": threads,
             "init_report": None if init_report is None else init_report.summary(),
@@ -393,8 +408,3 @@ def _pretraining_rates(checkpoint: Path, config: E2EVLPConfig):
         if rates:
             return float(rates[0]), float(rates[1])
     return config.lr, config.lr_backbone
-
-
-def default_scale(preset: Optional[str]) -> str:
-    """The transform scale of a model from ``preset``: ``tiny`` for tiny, the paper's otherwise."""
-    return "tiny" if preset == "tiny" else "paper"

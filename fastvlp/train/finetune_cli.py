@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastvlp.cli import positive_int, usage_error
+from fastvlp.data.transforms import SCALE_PRESETS
 from fastvlp.models.presets import list_presets
 from fastvlp.nn.matcher import MATCHER_BACKENDS
 from fastvlp.nn.transformer_layers import ATTENTION_BACKENDS
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detection only: encode the image alone, without its caption")
     parser.add_argument("--num-negatives", type=positive_int, default=None,
                         help="retrieval only: hard negatives per positive (default 3)")
+    parser.add_argument("--scale", choices=sorted(SCALE_PRESETS), default=None,
+                        help="image scale augmentation, paper or tiny (default: the --init checkpoint's, else "
+                             "tiny for the tiny preset and paper for the others); task.json records it for "
+                             "evaluation and prediction")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the model's E2EVLPConfig (repeatable), e.g. --set dropout=0.0")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stop_after=args.stop_after, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
         resume=args.resume, save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every,
         lr=args.lr, attention_backend=args.attention_backend, matcher_backend=args.matcher_backend,
-        device=args.device, num_workers=args.num_workers, vocab=args.vocab, task_options=task_options,
+        device=args.device, num_workers=args.num_workers, vocab=args.vocab, scale=args.scale, task_options=task_options,
         config_overrides=overrides, progress=not args.no_progress,
     )
     try:  # a bad option is a usage error before any work, not a failure of the run

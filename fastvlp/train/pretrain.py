@@ -14,7 +14,8 @@ import torch
 
 from fastvlp.data.exclusion import read_excluded_images
 from fastvlp.data.tokenizer import WordPieceTokenizer
-from fastvlp.data.transforms import ScaleConfig, train_transform
+from fastvlp.data.transforms import (ScaleConfig, check_scale, default_scale, scale_from_record, scale_record,
+                                     train_transform)
 from fastvlp.models.backbone import Backbone
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
@@ -63,11 +64,13 @@ PretrainResult = TrainingResult
 @dataclass
 class PretrainOptions:
     """Everything ``fastvlp pretrain`` takes. ``config_overrides`` change the preset (e.g. a smaller
-    ``d_model`` for tests); ``scale`` is the transform's scale (a ScaleConfig or a preset name; default ``tiny`` for the tiny
-    model preset, ``paper`` otherwise). A resumed run takes its model configuration from the checkpoint:
-    ``preset`` and ``config_overrides`` must agree with it, except the attention and matcher backends; its
-    tokenizer and weights come from the checkpoint too (``vocab`` and ``backbone_weights`` are refused), and
-    ``data`` and ``exclude_images`` must give the corpus it started on."""
+    ``d_model`` for tests); ``scale`` is the images' scale augmentation (a ScaleConfig or a scale name,
+    ``paper`` or ``tiny``; default ``tiny`` for the tiny model preset, ``paper`` otherwise), which each
+    checkpoint records so that fine-tuning from it keeps it. A resumed run takes its model configuration
+    from the checkpoint: ``preset`` and ``config_overrides`` must agree with it, except the attention and
+    matcher backends; its tokenizer and weights come from the checkpoint too (``vocab`` and
+    ``backbone_weights`` are refused); ``data`` and ``exclude_images`` must give the corpus it started on,
+    and ``scale``, when given, the scale it was trained at."""
 
     preset: str
     data: Path
@@ -104,6 +107,8 @@ class PretrainOptions:
         check_config_overrides(get_preset(self.preset), self.config_overrides)
         config = get_preset(self.preset, **_backend_changes(self))
         check_attention_backend(config.attention_backend, device)
+        if self.scale is not None:
+            check_scale(self.scale)
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps: expected 0..max_steps={self.max_steps}, got {self.warmup_steps!r}")
         for name in ("exclude_images", "backbone_weights", "vocab"):
@@ -163,6 +168,9 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
                         options.backbone_weights, resume_from)
         config = _resumed_config(options, resume_from)
         check_attention_backend(config.attention_backend, context.device)  # the checkpoint's, when not given
+        scale = _resumed_scale(options, resume_from)
+    else:
+        scale = options.scale or default_scale(options.preset)
     corpus = read_corpus(Path(options.data), options.exclude_images)
     exclusion = corpus.exclusion
     logger.info("pre-training on %d images; %d records skipped while indexing (%s)", len(corpus.records),
@@ -199,12 +207,13 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
     model.to(context.device)
     optimizer = build_optimizer(model)
     warmup = options.warmup_steps if options.warmup_steps is not None else default_warmup_steps(options.max_steps)
-    scale = options.scale or ("tiny" if options.preset == "tiny" else "paper")
+    logger.info("image scale: %s", scale_record(scale))
 
     def save_files(directory: Path) -> None:
         tokenizer.save(directory / TOKENIZER)
         save_label_spaces(directory, classes, attributes, category_map)
-        ckpt.write_preset(directory, options.preset)  # the image scale follows it, also where the step is copied
+        # Fine-tuning from the step directory (also where it is copied to) reads the preset and scale here.
+        ckpt.write_preset(directory, options.preset, scale_record(scale))
 
     job = TrainingJob(
         model=model,
@@ -241,6 +250,20 @@ def _backend_changes(options: PretrainOptions) -> Dict[str, Any]:
     changes = {name: getattr(options, name) for name in RESUMABLE_CONFIG_FIELDS if getattr(options, name) is not None}
     changes.update(options.config_overrides)
     return changes
+
+
+def _resumed_scale(options: PretrainOptions, checkpoint: Path) -> Union[str, ScaleConfig]:
+    """The image scale ``checkpoint`` was trained at, which a resumed run keeps; another ``scale`` is refused.
+    A checkpoint written before checkpoints recorded it has nothing to check against: ``scale`` or the
+    preset's default is taken as given."""
+    record = ckpt.checkpoint_scale(checkpoint)
+    if record is None:
+        return options.scale or default_scale(options.preset)
+    run_scale = scale_from_record(record, str(checkpoint / ckpt.PRESET_FILE))
+    if options.scale is not None and scale_record(options.scale) != scale_record(run_scale):
+        raise ValueError(f"--scale: the run was trained at {scale_record(run_scale)!r}, this call gives "
+                         f"{scale_record(options.scale)!r}; keep it to resume from {checkpoint}")
+    return run_scale
 
 
 def _resumed_config(options: PretrainOptions, checkpoint: Path) -> E2EVLPConfig:

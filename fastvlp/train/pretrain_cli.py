@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastvlp.cli import usage_error
+from fastvlp.data.transforms import SCALE_PRESETS
 from fastvlp.models.presets import list_presets
 from fastvlp.nn.matcher import MATCHER_BACKENDS
 from fastvlp.nn.transformer_layers import ATTENTION_BACKENDS
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab", type=Path, default=None,
                         help="BERT vocab.txt (default: trained on the captions); refused when --resume continues a "
                              "checkpoint")
+    parser.add_argument("--scale", choices=sorted(SCALE_PRESETS), default=None,
+                        help="image scale augmentation: paper (short side 480..800, long side <= 1333) or tiny "
+                             "(96..128, <= 160); default: tiny for the tiny preset, paper for the others. "
+                             "Checkpoints record it, and fine-tuning from them keeps it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the preset's E2EVLPConfig (repeatable), e.g. --set d_model=64")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warmup_steps=args.warmup_steps, attention_backend=args.attention_backend,
         matcher_backend=args.matcher_backend, device=args.device, num_workers=args.num_workers,
         exclude_images=args.exclude_images, backbone_weights=args.backbone_weights, vocab=args.vocab,
-        progress=not args.no_progress, config_overrides=overrides,
+        scale=args.scale, progress=not args.no_progress, config_overrides=overrides,
     )
     try:  # a bad option is a usage error before any work, not a failure of the run
         options.validate()
