@@ -24,7 +24,8 @@ def check_perfect_beats_wrong(perfect, wrong):
 
 
 def test_simple_tokenizer():
-    assert simple_caption_tokens("A Dog's toy, (red) -- isn't it?") == "a dog 's toy red is n't it"
+    assert simple_caption_tokens("A Dog's toy, (red) -- isn't it?") == "a dog 's toy -lrb- red -rrb- is n't it"
+    assert simple_caption_tokens("x[y]{z}") == "x -lsb- y -rsb- -lcb- z -rcb-"
     assert simple_caption_tokens("...") == ""
     assert simple_caption_tokens("A close-up of a black-and-white T-shirt.") == "a close-up of a black-and-white t-shirt"
     assert simple_caption_tokens("a Café with naïve art") == "a café with naïve art"
@@ -56,6 +57,9 @@ TRICKY_CAPTIONS = [
     "a dog/cat hybrid!!! what?",
     "A man -- on a horse ... riding: fast; yes!",
     "A Dog's toy, -- isn't it?",
+    "A dog (brown) sits.",
+    "Two [red] cats {big} ( here ) and x(y)z",
+    "a sign reads (open",
 ]
 
 

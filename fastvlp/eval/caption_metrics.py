@@ -3,8 +3,8 @@
 The standard pipeline tokenises with the Stanford PTB tokenizer and scores METEOR with its jar, both in
 Java. Without ``java`` the captions are tokenised by :func:`simple_caption_tokens` instead, which follows
 the PTB pipeline on ordinary captions, and METEOR is skipped; the result's ``notes`` and ``skipped`` say so.
-The scores can still differ from the official ones where the captions hold brackets, abbreviations or rare
-contractions. SPICE needs the Stanford CoreNLP models downloaded and is always reported as skipped.
+The scores can still differ from the official ones where the captions hold abbreviations ("Dr.", "U.S."),
+emoticons or rare contractions. SPICE needs the Stanford CoreNLP models downloaded and is always reported as skipped.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ _SPLIT_WORDS = {"cannot": "can not", "gonna": "gon na", "wanna": "wan na", "gott
                 "lemme": "lem me"}
 _SPLIT_WORD = re.compile(r"\b(?:" + "|".join(_SPLIT_WORDS) + r")\b")
 # Single characters that come out of the PTB pipeline as nothing: the tokens pycocoevalcap drops (its
-# PUNCTUATIONS) and the quotes, dashes and ellipsis that the PTB tokenizer turns into them. Brackets differ:
-# the PTB pipeline keeps them as "-lrb-" and the like, since it lower-cases before it compares.
-_DROPPED = "'\"`.,:;-!?()[]{}\u2013\u2014\u2026\u00ab\u00bb\u201c\u201d"
+# PUNCTUATIONS) and the quotes, dashes and ellipsis that the PTB tokenizer turns into them.
+_DROPPED = "'\"`.,:;-!?\u2013\u2014\u2026\u00ab\u00bb\u201c\u201d"
+# Brackets stay: the PTB tokenizer writes them as -LRB- and the like, and pycocoevalcap lower-cases before it
+# drops its PUNCTUATIONS, so "-lrb-" never matches its "-LRB-".
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 # Runs of \w, joined by a hyphen or a slash, by . , : between digits ("3.5", "1,000", "10:30"), or by an
 # apostrophe after a lone d, l, n or o ("o'clock"). A word stops before a final "n't".
 _WORD_PART = r"(?:(?!n't(?!\w))\w)+"
@@ -28,7 +30,7 @@ _TOKEN = re.compile(
     rf"""(?:'(?:s|re|ve|ll|d|m)|n't)(?!\w)   # clitic: "dog's" -> dog 's, "don't" -> do n't
     | {_WORD_PART}(?:{_JOINER}{_WORD_PART})*
     | [!?]{{2,}} | [*#@<>]+                  # runs the PTB tokenizer keeps as one token
-    | [^\w\s{re.escape(_DROPPED)}]           # any other symbol ("&", "%", "$") on its own
+    | [^\w\s{re.escape(_DROPPED)}]           # any other symbol ("&", "%", "$", a bracket) on its own
     """,
     re.VERBOSE,
 )
@@ -43,13 +45,13 @@ def simple_caption_tokens(caption: str) -> str:
     """``caption`` tokenised as the PTB pipeline of pycocoevalcap tokenises it, without Java: lower-cased
     tokens separated by single spaces, with punctuation and quotes dropped; hyphenated words ("t-shirt"),
     numbers ("3.5", "1,000", "10:30") and non-ASCII letters kept whole; clitics split off ("dog's" ->
-    "dog 's", "don't" -> "do n't", "cannot" -> "can not"); other symbols ("&", "%") kept as tokens.
-    Brackets are dropped, where the PTB pipeline keeps "-lrb-" and the like."""
+    "dog 's", "don't" -> "do n't", "cannot" -> "can not"); brackets written as the PTB pipeline writes them
+    ("(" -> "-lrb-", "]" -> "-rsb-"); other symbols ("&", "%") kept as tokens."""
     if not isinstance(caption, str):
         raise TypeError(f"caption: expected str, got {type(caption).__name__}")
     text = caption.lower().replace("\u2018", "'").replace("\u2019", "'")  # typographic apostrophes
     text = _SPLIT_WORD.sub(lambda match: _SPLIT_WORDS[match.group()], text)
-    return " ".join(_TOKEN.findall(text))
+    return " ".join(_BRACKETS.get(token, token) for token in _TOKEN.findall(text))
 
 
 def _check_inputs(predictions, references):
