@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 
 from fastvlp.data.images import load_rgb_image
@@ -33,6 +34,8 @@ ImageLike = Union[str, Path, Image.Image]
 TWO_IMAGE_TASKS = ("nlvr2",)  # the tasks that take image2
 TEXTLESS_TASKS = ("caption",)  # the tasks that take no text
 GENERATION_TASKS = ("caption",)  # the tasks that take num_beams and max_length
+TOP_K_TASKS = ("vqa", "detection")  # the tasks that take top_k: answers, boxes
+DEFAULT_TOP_K = 5
 
 
 class Predictor:
@@ -64,7 +67,12 @@ class Predictor:
             config = config.replace(attention_backend=attention_backend)
         state = saved_task_state(saved)
         model = task.build_model(config, state)
-        load_model(model, str(checkpoint / "model.safetensors"), strict=True)
+        try:
+            load_model(model, str(checkpoint / "model.safetensors"), strict=True)
+        except (SafetensorError, RuntimeError) as error:  # a damaged file, or weights of another model
+            first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise ValueError(f"checkpoint: {checkpoint / 'model.safetensors'} does not hold the weights its "
+                             f"{CONFIG_FILE} and {TASK_FILE} describe ({first_line})") from None
         model.to(device).eval()
         tokenizer = WordPieceTokenizer.load(checkpoint / TOKENIZER)
         return cls(task, model, tokenizer, saved_scale(saved), device)
@@ -87,16 +95,27 @@ class Predictor:
         return given
 
     def predict(self, image: ImageLike, *, image2: Optional[ImageLike] = None, text: Optional[str] = None,
-                top_k: int = 5, num_beams: Optional[int] = None, max_length: Optional[int] = None) -> Dict[str, Any]:
+                top_k: Optional[int] = None, num_beams: Optional[int] = None,
+                max_length: Optional[int] = None) -> Dict[str, Any]:
         """The task's prediction for one example (see ``fastvlp predict --help`` for each task's output).
-        ``image2``: NLVR2's right image (needed there, refused elsewhere); ``text``: refused by captioning.
-        ``num_beams`` (default 4, 1 is greedy) and ``max_length`` (default 20, or the model's
-        ``max_text_len`` when shorter): captioning only."""
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
+        ``image2``: NLVR2's right image (needed there, refused elsewhere); ``text``: refused by captioning,
+        and by a detection checkpoint fine-tuned without text. ``top_k`` (default 5): VQA's answers and
+        detection's boxes, the highest-scoring first; refused by the other tasks. ``num_beams`` (default 4,
+        1 is greedy) and ``max_length`` (default 20, or the model's ``max_text_len`` when shorter):
+        captioning only."""
+        name = self.task.name
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"top_k: expected a positive int, got {top_k!r}")
+            if name not in TOP_K_TASKS:
+                raise ValueError(f"top_k: expected none for the {name} task "
+                                 f"(only {' and '.join(TOP_K_TASKS)} rank their outputs)")
+        top_k = DEFAULT_TOP_K if top_k is None else top_k
         if text is not None and not isinstance(text, str):
             raise TypeError(f"text: expected a str, got {type(text).__name__}")
-        name = self.task.name
+        if name == "detection" and text is not None and not getattr(self.model, "with_text", True):
+            raise ValueError("text: expected none for this detection checkpoint, which was fine-tuned without "
+                             "text (--no-text) and encodes the image alone")
         if name in TWO_IMAGE_TASKS and image2 is None:
             raise ValueError(f"image2: expected the right image, which the {name} task needs, got None")
         if name not in TWO_IMAGE_TASKS and image2 is not None:

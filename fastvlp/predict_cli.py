@@ -19,14 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="vqa: top-k answers with scores (--text is the question); nlvr2: true or false with a "
                     "probability (--image, --image2, --text); caption: the caption (no --text; --num-beams and "
                     "--max-length set the decoding); retrieval: the image-text score; detection: boxes (x1, y1, "
-                    "x2, y2 in the image's pixels), labels and scores (--text: the paired caption, optional).",
+                    "x2, y2 in the image's pixels), labels and scores of the --top-k best (--text: the paired caption, "
+                    "optional, refused by a checkpoint fine-tuned with --no-text).",
     )
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--task", required=True, choices=TASKS, help="must match the checkpoint's task.json")
     parser.add_argument("--image", required=True, type=Path)
     parser.add_argument("--image2", type=Path, default=None, help="nlvr2 only, and needed there: the right image")
     parser.add_argument("--text", default=None, help="the question, statement or caption (not taken by --task caption)")
-    parser.add_argument("--top-k", type=positive_int, default=5)
+    parser.add_argument("--top-k", type=positive_int, default=None,
+                        help="vqa: the answers, detection: the boxes, highest-scoring first (default 5); "
+                             "not taken by the other tasks")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     add_generation_options(parser)
     return parser
@@ -40,7 +43,14 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"argument --image2: expected only with --task nlvr2 (the {args.task} task takes one image)")
     if args.task == "caption" and args.text is not None:
         parser.error("argument --text: expected none with --task caption, which takes no text")
+    if args.top_k is not None and args.task not in ("vqa", "detection"):
+        parser.error(f"argument --top-k: expected only with --task vqa or detection (the {args.task} task "
+                     f"ranks no outputs)")
     check_generation_options(parser, args)
+    for option in ("image", "image2"):  # before the checkpoint loads
+        path = getattr(args, option)
+        if path is not None and not path.is_file():
+            parser.error(f"argument --{option}: no such file: {path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

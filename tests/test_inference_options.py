@@ -2,6 +2,8 @@
 captioning's ``--num-beams`` / ``--max-length``, NLVR2's second image, and the usage errors for inputs a task
 does not take (2-step caption and NLVR2 runs of a very small model, CPU)."""
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -155,6 +157,15 @@ def test_inputs_a_task_does_not_take_are_usage_errors(tmp_path, capsys):
     assert "argument --image2: expected the right image, which --task nlvr2 needs" in err
     err = _usage_error([*predict, "--task", "caption", "--text", "a caption"], capsys)
     assert "argument --text: expected none with --task caption" in err
+    for task, extra in (("nlvr2", ["--image2", image, "--text", "s"]), ("caption", []), ("retrieval", ["--text", "c"])):
+        err = _usage_error([*predict, "--task", task, "--top-k", "2", *extra], capsys)
+        assert f"argument --top-k: expected only with --task vqa or detection (the {task} task ranks" in err
+    # with the inputs right, a missing image file is named before the checkpoint would load
+    err = _usage_error([*predict, "--task", "vqa", "--text", "q", "--top-k", "2"], capsys)
+    assert f"argument --image: no such file: {image}" in err
+    (tmp_path / "a.jpg").write_bytes(b"")
+    err = _usage_error([*predict, "--task", "nlvr2", "--text", "s", "--image2", str(tmp_path / "b.jpg")], capsys)
+    assert f"argument --image2: no such file: {tmp_path / 'b.jpg'}" in err
 
 
 def test_predictor_refuses_inputs_its_task_does_not_take(caption_checkpoint, nlvr2_checkpoint, data, tmp_path, capsys):
@@ -164,6 +175,8 @@ def test_predictor_refuses_inputs_its_task_does_not_take(caption_checkpoint, nlv
         caption.predict(image, text="a caption")
     with pytest.raises(ValueError, match=r"image2: expected none for the caption task \(only nlvr2"):
         caption.predict(image, image2=image)
+    with pytest.raises(ValueError, match=r"top_k: expected none for the caption task \(only vqa and detection"):
+        caption.predict(image, top_k=2)
     for bad in (0, True):
         with pytest.raises(ValueError, match="num_beams: expected a positive int"):
             caption.predict(image, num_beams=bad)
@@ -186,3 +199,35 @@ def test_predictor_refuses_inputs_its_task_does_not_take(caption_checkpoint, nlv
         nlvr2.predict(image, image2=image, text="a statement", num_beams=1)
     with pytest.raises(ValueError, match=r"max_length: expected none for the nlvr2 task \(only caption"):
         nlvr2.evaluate(data, max_length=5)
+    with pytest.raises(ValueError, match=r"top_k: expected none for the nlvr2 task"):
+        nlvr2.predict(image, image2=image, text="a statement", top_k=1)
+
+
+def test_a_detection_checkpoint_without_text_refuses_text(data, tmp_path):
+    options = FinetuneOptions(task="detection", preset="tiny", data=data, out=tmp_path / "run", max_steps=1,
+                              batch_size=2, progress=False, device="cpu", scale=SMALL_SCALE,
+                              config_overrides=dict(SMALL_MODEL), task_options={"with_text": False})
+    predictor = Predictor.from_checkpoint(run_finetuning(options).checkpoint, device="cpu")
+    image = read_caption_records(data, "val").records[0].image_path
+    with pytest.raises(ValueError, match=r"^text: expected none for this detection checkpoint, which was fine-tuned "
+                                         r"without text \(--no-text\)"):
+        predictor.predict(image, text="a red circle")
+    output = predictor.predict(image, top_k=3)
+    assert output["text"] is None and len(output["detections"]) == 3
+
+
+def test_weights_that_do_not_fit_the_checkpoint_are_named(caption_checkpoint, nlvr2_checkpoint, data, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(caption_checkpoint, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"^checkpoint: {re.escape(str(weights))} does not hold the weights its "
+                                         r"config.json and task.json describe \("):
+        Predictor.from_checkpoint(damaged, device="cpu")
+    shutil.copy(nlvr2_checkpoint / "model.safetensors", weights)  # another task's heads
+    with pytest.raises(ValueError, match=r"does not hold the weights its config.json and task.json describe"):
+        Predictor.from_checkpoint(damaged, device="cpu")
+    image = read_caption_records(data, "val").records[0].image_path
+    code = main(["predict", "--task", "caption", "--checkpoint", str(damaged), "--image", str(image), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"fastvlp predict: checkpoint: {weights} does not hold") and "Traceback" not in err

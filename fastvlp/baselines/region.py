@@ -79,9 +79,17 @@ class RegionPipeline(nn.Module):
         A test-time feature extractor: call ``.eval()`` first (torchvision's RPN wants targets in training)."""
         if self.training:
             raise RuntimeError("RegionPipeline extracts features at test time only: call .eval() first")
-        res4 = self.backbone(images)
+        # The text is checked before the detector's ResNet runs, the costly part.
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError(f"images: expected a [B, 3, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
         if input_ids.shape[0] != images.shape[0]:
             raise ValueError(f"input_ids: expected {images.shape[0]} rows like the images, got {input_ids.shape[0]}")
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected the shape of input_ids {list(input_ids.shape)}, got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask))}")
+        res4 = self.backbone(images)
         image_size = tuple(images.shape[-2:])
         detections = self.roi_heads(res4, self.rpn(images, res4), image_size)
         return RegionOutput(self.bert(input_ids, attention_mask, detections, image_size), detections)

@@ -97,7 +97,7 @@ def generate_captions(
     Returns one list per image of at most ``max_length`` generated ids, without ``bos_id`` and without
     the final ``eos_id``. ``num_beams=1`` decodes greedily; otherwise beam search (module docstring) with
     GNMT's length penalty exponent ``length_penalty``. ``use_cache`` decodes with per-layer key/value
-    caches (same result, O(t) per step). ``encoded`` may replace the images with a precomputed
+    caches (same result, O(t) per step). ``encoded`` may replace the images (both None then) with a precomputed
     ``model.encode_image_only`` output. ``return_scores`` also returns each caption's score: its summed
     log-probability (greedy) or that sum divided by the length penalty (beam search).
 
@@ -110,6 +110,8 @@ def generate_captions(
         with torch.no_grad():
             if encoded is None:
                 encoded = model.encode_image_only(images, pixel_mask)
+            elif images is not None or pixel_mask is not None:
+                raise ValueError("images, pixel_mask: expected None when encoded is given (it replaces them)")
             elif not isinstance(encoded, EncoderOutput):
                 raise TypeError(f"encoded: expected an EncoderOutput, got {type(encoded).__name__}")
             elif encoded.text_length != 0:
