@@ -3,6 +3,7 @@ refuses to report an uncompiled fallback or a compilation inside the timed calls
 import datetime
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -78,3 +79,23 @@ def test_compiled_timing_refuses_a_compilation_inside_the_timed_calls():
     assert len(timings) == 2 and all(value > 0 for value in timings)
     with pytest.raises(ValueError, match="warmup"):
         common.time_compiled_calls(common.time_host_calls, lambda index: None, repeats=1, warmup=0)
+
+
+def test_drift_flags_timings_that_were_still_falling():
+    settled = common.result_row("x", "c", "s", [1.0, 1.02, 0.99, 1.01, 1.0, 0.98])
+    assert settled["drift"] == pytest.approx(1.0) and settled["settled"] is True
+    falling = common.result_row("x", "c", "s", [11.9, 7.5, 5.1, 3.9, 2.8, 1.8, 1.7, 1.75])
+    assert falling["drift"] == pytest.approx(6.3 / 1.775) and falling["settled"] is False
+    assert "drift" not in common.result_row("x", "c", "s", [1.0, 2.0, 3.0]) and not common.unsettled({})
+
+
+def test_warm_up_lasts_for_the_calls_and_the_time_asked():
+    calls, synced = [], []
+    assert common.warm_up(calls.append, 3, 0.0, lambda: synced.append(1)) == 3
+    assert calls == [0, 1, 2] and len(synced) == 3
+    start = time.perf_counter()
+    made = common.warm_up(lambda index: time.sleep(0.01), 1, 0.05)
+    assert made >= 4 and time.perf_counter() - start >= 0.05
+    # the timed calls take the indices after the warm-up's
+    seen = []
+    assert len(common.time_host_calls(seen.append, repeats=2, warmup=3)) == 2 and seen == [0, 1, 2, 3, 4]

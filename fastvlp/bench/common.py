@@ -244,41 +244,92 @@ def error_reason(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {error}".replace("\n", " ")[:limit]
 
 
+# Settled timings of one contender differ by a few per cent; a first half this much slower than the second
+# means the contender was still warming up (clocks, caches, allocator) while it was timed.
+DRIFT_LIMIT = 1.15
+# Warm-up lasts at least this long on a GPU, whatever the call count: a fixed count of fast calls can end
+# before the GPU's clocks have risen.
+MIN_CUDA_WARMUP_S = 0.3
+_SPUN_UP: set = set()
+
+
 def summarize(raw_ms: Sequence[float]) -> Dict[str, float]:
-    """Median and 10th/90th percentiles of a list of timings in ms."""
+    """Median and 10th/90th percentiles of a list of timings in ms, and, from six timings on, ``drift``: the
+    median of the first half over the median of the second (about 1 once the timings have settled)."""
     ordered = sorted(raw_ms)
     if not ordered:
         raise ValueError("raw_ms must not be empty")
     if len(ordered) == 1:
         return {"median_ms": ordered[0], "p10_ms": ordered[0], "p90_ms": ordered[0]}
     deciles = statistics.quantiles(ordered, n=10, method="inclusive")
-    return {"median_ms": statistics.median(ordered), "p10_ms": deciles[0], "p90_ms": deciles[-1]}
+    summary = {"median_ms": statistics.median(ordered), "p10_ms": deciles[0], "p90_ms": deciles[-1]}
+    if len(raw_ms) >= 6:
+        half = len(raw_ms) // 2
+        later = statistics.median(raw_ms[-half:])
+        summary["drift"] = statistics.median(raw_ms[:half]) / later if later > 0 else float("nan")
+    return summary
+
+
+def unsettled(row: Dict[str, object]) -> bool:
+    """Whether a row's timings were still falling (or rising) while it was timed (see ``DRIFT_LIMIT``)."""
+    drift = row.get("drift")
+    return isinstance(drift, float) and not (1 / DRIFT_LIMIT <= drift <= DRIFT_LIMIT)
+
+
+def spin_up(device: Optional[torch.device] = None, seconds: float = 1.0) -> None:
+    """Keep the GPU busy with matrix products for about ``seconds``, once per process and device, so that
+    its clocks have risen before the first contender is timed: otherwise the first contender of a run pays
+    for the ramp, and it is the same contender every run."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if device.type != "cuda" or device in _SPUN_UP:
+        return
+    _SPUN_UP.add(device)
+    a = torch.randn(4096, 4096, device=device, dtype=torch.float16)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(8):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
+
+
+def warm_up(call: Callable[[int], object], calls: int, min_seconds: float = 0.0,
+            synchronize: Callable[[], object] = lambda: None) -> int:
+    """Call ``call(i)`` at least ``calls`` times and until ``min_seconds`` have passed (``synchronize`` runs
+    after each call, so that the time counts finished work); returns how many calls were made."""
+    start, index = time.perf_counter(), 0
+    while index < calls or time.perf_counter() - start < min_seconds:
+        call(index)
+        synchronize()
+        index += 1
+    return index
 
 
 def time_host_calls(call: Callable[[int], object], repeats: int, warmup: int = 2) -> List[float]:
-    """Wall time in ms of ``call(i)`` for ``i`` in ``range(repeats)``, after ``warmup`` calls.
+    """Wall time in ms of ``call(i)`` for ``repeats`` calls, after ``warmup`` calls.
     The index lets each call take a fresh input from a pool."""
-    for index in range(warmup):
-        call(index)
+    done = warm_up(call, warmup)
     timings = []
     for index in range(repeats):
         start = time.perf_counter()
-        call(warmup + index)
+        call(done + index)
         timings.append((time.perf_counter() - start) * 1e3)
     return timings
 
 
-def time_cuda_calls(call: Callable[[int], object], repeats: int, warmup: int = 3) -> List[float]:
-    """Device time in ms of ``call(i)`` between CUDA events, each call synchronised, after warm-up.
-    A call that synchronises with the host inside is charged for it, as it should be."""
-    for index in range(warmup):
-        call(index)
-    torch.cuda.synchronize()
+def time_cuda_calls(call: Callable[[int], object], repeats: int, warmup: int = 3,
+                    min_warmup_s: float = MIN_CUDA_WARMUP_S) -> List[float]:
+    """Latency in ms of ``call(i)`` between CUDA events, each call synchronised (so host launch time counts
+    where the GPU waits for it), after :func:`spin_up` and a warm-up of at least ``warmup`` calls and
+    ``min_warmup_s`` seconds. A call that synchronises with the host inside is charged for it, as it
+    should be."""
+    spin_up()
+    done = warm_up(call, warmup, min_warmup_s, torch.cuda.synchronize)
     timings = []
     for index in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        call(warmup + index)
+        call(done + index)
         end.record()
         end.synchronize()
         timings.append(start.elapsed_time(end))
@@ -287,7 +338,10 @@ def time_cuda_calls(call: Callable[[int], object], repeats: int, warmup: int = 3
 
 def result_row(name: str, contender: str, shape: str, raw_ms: Iterable[float], **extra) -> Dict[str, object]:
     raw = [float(value) for value in raw_ms]
-    return {"name": name, "contender": contender, "shape": shape, **summarize(raw), "raw_ms": raw, **extra}
+    row = {"name": name, "contender": contender, "shape": shape, **summarize(raw), "raw_ms": raw, **extra}
+    if "drift" in row:
+        row["settled"] = not unsettled(row)
+    return row
 
 
 def unavailable_row(name: str, contender: str, shape: str, reason: str, **extra) -> Dict[str, object]:
