@@ -99,8 +99,9 @@ attention_at_ref() {  # the fused attention of $ATTENTION_REF_COMMIT and of this
   local ref=$ATTENTION_REF_COMMIT tree out; tree=$(mktemp -d)
   case $RESULTS_DIR in /*) out=$RESULTS_DIR ;; *) out=$(pwd)/$RESULTS_DIR ;; esac
   git archive "$ref" fastvlp | tar -x -C "$tree" || { echo "cannot read fastvlp/ at $ref"; return 1; }
-  # The old package runs from its own folder (its Triton kernels need no build) with its own benchmark code.
-  (cd "$tree" && PYTHONPATH="$tree" "$PYTHON" -m fastvlp bench attention --scenarios E X \
+  # The old package runs from its own folder (its Triton kernels need no build) with its own benchmark code;
+  # that folder has no .git, so its files are told their commit.
+  (cd "$tree" && PYTHONPATH="$tree" FASTVLP_BENCH_GIT_COMMIT=$ref "$PYTHON" -m fastvlp bench attention --scenarios E X \
      --contenders fastvlp sdpa-cudnn --out-dir "$out/attention-at-${ref:0:9}") || return 1
   "$PYTHON" -m fastvlp bench attention --scenarios E X --contenders fastvlp sdpa-cudnn \
     --out-dir "$out/attention-at-head"

@@ -82,3 +82,16 @@ def test_the_script_stops_without_a_gpu_and_records_why(tmp_path):
     assert summary["failed_steps"] == ["gpu-check"] and summary["ok"] is False
     assert [step["name"] for step in summary["steps"]] == ["gpu-check"]  # nothing ran after it
     assert (summary_path.parent / "logs" / "gpu-check.log").exists()
+
+
+def test_summary_lists_the_comparison_runs_files_in_subfolders(tmp_path):
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("bench-attention-ref\tok\t60\tlog: logs/bench-attention-ref.log\n")
+    old = tmp_path / "attention-at-0f64823" / "nvidia-h100"
+    old.mkdir(parents=True)
+    _write(old / "attention.json", {"complete": True, "provenance": {"run_id": "R2", "git_commit": "0f64823"}})
+    _write(tmp_path / "gpu_run_e2e.json", {"steps": []})  # an earlier call's summary, not a result file
+    summary = run_summary.summarize_run(tmp_path, run_summary.read_steps(steps), "R2")
+    files = {entry["file"]: entry for entry in summary["files"]}
+    assert list(files) == ["attention-at-0f64823/nvidia-h100/attention.json"]
+    assert files["attention-at-0f64823/nvidia-h100/attention.json"]["git_commit"] == "0f64823"

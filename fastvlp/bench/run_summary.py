@@ -37,19 +37,22 @@ def read_steps(path: Path) -> List[Dict[str, object]]:
 
 
 def result_files(results_dir: Path, run_id: str) -> List[Dict[str, object]]:
-    """Each ``*.json`` result file in ``results_dir``: whether this run wrote it and whether it is complete."""
+    """Each ``*.json`` result file under ``results_dir`` (the comparison runs' subfolders included), named by
+    its path relative to it: whether this run wrote it and whether it is complete."""
     files = []
-    for path in sorted(Path(results_dir).glob("*.json")):
-        if path.name == "gpu_run.json":
+    root = Path(results_dir)
+    for path in sorted(root.rglob("*.json")):
+        if path.name.startswith("gpu_run"):
             continue
+        name = path.relative_to(root).as_posix()
         try:
             payload = json.loads(path.read_text())
         except (OSError, ValueError) as error:
-            files.append({"file": path.name, "this_run": False, "complete": None,
+            files.append({"file": name, "this_run": False, "complete": None,
                           "note": f"unreadable: {type(error).__name__}"})
             continue
         origin = payload.get("provenance") or {}
-        files.append({"file": path.name, "this_run": origin.get("run_id") == run_id,
+        files.append({"file": name, "this_run": origin.get("run_id") == run_id,
                       "complete": payload.get("complete"), "run_id": origin.get("run_id"),
                       "git_commit": origin.get("git_commit")})
     return files
