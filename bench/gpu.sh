@@ -173,7 +173,7 @@ export FASTVLP_BENCH_GPU_TESTS
 step bench-train-step 300 bash -c train_step
 step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda --out-dir "$RESULTS_ROOT"
 step bench-generation 200 $PYTHON -m fastvlp bench generation --preset e2e-vlp-6-r50 --device cuda --batch-size 16 \
-  --max-length 20 --repeats 5 --out-dir "$RESULTS_ROOT"
+  --max-length 20 --repeats 6 --out-dir "$RESULTS_ROOT"
 step bench-attention 540 $PYTHON -m fastvlp bench attention --out-dir "$RESULTS_ROOT"
 if [ -n "$ATTENTION_REF_COMMIT" ]; then
   step bench-attention-ref 300 bash -c attention_at_ref
@@ -181,7 +181,7 @@ fi
 step bench-attention-tiles 360 $PYTHON -m fastvlp.bench.attention_tiles --out-dir "$RESULTS_ROOT"
 step bench-e2e 400 $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
   --batch-size 1 --repeats 20 --amp ${E2E_COMPILE:+--compile} --out "$RESULTS_DIR/e2e.json"
-step bench-attention-overhead 90 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
+step bench-attention-overhead 150 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
 if [ -n "${SKIP_SANITIZER:-}" ]; then
   echo "=== sanitizer: skipped (SKIP_SANITIZER is set)"
   record sanitizer skipped 0 "SKIP_SANITIZER is set"

@@ -91,7 +91,11 @@ def test_overhead_rows_cover_every_contender_and_mode():
                     ("fastvlp-registered-op", "fwd+bwd"), ("fastvlp-kernel-launchers", "fwd"),
                     ("fastvlp-kernel-launchers", "bwd"), ("fastvlp-kernel-launchers-worker-thread", "bwd"),
                     ("worker-thread-round-trip", "no-op"), ("sdpa-default", "fwd"), ("sdpa-default", "fwd+bwd")}
-    assert all(row["host_us"] > 0 and row["median_ms"] > 0 for row in rows)
+    assert all(row["host_us"] > 0 and row["device_us"] > 0 and row["latency_us"] > 0 for row in rows)
+    assert all(row["device_us"] == pytest.approx(row["median_ms"] * 1e3) for row in rows)
+    # Device time excludes the host's issue time that the per-call-synchronised latency includes.
+    launchers = next(row for row in rows if row["contender"] == "fastvlp-kernel-launchers" and row["mode"] == "fwd")
+    assert launchers["device_us"] <= launchers["latency_us"]
 
 
 @pytest.mark.parametrize("scenario", attention.scenarios(), ids=lambda scenario: scenario["name"])
@@ -289,3 +293,101 @@ def test_the_attention_cli_marks_files_written_mid_run_as_partial(tmp_path, monk
     assert written[0]["complete"] is False
     final = json.loads((tmp_path / "fake-gpu" / "attention.json").read_text())
     assert final["complete"] is True and final["repeats"] == 3 and "provenance" in final
+
+
+# ---------------------------------------------------------------- timing order, checks and summaries
+
+def test_rotated_starts_each_pass_one_further_along():
+    assert attention.rotated("abc", 0) == ["a", "b", "c"]
+    assert attention.rotated("abc", 1) == ["b", "c", "a"]
+    assert attention.rotated("abc", 5) == ["c", "a", "b"]
+    assert attention.rotated([], 3) == []
+
+
+def test_scenario_names_are_the_scenarios():
+    assert tuple(scenario["name"] for scenario in attention.scenarios()) == attention.SCENARIO_NAMES
+
+
+def test_contenders_are_timed_in_a_rotated_order_and_reported_in_a_fixed_one(monkeypatch):
+    built = []
+    for name in ("fastvlp", "sdpa-math"):
+        def logged(scenario, dropout_p, setup, name=name, builder=attention.CONTENDERS[name]):
+            built.append((scenario["name"], dropout_p, name))
+            return builder(scenario, dropout_p, setup)
+        monkeypatch.setitem(attention.CONTENDERS, name, logged)
+    rows = cpu_run(["fastvlp", "sdpa-math"], count=2)
+    # Four passes (two scenarios, two dropouts): the first contender timed alternates.
+    assert [contender for _, _, contender in built] == ["fastvlp", "sdpa-math", "sdpa-math", "fastvlp"] * 2
+    timed = [row for row in rows if row["mode"] != "mask build"]
+    for start in range(0, len(timed), 4):  # each pass: fastvlp's two rows, then sdpa-math's
+        assert [row["contender"] for row in timed[start:start + 4]] == ["fastvlp"] * 2 + ["sdpa-math"] * 2
+    positions = [row["timing_position"] for row in timed if row["contender"] == "fastvlp" and row["mode"] == "fwd"]
+    assert positions == [0, 1, 0, 1]
+
+
+def test_module_rows_count_their_projections_in_tflops():
+    rows = cpu_run(["fastvlp", "torch-mha (module)"])
+    scenario = tiny_scenarios(1)[0]
+    core = 4.0 * scenario["head_dim"] * scenario["heads"] * rows[0]["visible_pairs"]
+    projections = 2.0 * 2 * 16 * 16 * (2 * 5 + 2 * 12)  # B=2, E=H*D=16, Lq=5, Lk=12
+    assert attention.projection_flops(scenario) == projections
+    expected = {("fastvlp", "fwd"): core, ("fastvlp", "fwd+bwd"): 3.5 * core,
+                ("torch-mha (module)", "fwd"): core + projections,
+                ("torch-mha (module)", "fwd+bwd"): 3.5 * core + 3 * projections}
+    for row in rows:
+        if row["mode"] != "mask build" and row["dropout_p"] == 0.0:
+            flops = row["tflops"] * 1e12 * row["median_ms"] * 1e-3
+            assert flops == pytest.approx(expected[row["contender"], row["mode"]], rel=1e-9)
+
+
+def test_a_gradient_check_that_raises_leaves_the_row_not_checked(monkeypatch):
+    def failing_check(*args, **kwargs):
+        raise RuntimeError("out of memory in the check")
+
+    monkeypatch.setattr(attention, "_input_gradients", failing_check)
+    rows = cpu_run(["fastvlp", "sdpa-math"])
+    by_key = {(row["contender"], row["mode"], row["dropout_p"]): row for row in rows}
+    for contender in ("fastvlp", "sdpa-math"):
+        checked = by_key[(contender, "fwd+bwd", 0.0)]
+        assert checked["status"] == "not checked: RuntimeError: out of memory in the check"
+        assert checked["raw_ms"] and "checked_against" not in checked  # timed, but not as if checked
+        assert "status" not in by_key[(contender, "fwd", 0.0)]
+        assert "status" not in by_key[(contender, "fwd+bwd", 0.1)]  # not checked is not a wrong result
+    summary = attention.speedup_summary(rows).splitlines()[1:]
+    assert [line.split()[:3] for line in summary] == [["tiny0", "0.0", "fwd"], ["tiny0", "0.1", "fwd"],
+                                                      ["tiny0", "0.1", "fwd+bwd"]]
+
+
+def test_speedup_summary_names_rows_that_had_not_settled():
+    def row(contender, mode, median_ms, drift):
+        return {"name": "E", "dropout_p": 0.0, "mode": mode, "contender": contender, "median_ms": median_ms,
+                "drift": drift}
+
+    rows = [row("fastvlp", "fwd", 2.0, 1.40), row("sdpa-cudnn", "fwd", 3.0, 1.01),
+            row("fastvlp", "fwd+bwd", 4.0, 1.02), row("sdpa-cudnn", "fwd+bwd", 5.0, 0.98),
+            row("sdpa-math", "fwd+bwd", 9.0, 0.5)]
+    lines = attention.speedup_summary(rows).splitlines()
+    assert lines[1].split()[3:] == ["2.000", "sdpa-cudnn", "3.000", "1.50x", "unsettled:", "fastvlp", "(drift",
+                                    "1.40)"]
+    # A slower peer that had not settled could have been the best: the ratio names it too.
+    assert lines[2].endswith("1.25x  unsettled: sdpa-math (drift 0.50)")
+    assert lines[3] == attention.UNSETTLED_FOOTNOTE
+    settled = [dict(r, drift=1.0) for r in rows]
+    assert not any("unsettled" in line for line in attention.speedup_summary(settled).splitlines())
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--scenarios", "E", "Q"], "--scenarios: unknown ['Q']; expected names from E X S C-self C-cross standard"),
+    (["--contenders", "nope"], "--contenders: unknown ['nope']; expected names from fastvlp"),
+    (["--warmup", "0"], "--warmup >= 1"),
+])
+def test_the_attention_cli_rejects_bad_arguments(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        attention.main(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_rejects_unknown_scenario_names():
+    with pytest.raises(ValueError, match="names: unknown"):
+        attention.run(names=["Q"], device="cpu", scenario_list=tiny_scenarios(1), progress=False)

@@ -56,17 +56,19 @@ def test_sweep_runs_each_tile_and_checks_it_against_the_reference():
     # The library's autotuner state is back as it was.
     assert attention_forward_kernel.configs is tuned_before[0] and attention_forward_kernel.cache is tuned_before[1]
     swept = {"16x32 w%d s1" % (4 if DEVICE == "cuda" else 1), "32x16 w%d s1" % (4 if DEVICE == "cuda" else 1)}
-    for dropout_p in (0.0, 0.25):
-        for kernel in attention_tiles.KERNELS:
-            group = [row for row in rows if row["kernel"] == kernel and row["dropout_p"] == dropout_p]
-            tiles = [row["tile"] for row in group]
-            assert set(tiles[:2]) == swept and tiles[2].startswith("autotuned: "), tiles
-            for row in group:
-                assert "status" not in row, row.get("status")
-                assert row["median_ms"] > 0 and len(row["raw_ms"]) == 1
-                # float32 kernels against the float32 reference with the same dropout mask
-                assert row["max_abs_diff_vs_reference"] < 1e-4
-            assert all(isinstance(row["kept_by_pruning"], bool) for row in group[:2])
+    for group_index, (dropout_p, kernel) in enumerate((p, kernel) for p in (0.0, 0.25)
+                                                      for kernel in attention_tiles.KERNELS):
+        group = [row for row in rows if row["kernel"] == kernel and row["dropout_p"] == dropout_p]
+        tiles = [row["tile"] for row in group]
+        assert set(tiles[:2]) == swept and tiles[2].startswith("autotuned: "), tiles
+        # Each group is timed one further along the list, so no run is always first; rows keep the list's order.
+        assert [row["timing_position"] for row in group] == [(index - group_index) % 3 for index in range(3)]
+        for row in group:
+            assert "status" not in row, row.get("status")
+            assert row["median_ms"] > 0 and len(row["raw_ms"]) == 1
+            # float32 kernels against the float32 reference with the same dropout mask
+            assert row["max_abs_diff_vs_reference"] < 1e-4
+        assert all(isinstance(row["kept_by_pruning"], bool) for row in group[:2])
 
 
 @needs_kernels
@@ -122,3 +124,25 @@ def test_sweep_rejects_bad_arguments(arguments, message, capsys):
     with pytest.raises(SystemExit):
         attention_tiles.main(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_summary_names_tiles_whose_timings_had_not_settled():
+    rows = [
+        {"name": "E", "dropout_p": 0.0, "kernel": "forward", "tile": "128x64 w4 s3", "median_ms": 1.0, "drift": 1.3},
+        {"name": "E", "dropout_p": 0.0, "kernel": "forward", "tile": "autotuned: 128x64 w4 s3", "median_ms": 1.1,
+         "drift": 1.0},
+        {"name": "E", "dropout_p": 0.1, "kernel": "forward", "tile": "128x64 w4 s3", "median_ms": 1.0, "drift": 1.0},
+        {"name": "E", "dropout_p": 0.1, "kernel": "forward", "tile": "autotuned: 128x64 w4 s3", "median_ms": 1.0,
+         "drift": 1.0},
+    ]
+    lines = attention_tiles.tile_summary(rows).splitlines()
+    assert lines[1].endswith("1.10  unsettled: 128x64 w4 s3 (drift 1.30)")
+    assert lines[2].endswith("1.00")
+    assert lines[3].startswith("unsettled: the median of the first half")
+
+
+def test_sweep_cli_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit):
+        attention_tiles.main(["--kernels", "softmax"])
+    assert "--kernels: unknown ['softmax']; expected names from forward backward-dq backward-dkdv" in \
+        capsys.readouterr().err

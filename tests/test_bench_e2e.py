@@ -2,6 +2,7 @@
 guards that keep a compiled row from reporting an uncompiled or compiling run as a timing."""
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from fastvlp.bench import e2e
 from fastvlp.bench.e2e import E2EQuery, RegionQuery, _compiled, build_contenders, main
 
 TINY = ["--device", "cpu", "--preset", "tiny", "--image-sizes", "64x64", "--native-size", "64x96", "--batch-size", "1",
-        "--repeats", "2", "--warmup", "0", "--bert-layers", "1", "--bert-hidden", "64", "--rpn-pre-nms", "300",
+        "--repeats", "2", "--warmup", "1", "--bert-layers", "1", "--bert-hidden", "64", "--rpn-pre-nms", "300",
         "--rpn-post-nms", "20", "--text-length", "6"]
 
 
@@ -23,15 +24,17 @@ def test_e2e_bench_writes_every_row_and_stage(tmp_path):
     assert main(TINY + ["--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert set(payload) == {"benchmark", "device", "complete", "provenance", "versions", "amp", "repeats", "warmup",
-                            "batch_size", "text_length", "image_sizes", "native_size", "compile", "results"}
+                            "min_warmup_s", "batch_size", "text_length", "image_sizes", "native_size", "compile",
+                            "results"}
     assert payload["benchmark"] == "e2e" and payload["complete"] is True
-    assert (payload["repeats"], payload["warmup"], payload["batch_size"], payload["text_length"]) == (2, 0, 1, 6)
+    assert (payload["repeats"], payload["warmup"], payload["batch_size"], payload["text_length"]) == (2, 1, 1, 6)
+    assert payload["min_warmup_s"] == 0.0  # the time floor is for GPUs
     assert payload["image_sizes"] == ["64x64"] and payload["native_size"] == "64x96" and payload["compile"] is False
     assert payload["amp"] is False and payload["versions"]["transformers"] != "missing"
     assert payload["provenance"]["command"] and "torch_threads" in payload["provenance"]
     rows = payload["results"]
     keys = {"pipeline", "preset", "image_size", "native", "compiled", "batch_size", "median_ms", "p10_ms", "p90_ms",
-            "raw_ms", "stages", "stages_raw_ms"}
+            "raw_ms", "warmup_runs", "stages", "stages_raw_ms", "logits_reference", "max_abs_logit_diff_to_reference"}
     assert all(set(row) == keys for row in rows)
     found = {(row["pipeline"], row["image_size"], row["native"]) for row in rows}
     assert found == {("e2e-fastvlp", "64x64", False), ("e2e-torch", "64x64", False),
@@ -48,9 +51,18 @@ def test_e2e_bench_writes_every_row_and_stage(tmp_path):
             stage_sum = sum(values[repeat] for values in row["stages_raw_ms"].values())
             assert row["raw_ms"][repeat] == pytest.approx(stage_sum, rel=1e-6)
         assert row["preset"] == ("tiny" if row["pipeline"].startswith("e2e") else "r101-c4+bert-base")
+        assert row["warmup_runs"] == 1
+        # Only e2e-torch has a reference other than itself: E2E-VLP with fastvlp attention, the same weights
+        # and pixels, so in float32 their answers agree.
+        if row["pipeline"] == "e2e-torch":
+            assert row["logits_reference"] == "e2e-fastvlp (eager)"
+            assert 0 <= row["max_abs_logit_diff_to_reference"] < 1e-3
+        else:
+            assert row["logits_reference"] == f"{row['pipeline']} (eager)"
+            assert row["max_abs_logit_diff_to_reference"] is None
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| region-36 |") == 2 and "roi_heads ms" in table
-    assert "Repeats 2 after 0 warm-up runs" in table and "Command:" in table and "TF32 matmul" in table
+    assert "Repeats 2 after 1 warm-up runs" in table and "| drift |" in table and "Command:" in table and "TF32 matmul" in table
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -83,8 +95,100 @@ def test_e2e_bench_rejects_bad_arguments(tmp_path):
         main(TINY + ["--image-sizes", "64by64"])
     with pytest.raises(SystemExit):
         main(TINY + ["--repeats", "0"])
-    with pytest.raises(SystemExit):  # compiled rows compile in their warm-up: none would put it in the timing
-        main(TINY + ["--compile"])
+
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--warmup", "0"], "--warmup must be >= 1"),
+    (["--compile", "--warmup", "0"], "--warmup must be >= 1"),  # the compiled rows compile in their warm-up
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--device", "gpu"], "--device must name a device"),
+    (["--image-sizes", "0x0"], "sides of at least 32"),
+    (["--text-length", "41"], "--text-length must be in 3..40"),
+])
+def test_e2e_bench_names_the_bad_argument_before_building_models(monkeypatch, capsys, bad, message):
+    def no_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the arguments were checked")
+
+    monkeypatch.setattr(e2e, "run", no_run)
+    with pytest.raises(SystemExit) as stopped:
+        main(TINY + bad)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_e2e_bench_without_a_gpu_says_so(capsys):
+    with pytest.raises(SystemExit):
+        main(TINY + ["--device", "cuda"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_every_other_size_reverses_the_contenders_order():
+    jobs = e2e.job_order(3, [(64, 64), (96, 96), (128, 128)], (64, 96), [1, 2])
+    assert jobs == [(0, (64, 64), False), (1, (64, 64), False), (2, (64, 64), False),
+                    (2, (96, 96), False), (1, (96, 96), False), (0, (96, 96), False),
+                    (0, (128, 128), False), (1, (128, 128), False), (2, (128, 128), False),
+                    (1, (64, 96), True), (2, (64, 96), True)]
+
+
+def _row(pipeline, compiled=False, size="64x64", native=False, drift=None):
+    row = {"pipeline": pipeline, "compiled": compiled, "image_size": size, "native": native}
+    if drift is not None:
+        row["drift"] = drift
+    return row
+
+
+def test_answers_are_compared_with_the_reference_once_both_are_known():
+    rows = [_row("e2e-torch"), _row("region-36", compiled=True)]
+    answers = {("e2e-torch", False, "64x64", False): torch.tensor([1.0, 2.0]),
+               ("region-36", True, "64x64", False): torch.tensor([0.0])}
+    e2e.fill_logit_differences(rows, answers)  # the references are not timed yet
+    assert [row["max_abs_logit_diff_to_reference"] for row in rows] == [None, None]
+    assert [row["logits_reference"] for row in rows] == ["e2e-fastvlp (eager)", "region-36 (eager)"]
+    rows += [_row("e2e-fastvlp"), _row("region-36")]
+    answers[("e2e-fastvlp", False, "64x64", False)] = torch.tensor([1.0, 2.5])
+    answers[("region-36", False, "64x64", False)] = torch.tensor([0.25])
+    e2e.fill_logit_differences(rows, answers)
+    assert [row["max_abs_logit_diff_to_reference"] for row in rows] == [0.5, 0.25, None, None]
+
+
+def test_unsettled_rows_are_marked_in_the_table_and_named_after_it(tmp_path):
+    rows = [dict(_row("e2e-fastvlp", drift=1.5), preset="tiny", batch_size=1, median_ms=2.0, p10_ms=1.0,
+                 p90_ms=3.0, stages={"head": 2.0}, max_abs_logit_diff_to_reference=None),
+            dict(_row("e2e-torch", drift=1.01), preset="tiny", batch_size=1, median_ms=2.0, p10_ms=1.0,
+                 p90_ms=3.0, stages={"head": 2.0}, max_abs_logit_diff_to_reference=1.5e-6)]
+    payload = {"device": "cpu", "amp": True, "results": rows}
+    table = e2e.markdown(payload)
+    assert "| 1.50 unsettled | 2.0 | - |" in table and "| 1.01 | 2.0 | 1.5e-06 |" in table
+    assert e2e.unsettled_summary(payload) == "unsettled, read their times with care: e2e-fastvlp 64x64 (drift 1.50)"
+    assert e2e.unsettled_summary({"results": rows[1:]}) is None
+
+
+class SleepingQuery:
+    """A one-stage query that takes about a millisecond and answers with its run's number."""
+
+    def __init__(self):
+        self.runs = 0
+
+    def stages(self, images, input_ids, text_mask):
+        def stage():
+            time.sleep(0.001)
+            self.runs += 1
+            return torch.tensor([float(self.runs)])
+
+        return (("head", stage),)
+
+
+def test_the_warm_up_lasts_its_minimum_time_and_the_last_answers_are_returned():
+    query = SleepingQuery()
+    measured, logits = e2e.time_query(query, torch.zeros(1, 3, 4, 4), None, None, repeats=6, warmup=1, amp=False,
+                                      device=torch.device("cpu"), min_warmup_s=0.05)
+    assert measured["warmup_runs"] > 1 and query.runs == measured["warmup_runs"] + 6
+    assert logits.item() == query.runs  # the last timed run's answers
+    assert len(measured["raw_ms"]) == 6 and isinstance(measured["drift"], float)
+    assert measured["settled"] is (not common.unsettled(measured))
+    assert e2e.min_warmup_seconds(torch.device("cuda")) == common.MIN_CUDA_WARMUP_S > 0
+    assert e2e.min_warmup_seconds(torch.device("cpu")) == 0.0
 
 
 def _scale(x, factor):
@@ -106,7 +210,9 @@ class CompiledQuery:
 
 def _time(query, repeats, warmup, compiled=True):
     images = torch.zeros(1, 3, 4, 4)
-    return e2e.time_query(query, images, None, None, repeats, warmup, False, torch.device("cpu"), compiled=compiled)
+    measured, _ = e2e.time_query(query, images, None, None, repeats, warmup, False, torch.device("cpu"),
+                                 compiled=compiled)
+    return measured
 
 
 def test_a_compiled_query_that_compiles_while_timed_is_refused():

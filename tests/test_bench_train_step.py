@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from fastvlp.bench import train_step
+from fastvlp.bench import common, train_step
 from fastvlp.models import E2EVLP, get_preset
 
 STAGES = {"forward_with_matcher", "backward", "optimizer", "matcher"}
@@ -55,14 +55,26 @@ def test_a_timed_contender_frees_its_gradients_and_optimizer(monkeypatch):
         return optimizer
 
     monkeypatch.setattr(train_step, "build_optimizer", recorded_build)
+    warm_ups = []
+    real_warm_up = common.warm_up
+
+    def recorded_warm_up(call, calls, min_seconds=0.0, synchronize=lambda: None):
+        warm_ups.append((calls, min_seconds))
+        return real_warm_up(call, calls, min_seconds, synchronize)
+
+    monkeypatch.setattr(train_step, "warm_up", recorded_warm_up)
     before = [parameter.detach().clone() for parameter in model.parameters()]
-    measured = train_step.time_contender(model, batches, repeats=1, warmup=1, amp=False, device=device)
+    measured = train_step.time_contender(model, batches, repeats=1, warmup=1, amp=False, device=device,
+                                         min_warmup_s=0.01)
 
     # The steps ran (weights moved), yet nothing of them stays allocated for the next contender.
     assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
     assert all(parameter.grad is None for parameter in model.parameters())
     assert len(optimizers) == 1 and optimizers[0]() is None
     assert len(measured["raw_ms"]) == 1 and measured["raw_ms"][0] > 0
+    # The warm-up is of whole optimiser steps, by count and by time; its first step's loss is kept.
+    assert warm_ups == [(1, 0.01)] and measured["warmup_steps"] >= 1
+    assert measured["first_step_loss"] > 0
     assert measured["peak_memory_above_start_mb"] is None  # the CUDA allocator's, measured on CUDA only
     # On the CPU the resident memory grew by at least the gradients and optimiser state the steps created.
     assert measured["peak_rss_above_start_mb"] >= state_mib(model)
@@ -77,14 +89,20 @@ def test_a_timed_contender_frees_its_gradients_and_optimizer(monkeypatch):
 
 def test_train_bench_writes_the_relative_peak_and_named_stages(tmp_path):
     least = state_mib(E2EVLP(get_preset("tiny")))
-    assert train_step.main(["--device", "cpu", "--batch-size", "1", "--image-size", "64x64", "--repeats", "1",
-                            "--warmup", "0", "--out-dir", str(tmp_path)]) == 0
+    assert train_step.main(TINY + ["--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*/train_step.json")
     payload = json.loads(path.read_text())
-    assert (payload["repeats"], payload["warmup"]) == (1, 0) and payload["provenance"]["torch_threads"] >= 1
+    assert (payload["repeats"], payload["warmup"]) == (1, 1) and payload["provenance"]["torch_threads"] >= 1
+    assert payload["min_warmup_s"] == 0.0  # the time floor is for GPUs
     rows = payload["results"]
     assert [row["contender"] for row in rows] == ["fastvlp", "torch-scipy"]
+    # Same weights, same batch, float32 and no dropout: the first steps' losses agree.
+    assert rows[0]["first_step_loss_diff_to_first_contender"] is None
+    assert rows[1]["first_step_loss_diff_to_first_contender"] == pytest.approx(
+        abs(rows[1]["first_step_loss"] - rows[0]["first_step_loss"]))
+    assert rows[1]["first_step_loss_diff_to_first_contender"] < 1e-3 * rows[0]["first_step_loss"]
     for row in rows:
+        assert row["warmup_steps"] == 1 and "drift" not in row  # one repeat is too few to tell
         assert "peak_memory_mb" not in row and row["peak_memory_above_start_mb"] is None
         # Each contender's resident peak holds at least its own gradients and optimiser state (without the
         # heap handed back between contenders, the second one's start would hold memory the first one freed).
@@ -92,3 +110,60 @@ def test_train_bench_writes_the_relative_peak_and_named_stages(tmp_path):
         assert set(row["stages"]) == STAGES
     table = path.with_suffix(".md").read_text()
     assert "peak_rss_above_start_mb" in table and "peak_memory_above_start_mb" not in table
+
+
+TINY = ["--device", "cpu", "--batch-size", "1", "--image-size", "64x64", "--repeats", "1", "--warmup", "1"]
+
+
+def test_a_contender_needs_a_warm_up_step():
+    with pytest.raises(ValueError, match="warmup"):
+        train_step.time_contender(None, [], repeats=1, warmup=0, amp=False, device=torch.device("cpu"))
+
+
+def test_the_warm_up_has_a_time_floor_on_gpus_only():
+    assert train_step.min_warmup_seconds(torch.device("cuda")) == common.MIN_CUDA_WARMUP_S > 0
+    assert train_step.min_warmup_seconds(torch.device("cpu")) == 0.0
+
+
+def test_the_printed_speedup_says_when_a_row_had_not_settled(tmp_path, monkeypatch, capsys):
+    def rows(*args, **kwargs):
+        falling = common.result_row("train-step", "fastvlp", "tiny", [4, 4, 4, 2, 2, 2], first_step_loss=7.0,
+                                    first_step_loss_diff_to_first_contender=None, stages={})
+        flat = common.result_row("train-step", "torch-scipy", "tiny", [3] * 6, first_step_loss=7.5,
+                                 first_step_loss_diff_to_first_contender=0.5, stages={})
+        return [falling, flat]
+
+    monkeypatch.setattr(train_step, "run", rows)
+    assert train_step.main(TINY + ["--repeats", "6", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("fastvlp step vs torch/scipy step: 1.00x (unsettled: fastvlp drift 2.00); first-step losses differ "
+            "by 0.5") in out
+    (path,) = tmp_path.glob("*/train_step.json")
+    assert [row["settled"] for row in json.loads(path.read_text())["results"]] == [False, True]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--warmup", "0"], "--warmup must be >= 1"),
+    (["--image-size", "0x0"], "--image-size must look like"),
+    (["--image-size", "32x64"], "sides of at least 64"),
+    (["--image-size", "64by64"], "--image-size must look like"),
+    (["--image-size", "64x64x3"], "--image-size must look like"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--device", "gpu"], "--device must name a device"),
+])
+def test_train_bench_rejects_bad_arguments_before_building_models(tmp_path, monkeypatch, capsys, bad, message):
+    def no_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the arguments were checked")
+
+    monkeypatch.setattr(train_step, "run", no_run)
+    with pytest.raises(SystemExit) as stopped:
+        train_step.main(TINY + bad + ["--out-dir", str(tmp_path)])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_train_bench_without_a_gpu_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_step.main(TINY + ["--device", "cuda", "--out-dir", str(tmp_path)])
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -35,13 +35,23 @@ Correctness is checked at dropout 0, where the peers compute the same function: 
 kernel row's output (forward) and input gradients (forward+backward) against a float32
 reference, every module row's output against float32 ``nn.MultiheadAttention`` with the
 same weights. A row over the dtype's tolerance keeps its timings but gets a
-``wrong result`` status, which keeps it out of every ratio. Dropout rows are not checked:
-each implementation draws its own dropout mask.
+``wrong result`` status, and a row whose gradient check raised a ``not checked`` status;
+either keeps it out of every ratio. Dropout rows are not checked: each implementation
+draws its own dropout mask.
+
+Timing: on a GPU, after a once-per-process spin-up, each row warms up for at least
+``--warmup`` calls and ``common.MIN_CUDA_WARMUP_S`` seconds. Each (scenario, dropout)
+pass times the contenders in a rotated order (one further along each pass, recorded as
+``timing_position``), so that no contender is always timed first; rows keep one order.
+A row whose timings drifted (``drift``, ``settled`` in the results) is named beside any
+ratio it enters in the speed-up summary.
 
 TFLOP/s count only unmasked work: 4*D per visible (query, key) pair per head
-forward, 3.5 times that for forward+backward. Peak memory is the allocator's peak
-above the inputs during one call (CUDA only). ``run`` also takes ``device="cpu"`` (host
-timings, the reference backend for fastvlp) so that its bookkeeping can be tested
+forward, 3.5 times that for forward+backward; module rows add their four projections,
+2*B*E*E*(2*Lq + 2*Lk) forward and 3 times that for forward+backward (E = H*D; the
+weights the DETR-style row materialises are not counted). Peak memory is the allocator's
+peak above the inputs during one call (CUDA only). ``run`` also takes ``device="cpu"``
+(host timings, the reference backend for fastvlp) so that its bookkeeping can be tested
 without a GPU; the numbers that matter come from a GPU.
 """
 from __future__ import annotations
@@ -57,8 +67,8 @@ from fastvlp.bench.attention_masks import (
     flex_block_mask, sdpa_bool_mask, sdpa_mask, xformers_bias,
 )
 from fastvlp.bench.common import (
-    device_name, error_reason, result_row, strict_compilation, time_compiled_calls, time_cuda_calls,
-    time_host_calls, unavailable_row, write_results,
+    DRIFT_LIMIT, device_name, error_reason, result_row, strict_compilation, time_compiled_calls, time_cuda_calls,
+    time_host_calls, unavailable_row, unsettled, write_results,
 )
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
@@ -114,6 +124,16 @@ def scenarios() -> List[Dict[str, object]]:
         dict(name="standard", batch=4, heads=16, head_dim=64, query_length=4096, key_length=4096, mask=None,
              causal=False),
     ]
+
+
+SCENARIO_NAMES = ("E", "X", "S", "C-self", "C-cross", "standard")
+
+
+def reject_unknown(parser, option: str, given: Optional[Sequence[str]], known: Sequence[str]) -> None:
+    """``parser.error`` naming ``option``, the unknown names in ``given`` and the valid ones."""
+    unknown = sorted(set(given or ()) - set(known))
+    if unknown:
+        parser.error(f"{option}: unknown {unknown}; expected names from {' '.join(known)}")
 
 
 # ---------------------------------------------------------------- contenders
@@ -400,31 +420,179 @@ def _check(label: Dict[str, object], key: str, found, expected, dtype) -> Option
 
 def _verify(contender: str, prepared: Prepared, out: torch.Tensor, label: Dict[str, object],
             references: Dict[str, object], scenario, tensors, device, dtype):
-    """Check one contender at dropout 0: ``(per-mode row fields, per-mode wrong-result status or None)``.
-    Kernels: the output (fwd) and the input gradients (fwd+bwd) against a float32 reference; modules:
-    the output against float32 ``nn.MultiheadAttention`` with the same weights."""
+    """Check one contender at dropout 0: ``(per-mode row fields, per-mode status or None)``. Kernels: the
+    output (fwd) and the input gradients (fwd+bwd) against a float32 reference; modules: the output
+    against float32 ``nn.MultiheadAttention`` with the same weights. A gradient check that raises gives
+    fwd+bwd a ``not checked: <reason>`` status (if its timing fails too, the row reports that instead)."""
     q, k, v, grad_out = tensors
     labels = {"fwd": dict(label), "fwd+bwd": dict(label)}
-    wrong: Dict[str, Optional[str]] = {"fwd": None, "fwd+bwd": None}
+    statuses: Dict[str, Optional[str]] = {"fwd": None, "fwd+bwd": None}
     if is_module_row(contender):
         if "module" not in references:
             references["module"] = _module_reference(scenario, q, k, v, device)
         labels["fwd"]["checked_against"] = "float32 torch.nn.MultiheadAttention"
-        wrong["fwd"] = _check(labels["fwd"], "max_abs_diff_vs_reference", [out], [references["module"]], dtype)
-        return labels, wrong
+        statuses["fwd"] = _check(labels["fwd"], "max_abs_diff_vs_reference", [out], [references["module"]], dtype)
+        return labels, statuses
     if "kernel" not in references:
         references["kernel"] = _kernel_reference(scenario, q, k, v, grad_out)
     expected_out, expected_grads = references["kernel"]
     labels["fwd"]["checked_against"] = KERNEL_REFERENCE
-    wrong["fwd"] = _check(labels["fwd"], "max_abs_diff_vs_reference", [out], [expected_out], dtype)
+    statuses["fwd"] = _check(labels["fwd"], "max_abs_diff_vs_reference", [out], [expected_out], dtype)
     try:
         with prepared.hold(), _strict_if(prepared.compiled):
             grads = _input_gradients(prepared, q, k, v, grad_out)
-    except Exception:  # no backward: the fwd+bwd timing reports why
-        return labels, wrong
+    except Exception as error:  # its timing would still run: never let it pass as checked
+        statuses["fwd+bwd"] = f"not checked: {_error(error)}"
+        return labels, statuses
     labels["fwd+bwd"]["checked_against"] = KERNEL_REFERENCE
-    wrong["fwd+bwd"] = _check(labels["fwd+bwd"], "max_abs_grad_diff_vs_reference", grads, expected_grads, dtype)
-    return labels, wrong
+    statuses["fwd+bwd"] = _check(labels["fwd+bwd"], "max_abs_grad_diff_vs_reference", grads, expected_grads, dtype)
+    return labels, statuses
+
+
+def rotated(items: Sequence, start: int) -> list:
+    """``items`` from index ``start`` (modulo their count) round to the one before it: one pass's timing
+    order, so that no contender is always timed first."""
+    items = list(items)
+    if not items:
+        return []
+    start %= len(items)
+    return items[start:] + items[:start]
+
+
+def projection_flops(scenario) -> float:
+    """Forward FLOPs of a MultiheadAttention's four projections (query and output over Lq tokens, key and
+    value over Lk), which a module row times on top of the attention core."""
+    width = scenario["heads"] * scenario["head_dim"]
+    return 2.0 * scenario["batch"] * width * width * (2 * scenario["query_length"] + 2 * scenario["key_length"])
+
+
+@dataclass
+class _Inputs:
+    """One scenario's inputs and what every row of it shares; ``references`` are computed on first use,
+    ``wrong_without_dropout`` collects the contenders whose dropout rows cannot be trusted either."""
+
+    scenario: Dict[str, object]
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad_out: torch.Tensor
+    shape: str
+    common: Dict[str, object]
+    forward_flops: float
+    references: Dict[str, object] = field(default_factory=dict)
+    wrong_without_dropout: set = field(default_factory=set)
+
+
+def _scenario_inputs(scenario, device, dtype: torch.dtype) -> _Inputs:
+    batch, heads, head_dim = scenario["batch"], scenario["heads"], scenario["head_dim"]
+    query_length, key_length = scenario["query_length"], scenario["key_length"]
+    if scenario["mask"] is not None:
+        scenario["mask"] = scenario["mask"].to(device)
+    pairs = visible_pairs(batch, query_length, key_length, scenario["mask"], scenario["causal"])
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, query_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    k = torch.randn(batch, key_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    v = torch.randn(batch, key_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
+    grad_out = torch.randn(q.shape, device=device, dtype=dtype, generator=generator)
+    padded = 0.0 if scenario["mask"] is None else float(scenario["mask"].float().mean())
+    common = dict(visible_pairs=pairs, key_padding_fraction=round(padded, 4), causal=scenario["causal"],
+                  dtype=str(dtype).replace("torch.", ""))
+    return _Inputs(scenario, q, k, v, grad_out, f"B{batch} H{heads} D{head_dim} {query_length}x{key_length}",
+                   common, 4.0 * head_dim * heads * pairs)
+
+
+def _mode_flops(contender: str, inputs: _Inputs) -> Dict[str, float]:
+    """FLOPs per mode: the attention core (3.5x forward for forward+backward), plus the projections on
+    module rows (3x forward for forward+backward: input and weight gradients)."""
+    flops = {"fwd": inputs.forward_flops, "fwd+bwd": 3.5 * inputs.forward_flops}
+    if is_module_row(contender):
+        projections = projection_flops(inputs.scenario)
+        flops = {"fwd": flops["fwd"] + projections, "fwd+bwd": flops["fwd+bwd"] + 3 * projections}
+    return flops
+
+
+def _timed_calls(prepared: Prepared, inputs: _Inputs) -> Dict[str, Callable[[int], None]]:
+    q, k, v, grad_out = inputs.q, inputs.k, inputs.v, inputs.grad_out
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def forward(_):
+        with torch.no_grad():
+            prepared.call(q, k, v)
+
+    def forward_backward(_):
+        prepared.call(*leaves).backward(grad_out)
+        for t in leaves:
+            t.grad = None
+        if prepared.zero_grad is not None:
+            prepared.zero_grad()
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
+def _statuses(contender: str, dropout_p: float, prepared: Prepared, out: torch.Tensor, label, inputs: _Inputs,
+              setup: Setup):
+    """``(per-mode row fields, per-mode status or None)``: checked at dropout 0, where every peer computes
+    the same function; at other dropouts untrusted if the contender was wrong at dropout 0."""
+    if dropout_p == 0.0:
+        mode_labels, statuses = _verify(contender, prepared, out, label, inputs.references, inputs.scenario,
+                                        (inputs.q, inputs.k, inputs.v, inputs.grad_out), setup.device, setup.dtype)
+        if any(status and status.startswith("wrong result") for status in statuses.values()):
+            inputs.wrong_without_dropout.add(contender)
+        return mode_labels, statuses
+    untrusted = "wrong result at dropout 0 (dropout rows are not checked)"
+    status = untrusted if contender in inputs.wrong_without_dropout else None
+    return {"fwd": dict(label), "fwd+bwd": dict(label)}, {"fwd": status, "fwd+bwd": status}
+
+
+def _contender_rows(contender: str, dropout_p: float, position: int, inputs: _Inputs, setup: Setup, timer,
+                    repeats: int, warmup: int, progress: bool) -> List[Dict[str, object]]:
+    """One contender's fwd and fwd+bwd rows at ``dropout_p``; ``position`` is its place in the pass's
+    timing order, recorded in its rows."""
+    name, shape, cuda = inputs.scenario["name"], inputs.shape, torch.device(setup.device).type == "cuda"
+    label = dict(inputs.common, dropout_p=dropout_p, timing_position=position)
+    try:
+        prepared = CONTENDERS[contender](inputs.scenario, dropout_p, setup)
+        label.update(prepared.fields)
+        with prepared.hold(), _strict_if(prepared.compiled):
+            with torch.no_grad():
+                out = prepared.call(inputs.q, inputs.k, inputs.v)  # also rejects unsupported calls before timing
+        if cuda:
+            torch.cuda.synchronize()
+    except Exception as error:  # a peer that rejects the call is reported, not dropped
+        if progress:
+            print(f"  {name:<9} p={dropout_p:<4} {contender:<28} unavailable: {_error(error)[:90]}")
+        return [unavailable_row(name, contender, shape, _error(error), mode=mode, **label)
+                for mode in ("fwd", "fwd+bwd")]
+
+    mode_labels, statuses = _statuses(contender, dropout_p, prepared, out, label, inputs, setup)
+    del out
+    rows = []
+    flops = _mode_flops(contender, inputs)
+    for mode, call in _timed_calls(prepared, inputs).items():
+        try:
+            with prepared.hold():
+                if prepared.compiled:
+                    timings = time_compiled_calls(timer, call, repeats, warmup)
+                else:
+                    timings = timer(call, repeats=repeats, warmup=warmup)
+                with _strict_if(prepared.compiled):
+                    peak = _peak_memory_mb(lambda: call(0)) if cuda else None
+        except Exception as error:
+            rows.append(unavailable_row(name, contender, shape, _error(error), mode=mode, **mode_labels[mode]))
+            if progress:
+                print(f"  {name:<9} p={dropout_p:<4} {contender:<28} {mode:<8} unavailable: {_error(error)[:80]}")
+            continue
+        row = result_row(name, contender, shape, timings, mode=mode, peak_memory_mb=peak, **mode_labels[mode])
+        row["tflops"] = flops[mode] / (row["median_ms"] * 1e-3) / 1e12
+        if statuses[mode]:
+            row["status"] = statuses[mode]
+        rows.append(row)
+        if progress:
+            memory = f"{peak:9.1f} MB" if peak is not None else ""
+            print(f"  {name:<9} p={dropout_p:<4} {contender:<28} {mode:<8} {row['median_ms']:8.3f} ms "
+                  f"{row['tflops']:7.1f} TFLOP/s {memory}" + (f"  {statuses[mode]}" if statuses[mode] else "")
+                  + (f"  unsettled (drift {row['drift']:.2f})" if unsettled(row) else ""))
+    return rows
 
 
 def run(repeats: int = 20, warmup: int = 5, dtype: torch.dtype = torch.float16,
@@ -435,119 +603,42 @@ def run(repeats: int = 20, warmup: int = 5, dtype: torch.dtype = torch.float16,
         compile_backend: str = "inductor") -> List[Dict[str, object]]:
     """Time every contender on every scenario; returns result rows. ``after_scenario`` receives the rows
     so far after each scenario (the CLI writes them, so a run stopped early keeps what it measured).
-    ``scenario_list`` replaces :func:`scenarios` (small shapes for tests)."""
+    ``scenario_list`` replaces :func:`scenarios` (small shapes for tests).
+
+    Each (scenario, dropout) pass times the contenders in :data:`CONTENDERS` order rotated by one more
+    than the pass before (the pass's ``timing_position`` is in each row), so no contender is always
+    first; the rows keep :data:`CONTENDERS` order whatever the timing order."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats/warmup: expected >= 1 and >= 0, got {repeats} and {warmup}")
     unknown = set(contenders or ()) - set(CONTENDERS)
     if unknown:
         raise ValueError(f"contenders: unknown {sorted(unknown)}; expected names from {list(CONTENDERS)}")
+    chosen = list(scenario_list if scenario_list is not None else scenarios())
+    unknown = set(names or ()) - {scenario["name"] for scenario in chosen}
+    if unknown:
+        raise ValueError(f"names: unknown {sorted(unknown)}; expected names from "
+                         f"{[scenario['name'] for scenario in chosen]}")
     from torch import _dynamo
 
     setup = Setup(device, dtype, compile_backend)
-    cuda = torch.device(device).type == "cuda"
-    timer = time_cuda_calls if cuda else time_host_calls
+    timer = time_cuda_calls if torch.device(device).type == "cuda" else time_host_calls
+    selected = [contender for contender in CONTENDERS if not contenders or contender in contenders]
     rows: List[Dict[str, object]] = []
-    for scenario in (scenario_list if scenario_list is not None else scenarios()):
+    passes = 0
+    for scenario in chosen:
         if names and scenario["name"] not in names:
             continue
         # Dynamo keys its caches on flex_attention's code object, shared by every scenario's compiled
         # wrapper: without a reset, a few scenarios reach its recompile limit and later ones run uncompiled.
         _dynamo.reset()
-        batch, heads, head_dim = scenario["batch"], scenario["heads"], scenario["head_dim"]
-        query_length, key_length = scenario["query_length"], scenario["key_length"]
-        if scenario["mask"] is not None:
-            scenario["mask"] = scenario["mask"].to(device)
-        pairs = visible_pairs(batch, query_length, key_length, scenario["mask"], scenario["causal"])
-        forward_flops = 4.0 * head_dim * heads * pairs
-        shape = f"B{batch} H{heads} D{head_dim} {query_length}x{key_length}"
-        generator = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(batch, query_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
-        k = torch.randn(batch, key_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
-        v = torch.randn(batch, key_length, heads, head_dim, device=device, dtype=dtype, generator=generator)
-        grad_out = torch.randn(q.shape, device=device, dtype=dtype, generator=generator)
-        padded = 0.0 if scenario["mask"] is None else float(scenario["mask"].float().mean())
-        common = dict(visible_pairs=pairs, key_padding_fraction=round(padded, 4), causal=scenario["causal"],
-                      dtype=str(dtype).replace("torch.", ""))
-        references: Dict[str, object] = {}  # computed once per scenario, on first use
-        wrong_without_dropout = set()  # contenders whose dropout rows cannot be trusted either
-
-        for dropout_p in (0.0, 0.1):
-            for contender, builder in CONTENDERS.items():
-                if contenders and contender not in contenders:
-                    continue
-                label = dict(common, dropout_p=dropout_p)
-                try:
-                    prepared = builder(scenario, dropout_p, setup)
-                    label.update(prepared.fields)
-                    with prepared.hold(), _strict_if(prepared.compiled):
-                        with torch.no_grad():
-                            out = prepared.call(q, k, v)  # also rejects unsupported calls before timing
-                    if cuda:
-                        torch.cuda.synchronize()
-                except Exception as error:  # a peer that rejects the call is reported, not dropped
-                    for mode in ("fwd", "fwd+bwd"):
-                        rows.append(unavailable_row(scenario["name"], contender, shape, _error(error), mode=mode,
-                                                    **label))
-                    if progress:
-                        print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<28} unavailable: "
-                              f"{_error(error)[:90]}")
-                    continue
-
-                if dropout_p == 0.0:  # where every peer computes the same function
-                    mode_labels, wrong = _verify(contender, prepared, out, label, references, scenario,
-                                                 (q, k, v, grad_out), device, dtype)
-                    if any(wrong.values()):
-                        wrong_without_dropout.add(contender)
-                else:
-                    mode_labels = {"fwd": dict(label), "fwd+bwd": dict(label)}
-                    untrusted = "wrong result at dropout 0 (dropout rows are not checked)"
-                    wrong = dict.fromkeys(mode_labels, untrusted if contender in wrong_without_dropout else None)
-                del out
-
-                inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-
-                def forward(_, call=prepared.call):
-                    with torch.no_grad():
-                        call(q, k, v)
-
-                def forward_backward(_, prepared=prepared, inputs=inputs):
-                    prepared.call(*inputs).backward(grad_out)
-                    for t in inputs:
-                        t.grad = None
-                    if prepared.zero_grad is not None:
-                        prepared.zero_grad()
-
-                for mode, call, flops in (("fwd", forward, forward_flops),
-                                          ("fwd+bwd", forward_backward, 3.5 * forward_flops)):
-                    mode_label = mode_labels[mode]
-                    try:
-                        with prepared.hold():
-                            if prepared.compiled:
-                                timings = time_compiled_calls(timer, call, repeats, warmup)
-                            else:
-                                timings = timer(call, repeats=repeats, warmup=warmup)
-                            with _strict_if(prepared.compiled):
-                                peak = _peak_memory_mb(lambda: call(0)) if cuda else None
-                    except Exception as error:
-                        rows.append(unavailable_row(scenario["name"], contender, shape, _error(error), mode=mode,
-                                                    **mode_label))
-                        if progress:
-                            print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<28} {mode:<8} "
-                                  f"unavailable: {_error(error)[:80]}")
-                        continue
-                    row = result_row(scenario["name"], contender, shape, timings, mode=mode, peak_memory_mb=peak,
-                                     **mode_label)
-                    row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
-                    if wrong[mode]:
-                        row["status"] = wrong[mode]
-                    rows.append(row)
-                    if progress:
-                        memory = f"{peak:9.1f} MB" if peak is not None else ""
-                        print(f"  {scenario['name']:<9} p={dropout_p:<4} {contender:<28} {mode:<8} "
-                              f"{row['median_ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s {memory}"
-                              + (f"  {wrong[mode]}" if wrong[mode] else ""))
-
-        rows += _mask_build_rows(scenario, setup, contenders, timer, repeats, shape, common)
+        inputs = _scenario_inputs(scenario, device, dtype)
+        for dropout_p in (0.0, 0.1):  # dropout 0 first: its checks decide whether dropout rows are trusted
+            timed = {contender: _contender_rows(contender, dropout_p, position, inputs, setup, timer, repeats,
+                                                warmup, progress)
+                     for position, contender in enumerate(rotated(selected, passes))}
+            rows += [row for contender in selected for row in timed[contender]]
+            passes += 1
+        rows += _mask_build_rows(scenario, setup, contenders, timer, repeats, inputs.shape, inputs.common)
         if after_scenario is not None:
             after_scenario(rows)
     return rows
@@ -557,31 +648,47 @@ def _strict_if(compiled: bool) -> ContextManager:
     return strict_compilation() if compiled else contextlib.nullcontext()
 
 
+def unsettled_note(rows: Sequence[Dict[str, object]], name_key: str = "contender") -> str:
+    """``"  unsettled: <name> (drift d), ..."`` for the rows among ``rows`` whose timings had not settled,
+    or ``""``: a ratio that rests on such rows is printed with it, never silently."""
+    drifting = [f"{row[name_key]} (drift {row['drift']:.2f})" for row in rows if unsettled(row)]
+    return "  unsettled: " + ", ".join(drifting) if drifting else ""
+
+
+UNSETTLED_FOOTNOTE = (f"unsettled: the median of the first half of the timings differed from the second's by more "
+                      f"than a factor {DRIFT_LIMIT} (still warming up, or disturbed); ratios marked so are not "
+                      f"reliable")
+
+
 def speedup_summary(rows: Sequence[Dict[str, object]]) -> str:
     """fastvlp's speed-up over the fastest kernel peer, then the fastvlp module's over torch's module
-    called the same way. Rows without a timing or with a status (wrong result) are left out; the
-    DETR-style module row and the mask builds are never compared."""
+    called the same way. Rows without a timing or with a status (wrong result, not checked) are left
+    out; the DETR-style module row and the mask builds are never compared. A ratio whose rows (fastvlp and
+    every kernel peer, or the two modules) include one that had not settled names it at the line's end."""
     lines = ["scenario  p     mode      fastvlp ms  best peer (ms)                      speed-up"]
-    groups: Dict[tuple, Dict[str, float]] = {}
+    groups: Dict[tuple, Dict[str, Dict[str, object]]] = {}
     for row in rows:
         if row.get("median_ms") is None or row.get("status") or row.get("mode") == "mask build":
             continue
-        key = (row["name"], row["dropout_p"], row["mode"])
-        groups.setdefault(key, {})[row["contender"]] = row["median_ms"]
+        groups.setdefault((row["name"], row["dropout_p"], row["mode"]), {})[row["contender"]] = row
     module_lines = []
-    for (name, dropout_p, mode), times in groups.items():
-        ours = times.get("fastvlp")
-        peers = {c: t for c, t in times.items() if c != "fastvlp" and not is_module_row(c)}
+    for (name, dropout_p, mode), group in groups.items():
+        ours = group.get("fastvlp")
+        peers = {c: row for c, row in group.items() if c != "fastvlp" and not is_module_row(c)}
         if ours is not None and peers:
-            best = min(peers, key=peers.get)
-            lines.append(f"{name:<9} {dropout_p:<5} {mode:<9} {ours:10.3f}  {best:<22} {peers[best]:9.3f}"
-                         f"  {peers[best] / ours:6.2f}x")
-        module, peer = times.get("fastvlp-mha (module)"), times.get("torch-mha (module)")
+            best = min(peers, key=lambda c: peers[c]["median_ms"])
+            peer_ms, ours_ms = peers[best]["median_ms"], ours["median_ms"]
+            lines.append(f"{name:<9} {dropout_p:<5} {mode:<9} {ours_ms:10.3f}  {best:<22} {peer_ms:9.3f}"
+                         f"  {peer_ms / ours_ms:6.2f}x" + unsettled_note([ours, *peers.values()]))
+        module, peer = group.get("fastvlp-mha (module)"), group.get("torch-mha (module)")
         if module is not None and peer is not None:
-            module_lines.append(f"{name:<9} {dropout_p:<5} {mode:<9} {module:10.3f}  {'torch-mha (module)':<22} "
-                                f"{peer:9.3f}  {peer / module:6.2f}x")
+            module_lines.append(f"{name:<9} {dropout_p:<5} {mode:<9} {module['median_ms']:10.3f}  "
+                                f"{'torch-mha (module)':<22} {peer['median_ms']:9.3f}  "
+                                f"{peer['median_ms'] / module['median_ms']:6.2f}x" + unsettled_note([module, peer]))
     if module_lines:
         lines += ["modules (need_weights=False on both sides):", *module_lines]
+    if any("  unsettled: " in line for line in lines):
+        lines.append(UNSETTLED_FOOTNOTE)
     return "\n".join(lines)
 
 
@@ -592,19 +699,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16")
-    parser.add_argument("--scenarios", nargs="*", default=None, help="subset of E X S C-self C-cross standard")
+    parser.add_argument("--scenarios", nargs="*", default=None, help=f"subset of {' '.join(SCENARIO_NAMES)}")
     parser.add_argument("--contenders", nargs="*", default=None, help=f"subset of {', '.join(CONTENDERS)}")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 1:
-        parser.error("--repeats must be >= 1 and --warmup >= 1 (the compiled rows compile in the warm-up)")
-    if args.contenders and set(args.contenders) - set(CONTENDERS):
-        parser.error(f"--contenders: unknown {sorted(set(args.contenders) - set(CONTENDERS))}")
+        parser.error("--repeats must be >= 1 and --warmup >= 1 (fastvlp's kernels compile and autotune, and the "
+                     "compiled rows compile, in the warm-up)")
+    reject_unknown(parser, "--scenarios", args.scenarios, SCENARIO_NAMES)
+    reject_unknown(parser, "--contenders", args.contenders, CONTENDERS)
     if not torch.cuda.is_available():
         parser.error("the attention benchmark needs a CUDA GPU")
     device = device_name("cuda")
     print(f"attention on {device}, {args.dtype}, medians of {args.repeats}:")
-    columns = ("name", "contender", "mode", "dropout_p", "shape", "median_ms", "tflops", "peak_memory_mb")
+    columns = ("name", "contender", "mode", "dropout_p", "shape", "median_ms", "tflops", "peak_memory_mb",
+               "drift", "settled")
 
     def write(rows, complete=False):
         return write_results("attention", rows, device, args.out_dir, table_columns=columns, complete=complete,

@@ -3,8 +3,12 @@
 ``fastvlp bench attention`` times the kernels with the tiles autotuning picks. This benchmark shows the
 whole field behind that choice: for each scenario of ``fastvlp bench attention`` (default E, X, C-cross,
 S and C-self) at dropout 0 and 0.1, each of the three kernels runs with every candidate tile of its list in
-``fastvlp.ops.fmha.kernel_config`` in turn (autotuning restricted to that one tile), then as the library
-runs it (autotuned), and each row records the device time between CUDA events:
+``fastvlp.ops.fmha.kernel_config`` (autotuning restricted to that one tile) and as the library runs it
+(autotuned). Each row records the time between CUDA events around one call, each call synchronised (so a
+launch the GPU waits for counts), after a warm-up of at least ``--warmup`` calls and
+``common.MIN_CUDA_WARMUP_S`` seconds. Each (scenario, dropout, kernel) group times its tiles and the
+autotuned run in an order rotated by one per group (``timing_position``), so that none is always first;
+the rows keep the tile list's order, the autotuned row last. The kernels:
 
 * ``forward``: the forward kernel;
 * ``backward-dq``: the dQ kernel, which also computes and stores ``delta = rowsum(O * dO)``;
@@ -17,7 +21,8 @@ tile it chose. Every row's result is checked against a float32 reference with th
 (the kernels' Philox stream replayed in torch): the output for the forward, dQ and dK/dV for the backward
 kernels; a row over the dtype's tolerance keeps its time but gets a ``wrong result`` status. A tile that
 does not compile or launch (shared memory, registers) gets a row with the reason. The summary gives, per
-scenario, dropout and kernel, the autotuned tile's time over the best tile's.
+scenario, dropout and kernel, the autotuned tile's time over the best tile's, and names any tile of the
+group whose timings had not settled (``drift``, ``settled`` in the results).
 
 ``run`` also takes ``device="cpu"`` with ``TRITON_INTERPRET=1`` (host timings, small scenarios, the
 interpreter's tile list or the ``tiles`` given) so that its bookkeeping can be tested without a GPU.
@@ -29,8 +34,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .attention import TOLERANCE, scenarios
-from .common import device_name, error_reason, result_row, time_cuda_calls, time_host_calls, unavailable_row, write_results
+from .attention import TOLERANCE, UNSETTLED_FOOTNOTE, reject_unknown, rotated, scenarios, unsettled_note
+from .common import (
+    device_name, error_reason, result_row, time_cuda_calls, time_host_calls, unavailable_row, unsettled, write_results,
+)
 
 KERNELS = ("forward", "backward-dq", "backward-dkdv")
 DEFAULT_SCENARIOS = ("E", "X", "C-cross", "S", "C-self")
@@ -139,6 +146,7 @@ def run(names: Sequence[str] = DEFAULT_SCENARIOS, dropouts: Sequence[float] = (0
     timer = time_cuda_calls if cuda else time_host_calls
     autotuned = _autotuned_kernels()
     rows: List[Dict[str, object]] = []
+    groups = 0  # (scenario, dropout, kernel) groups timed so far
     for scenario in (scenario_list if scenario_list is not None else scenarios()):
         if names and scenario["name"] not in names:
             continue
@@ -165,20 +173,30 @@ def run(names: Sequence[str] = DEFAULT_SCENARIOS, dropouts: Sequence[float] = (0
                 candidates = _candidate_tiles(kernel, tiles)
                 kept = _kept_by_pruning(candidates, q, k, causal, mask, dropout_p)
                 runs = [(tile_name(config), config) for config in candidates] + [("autotuned", None)]
-                for tile, config in runs:
-                    label = dict(kernel=kernel, tile=tile, dropout_p=dropout_p, dtype=str(dtype).replace("torch.", ""))
+                timed = {}
+                # A rotated order per group, so that no tile (nor the autotuned run) is always timed first.
+                for position, index in enumerate(rotated(range(len(runs)), groups)):
+                    tile, config = runs[index]
+                    label = dict(kernel=kernel, tile=tile, dropout_p=dropout_p, dtype=str(dtype).replace("torch.", ""),
+                                 timing_position=position)
                     if config is not None:
                         label["kept_by_pruning"] = tile in kept
-                    row = _time_one(scenario["name"], shape, label, calls[kernel], expected[kernel], timer, repeats,
-                                    warmup, dtype, autotuned[kernel], config, only_tile)
-                    rows.append(row)
+                    timed[index] = _time_one(scenario["name"], shape, label, calls[kernel], expected[kernel], timer,
+                                             repeats, warmup, dtype, autotuned[kernel], config, only_tile)
                     if progress:
-                        time_text = f"{row['median_ms']:8.3f} ms" if row.get("median_ms") is not None else "   -    "
-                        print(f"  {scenario['name']:<8} p={dropout_p:<4} {kernel:<14} {row['tile']:<26} {time_text}"
-                              + (f"  {row['status'][:80]}" if row.get("status") else ""), flush=True)
+                        _print_row(scenario["name"], timed[index])
+                rows += [timed[index] for index in range(len(runs))]
+                groups += 1
         if after_scenario is not None:
             after_scenario(rows)
     return rows
+
+
+def _print_row(name: str, row: Dict[str, object]) -> None:
+    time_text = f"{row['median_ms']:8.3f} ms" if row.get("median_ms") is not None else "   -    "
+    print(f"  {name:<8} p={row['dropout_p']:<4} {row['kernel']:<14} {row['tile']:<26} {time_text}"
+          + (f"  {row['status'][:80]}" if row.get("status") else "")
+          + (f"  unsettled (drift {row['drift']:.2f})" if unsettled(row) else ""), flush=True)
 
 
 def _time_one(name, shape, label, call, expected, timer, repeats, warmup, dtype, kernel, config, only_tile):
@@ -204,23 +222,27 @@ def _time_one(name, shape, label, call, expected, timer, repeats, warmup, dtype,
 
 def tile_summary(rows: Sequence[Dict[str, object]]) -> str:
     """Per scenario, dropout and kernel: the best tile's time and the autotuned one's, and their ratio
-    (above 1: autotuning left time on the table). Rows with a status or no time are left out."""
-    groups: Dict[tuple, Dict[str, float]] = {}
+    (above 1: autotuning left time on the table). Rows with a status or no time are left out; a ratio
+    whose group holds a tile whose timings had not settled names it at the line's end."""
+    groups: Dict[tuple, Dict[str, Dict[str, object]]] = {}
     for row in rows:
         if row.get("median_ms") is None or row.get("status"):
             continue
-        groups.setdefault((row["name"], row["dropout_p"], row["kernel"]), {})[row["tile"]] = row["median_ms"]
+        groups.setdefault((row["name"], row["dropout_p"], row["kernel"]), {})[row["tile"]] = row
     lines = ["scenario  p     kernel          best tile (ms)                  autotuned tile (ms)              "
              "autotuned/best"]
-    for (name, dropout_p, kernel), times in groups.items():
-        swept = {tile: ms for tile, ms in times.items() if not tile.startswith("autotuned")}
-        chosen = [tile for tile in times if tile.startswith("autotuned")]
+    for (name, dropout_p, kernel), group in groups.items():
+        swept = {tile: row["median_ms"] for tile, row in group.items() if not tile.startswith("autotuned")}
+        chosen = [tile for tile in group if tile.startswith("autotuned")]
         if not swept or not chosen:
             continue
         best = min(swept, key=swept.get)
-        tuned = times[chosen[0]]
+        tuned = group[chosen[0]]["median_ms"]
         lines.append(f"{name:<9} {dropout_p:<5} {kernel:<15} {best:<16} {swept[best]:9.3f}   "
-                     f"{chosen[0][len('autotuned: '):]:<16} {tuned:9.3f}     {tuned / swept[best]:6.2f}")
+                     f"{chosen[0][len('autotuned: '):]:<16} {tuned:9.3f}     {tuned / swept[best]:6.2f}"
+                     + unsettled_note(group.values(), name_key="tile"))
+    if any("  unsettled: " in line for line in lines):
+        lines.append(UNSETTLED_FOOTNOTE)
     return "\n".join(lines)
 
 
@@ -240,11 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats must be >= 1 and --warmup >= 1 (each tile compiles in its first call)")
-    if set(args.kernels) - set(KERNELS):
-        parser.error(f"--kernels: unknown {sorted(set(args.kernels) - set(KERNELS))}")
-    known = {scenario["name"] for scenario in scenarios()}
-    if set(args.scenarios) - known:
-        parser.error(f"--scenarios: unknown {sorted(set(args.scenarios) - known)}")
+    reject_unknown(parser, "--kernels", args.kernels, KERNELS)
+    reject_unknown(parser, "--scenarios", args.scenarios, [scenario["name"] for scenario in scenarios()])
     if any(not 0.0 <= p < 1.0 for p in args.dropouts):
         parser.error(f"--dropouts: expected probabilities in [0, 1), got {args.dropouts}")
     if not torch.cuda.is_available():
@@ -252,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = device_name("cuda")
     print(f"attention tiles on {device}, {args.dtype}, medians of {args.repeats}:")
     columns = ("name", "kernel", "dropout_p", "tile", "kept_by_pruning", "shape", "median_ms",
-               "max_abs_diff_vs_reference")
+               "max_abs_diff_vs_reference", "drift", "settled")
 
     def write(rows, complete=False):
         return write_results("attention_tiles", rows, device, args.out_dir, table_columns=columns,

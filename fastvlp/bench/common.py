@@ -249,7 +249,7 @@ def error_reason(error: BaseException, limit: int = 300) -> str:
 DRIFT_LIMIT = 1.15
 # Warm-up lasts at least this long on a GPU, whatever the call count: a fixed count of fast calls can end
 # before the GPU's clocks have risen.
-MIN_CUDA_WARMUP_S = 0.3
+MIN_CUDA_WARMUP_S = 0.1
 _SPUN_UP: set = set()
 
 
@@ -274,6 +274,33 @@ def unsettled(row: Dict[str, object]) -> bool:
     """Whether a row's timings were still falling (or rising) while it was timed (see ``DRIFT_LIMIT``)."""
     drift = row.get("drift")
     return isinstance(drift, float) and not (1 / DRIFT_LIMIT <= drift <= DRIFT_LIMIT)
+
+
+def min_warmup_seconds(device: torch.device) -> float:
+    """How long a warm-up lasts at least, whatever its call count: on a GPU, until its clocks have risen."""
+    return MIN_CUDA_WARMUP_S if torch.device(device).type == "cuda" else 0.0
+
+
+def unsettled_rows_note(rows: Sequence[Dict[str, object]]) -> str:
+    """What a printed timing or ratio adds when one of its rows was still speeding up (or slowing down)
+    while it was timed; empty when all have settled or were too few to tell."""
+    drifting = [f"{row['contender']} drift {row['drift']:.2f}" for row in rows if unsettled(row)]
+    return f" (unsettled: {', '.join(drifting)})" if drifting else ""
+
+
+def device_error(text: str) -> Optional[str]:
+    """Why ``--device text`` cannot run here, or None where it can."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        return f"--device must name a device such as cpu, cuda or cuda:1, got {text!r}"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device must be the CPU or a CUDA device, got {text!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {text} needs a CUDA GPU, and none is available"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"--device {text}: there are {torch.cuda.device_count()} CUDA devices"
+    return None
 
 
 def spin_up(device: Optional[torch.device] = None, seconds: float = 1.0) -> None:

@@ -9,7 +9,15 @@ are timed between synchronisations (E2E-VLP: backbone, encoder, head; region: ba
 bert); a batch's time is divided by its size. Inputs are random: the time does not depend on the pixels,
 except for the thresholded selection's box count, which random weights keep at its minimum of 10.
 
-Each row keeps its per-repeat totals (``raw_ms``) and per-stage timings (``stages_raw_ms``); the file
+The GPU is spun up once before the first row; each row warms up for at least ``--warmup`` runs and, on a
+GPU, ``MIN_CUDA_WARMUP_S`` seconds of them (``warmup_runs``), and the contenders' order is reversed at every
+other image size, so that no contender is always timed first. Every contender at one size gets the same
+pixels: each row records the largest difference of its answer logits to its reference's
+(``max_abs_logit_diff_to_reference``: e2e-fastvlp's for the E2E-VLP rows, the pipeline's own eager run's for
+compiled region rows; the two region pipelines have different box sets, so nothing else compares).
+
+Each row keeps its per-repeat totals (``raw_ms``, and from 6 repeats on their ``drift``, the median of the
+first half over the second, and whether that is ``settled``) and per-stage timings (``stages_raw_ms``); the file
 records the repeats, warm-up, batch size, question length and the run's provenance (commit, command, host,
 versions, TF32 switches). With ``--compile``, Dynamo's caches are reset before every compiled row, its
 calls run where reaching the recompile limit raises instead of silently running uncompiled, and a row
@@ -32,8 +40,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fastvlp.bench.common import (
-    DEFAULT_RESULTS_DIR, CompiledDuringTiming, compiled_frames, device_name, error_reason, header_lines, result_payload,
-    strict_compilation, summarize,
+    DEFAULT_RESULTS_DIR, MIN_CUDA_WARMUP_S, compiled_frames, CompiledDuringTiming, device_error, device_name,
+    error_reason, header_lines, min_warmup_seconds, result_payload, spin_up, strict_compilation, summarize,
+    unsettled, warm_up,
 )
 
 E2E_STAGES = ("backbone", "encoder", "head")
@@ -44,6 +53,8 @@ NATIVE_SIZE = (600, 1000)
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
 
 
 class E2EQuery:
@@ -63,7 +74,7 @@ class E2EQuery:
             state["encoded"] = self.model.encode(None, None, input_ids, text_mask, visual_tokens=state["visual"])
 
         def head():
-            state["logits"] = self.head(state["encoded"].cls_hidden)
+            return self.head(state["encoded"].cls_hidden)
 
         return (("backbone", backbone), ("encoder", encoder), ("head", head))
 
@@ -87,47 +98,58 @@ class RegionQuery:
             state["detections"] = pipeline.roi_heads(state["res4"], state["proposals"], size)
 
         def bert():
-            state["logits"] = pipeline.bert(input_ids, text_mask, state["detections"], size)
+            return pipeline.bert(input_ids, text_mask, state["detections"], size)
 
         return (("backbone", backbone), ("rpn", rpn), ("roi_heads", roi_heads), ("bert", bert))
 
 
+def run_stages(stages, device) -> Tuple[float, Dict[str, float], object]:
+    """Run a query's stages, each up to a synchronisation: the total ms, the ms of each stage, and what the
+    last stage returned (the answer logits)."""
+    _synchronize(device)
+    start = mark = time.perf_counter()
+    spent, output = {}, None
+    for name, stage in stages:
+        output = stage()
+        _synchronize(device)
+        now = time.perf_counter()
+        spent[name], mark = (now - mark) * 1e3, now
+    return (mark - start) * 1e3, spent, output
+
+
 def time_query(query, images, input_ids, text_mask, repeats: int, warmup: int, amp: bool, device,
-               compiled: bool = False) -> Dict[str, object]:
-    """Per-query timings (ms): the whole query's runs (``raw_ms``, with median and percentiles), each
-    stage's runs (``stages_raw_ms``) and median (``stages``). With ``compiled``, the runs happen under
-    strict compilation and :class:`CompiledDuringTiming` is raised if Dynamo compiled anything after the
-    warm-up (which must be at least 1 run)."""
+               compiled: bool = False, min_warmup_s: float = 0.0) -> Tuple[Dict[str, object], object]:
+    """Per-query timings (ms) after at least ``warmup`` runs and ``min_warmup_s`` seconds of them: the whole
+    query's runs (``raw_ms``, with median, percentiles and, from 6 runs on, ``drift`` and ``settled``), each
+    stage's runs (``stages_raw_ms``) and median (``stages``), and the warm-up's run count; and the answer
+    logits of the last run. With ``compiled``, the runs happen under strict compilation and
+    :class:`CompiledDuringTiming` is raised if Dynamo compiled anything after the warm-up (which must be at
+    least 1 run)."""
     if compiled and warmup < 1:
         raise ValueError(f"warmup: compiled queries need at least 1 warm-up run to compile, got {warmup}")
     batch = images.shape[0]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     totals: List[float] = []
     parts: Dict[str, List[float]] = {}
-    frames_after_warmup = None
+    logits = None
     with torch.inference_mode(), autocast, (strict_compilation() if compiled else nullcontext()):
-        for run in range(warmup + repeats):
-            if run == warmup:
-                frames_after_warmup = compiled_frames()
-            stages = query.stages(images, input_ids, text_mask)
-            _synchronize(device)
-            start = mark = time.perf_counter()
-            spent = {}
-            for name, stage in stages:
-                stage()
-                _synchronize(device)
-                now = time.perf_counter()
-                spent[name], mark = (now - mark) * 1e3 / batch, now
-            if run >= warmup:
-                totals.append((mark - start) * 1e3 / batch)
-                for name, value in spent.items():
-                    parts.setdefault(name, []).append(value)
+        warmup_runs = warm_up(lambda index: run_stages(query.stages(images, input_ids, text_mask), device),
+                              warmup, min_warmup_s)
+        frames_after_warmup = compiled_frames()
+        for _ in range(repeats):
+            total, spent, logits = run_stages(query.stages(images, input_ids, text_mask), device)
+            totals.append(total / batch)
+            for name, value in spent.items():
+                parts.setdefault(name, []).append(value / batch)
     if compiled and compiled_frames() != frames_after_warmup:
         raise CompiledDuringTiming(
             f"torch.compile compiled {compiled_frames() - frames_after_warmup} frame(s) during the timed runs")
-    return {**summarize(totals), "raw_ms": totals,
+    summary = summarize(totals)
+    if "drift" in summary:
+        summary["settled"] = not unsettled(summary)
+    return {**summary, "raw_ms": totals, "warmup_runs": warmup_runs,
             "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()},
-            "stages_raw_ms": parts}
+            "stages_raw_ms": parts}, logits
 
 
 def _parse_size(text: str) -> Tuple[int, int]:
@@ -201,6 +223,40 @@ def _compiled(query):
     return RegionQuery(pipeline)
 
 
+def job_order(count: int, image_sizes, native_size, region_indices) -> List[Tuple[int, Tuple[int, int], bool]]:
+    """``(contender index, size, native)`` for every row: every contender at every size, the order reversed
+    at every other size so that no contender is always the one timed first, then the region pipelines at
+    their native size."""
+    jobs = []
+    for turn, size in enumerate(image_sizes):
+        order = range(count) if turn % 2 == 0 else reversed(range(count))
+        jobs += [(index, size, False) for index in order]
+    return jobs + [(index, native_size, True) for index in region_indices]
+
+
+def reference_pipeline(name: str) -> str:
+    """The pipeline whose eager answers a row's are compared with: E2E-VLP with fastvlp attention for both
+    E2E-VLP rows (the same weights), and a region pipeline's own eager run for its compiled rows."""
+    return "e2e-fastvlp" if name.startswith("e2e") else name
+
+
+def _answers_key(row: Dict[str, object]) -> Tuple[str, bool, str, bool]:
+    return row["pipeline"], row["compiled"], row["image_size"], row["native"]
+
+
+def fill_logit_differences(rows: List[Dict[str, object]], answers: Dict[tuple, torch.Tensor]) -> None:
+    """Give every row ``logits_reference`` and ``max_abs_logit_diff_to_reference``: the largest difference
+    between its answer logits and its reference's on the same inputs (None for the reference's own row, or
+    while either has no answers)."""
+    for row in rows:
+        key = _answers_key(row)
+        reference = (reference_pipeline(row["pipeline"]), False, row["image_size"], row["native"])
+        mine, theirs = answers.get(key), answers.get(reference)
+        row["logits_reference"] = f"{reference[0]} (eager)"
+        row["max_abs_logit_diff_to_reference"] = (
+            None if key == reference or mine is None or theirs is None else float((mine - theirs).abs().max()))
+
+
 def run(args, after_row: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
     """Time every contender at every size; ``after_row`` gets the payload so far (``complete`` False)
     after each row, so that a run cut short keeps what it measured."""
@@ -217,16 +273,21 @@ def run(args, after_row: Optional[Callable[[Dict[str, object]], None]] = None) -
     input_ids[:, 0], input_ids[:, -1] = 101, 102  # [CLS] ... [SEP]
     input_ids = input_ids.to(device)
     text_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    jobs = [(index, size, False) for size in args.image_sizes for index in range(len(contenders))]
-    jobs += [(index, args.native_size, True) for index, (name, _, _) in enumerate(contenders) if name.startswith("region")]
-    extra = {"amp": args.amp, "repeats": args.repeats, "warmup": args.warmup, "batch_size": args.batch_size,
+    # One batch of pixels per size, the same for every contender, so that their answers can be compared.
+    pixels = {size: torch.randn(args.batch_size, 3, *size, generator=generator)
+              for size in dict.fromkeys([*args.image_sizes, args.native_size])}
+    regions = [index for index, (name, _, _) in enumerate(contenders) if name.startswith("region")]
+    jobs = job_order(len(contenders), args.image_sizes, args.native_size, regions)
+    extra = {"amp": args.amp, "repeats": args.repeats, "warmup": args.warmup,
+             "min_warmup_s": min_warmup_seconds(device), "batch_size": args.batch_size,
              "text_length": args.text_length, "image_sizes": [f"{h}x{w}" for h, w in args.image_sizes],
              "native_size": "x".join(str(side) for side in args.native_size), "compile": args.compile}
-    rows = []
+    rows, answers = [], {}
+    spin_up(device)  # before the first contender, which would otherwise be timed while the GPU's clocks rise
     for index, (height, width), native in tqdm(jobs, desc="e2e bench", unit="run"):
         name, preset, query = contenders[index]
         compiled = args.compile and index >= len(contenders) // 2
-        images = torch.randn(args.batch_size, 3, height, width, generator=generator).to(device)
+        images = pixels[(height, width)].to(device)
         row = {"pipeline": name, "preset": preset, "image_size": f"{height}x{width}", "native": native,
                "compiled": compiled, "batch_size": args.batch_size}
         if compiled:
@@ -234,14 +295,17 @@ def run(args, after_row: Optional[Callable[[Dict[str, object]], None]] = None) -
             # object, so without a reset the sizes add up to Dynamo's recompile limit.
             _dynamo.reset()
         try:
-            row.update(time_query(query, images, input_ids, text_mask, args.repeats, args.warmup, args.amp, device,
-                                  compiled=compiled))
+            measured, logits = time_query(query, images, input_ids, text_mask, args.repeats, args.warmup, args.amp,
+                                          device, compiled=compiled, min_warmup_s=min_warmup_seconds(device))
+            row.update(measured)
+            answers[_answers_key(row)] = logits.float().cpu()
         except Exception as error:
             if not compiled:
                 raise
             row.update({"median_ms": None, "p10_ms": None, "p90_ms": None, "raw_ms": [], "stages": {},
                         "stages_raw_ms": {}, "status": error_reason(error)})
         rows.append(row)
+        fill_logit_differences(rows, answers)  # a row's reference may be timed after it
         if after_row is not None:
             after_row(result_payload("e2e", rows, device_name(args.device), extra=extra, complete=False))
     return result_payload("e2e", rows, device_name(args.device), extra=extra)
@@ -259,24 +323,48 @@ def _ms(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _drift(row: Dict[str, object]) -> str:
+    if row.get("drift") is None:
+        return "-"
+    return f"{row['drift']:.2f}" + (" unsettled" if unsettled(row) else "")
+
+
+def _difference(value) -> str:
+    return "-" if value is None else f"{value:.2g}"
+
+
 def markdown(payload: Dict[str, object]) -> str:
     stage_names = list(dict.fromkeys(name for row in payload["results"] for name in row["stages"]))
     with_status = any("status" in row for row in payload["results"])
     lines = [f"# End-to-end time per query on {payload['device']} ({_precision(payload)})", "",
              *header_lines(payload),
-             f"Repeats {payload.get('repeats')} after {payload.get('warmup')} warm-up runs, batch "
-             f"{payload.get('batch_size')}, question length {payload.get('text_length')}; raw timings in the JSON.", "",
-             "| pipeline | preset | image size | native | compiled | batch | median ms | p10 ms | p90 ms | "
-             + " | ".join(f"{name} ms" for name in stage_names) + (" | status |" if with_status else " |"),
-             "|" + "---|" * (9 + len(stage_names) + with_status)]
+             f"Repeats {payload.get('repeats')} after {payload.get('warmup')} warm-up runs"
+             + (f" (and at least {payload['min_warmup_s']:g} s of them)" if payload.get("min_warmup_s") else "")
+             + f", batch {payload.get('batch_size')}, question length "
+             f"{payload.get('text_length')}; raw timings in the JSON. Drift: the median of a row's first half of "
+             "runs over its second (from 6 runs on). Logit diff: the largest difference of the answer logits "
+             "to e2e-fastvlp's (E2E-VLP rows) or to the pipeline's own eager run (compiled region rows), on "
+             "the same inputs.", "",
+             "| pipeline | preset | image size | native | compiled | batch | median ms | p10 ms | p90 ms | drift | "
+             + "".join(f"{name} ms | " for name in stage_names) + "logit diff |" + (" status |" if with_status else ""),
+             "|" + "---|" * (11 + len(stage_names) + with_status)]
     for row in payload["results"]:
         cells = [row["pipeline"], row["preset"], row["image_size"], row["native"], row["compiled"], row["batch_size"],
-                 _ms(row["median_ms"]), _ms(row["p10_ms"]), _ms(row["p90_ms"])]
+                 _ms(row["median_ms"]), _ms(row["p10_ms"]), _ms(row["p90_ms"]), _drift(row)]
         cells += [_ms(row["stages"].get(name)) for name in stage_names]
+        cells.append(_difference(row.get("max_abs_logit_diff_to_reference")))
         if with_status:
             cells.append(row.get("status", ""))
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def unsettled_summary(payload: Dict[str, object]) -> Optional[str]:
+    """A line naming the rows whose timings had not settled, or None."""
+    drifting = [f"{row['pipeline']}{' (compiled)' if row['compiled'] else ''} {row['image_size']}"
+                f"{' native' if row['native'] else ''} (drift {row['drift']:.2f})"
+                for row in payload["results"] if unsettled(row)]
+    return f"unsettled, read their times with care: {', '.join(drifting)}" if drifting else None
 
 
 def plot(payload: Dict[str, object], path: Path) -> Optional[Path]:
@@ -308,16 +396,22 @@ def plot(payload: Dict[str, object], path: Path) -> Optional[Path]:
     return path
 
 
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from fastvlp.models.presets import PRESETS
+
     parser = argparse.ArgumentParser(prog="fastvlp bench e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image-sizes", type=_parse_sizes, default=_parse_sizes("448x448,448x746,600x1000,800x1333"))
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per row (from 6 on, rows get a drift figure)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed runs per row, at least 1 (on a GPU, for at least "
+                             f"{MIN_CUDA_WARMUP_S:g} s as well)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on both sides")
     parser.add_argument("--compile", action="store_true", help="also time both sides under torch.compile")
-    parser.add_argument("--preset", default="e2e-vlp-12-r152")
+    parser.add_argument("--preset", default="e2e-vlp-12-r152", choices=list(PRESETS))
     parser.add_argument("--out", default=None, help="JSON file (the .md and .png go beside it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-length", type=int, default=20, help="question tokens, [CLS] and [SEP] included")
@@ -328,12 +422,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rpn-pre-nms", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rpn-post-nms", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or not args.image_sizes:
-        parser.error("--batch-size and --repeats must be >= 1, --warmup >= 0, --image-sizes not empty")
-    if args.compile and args.warmup < 1:
-        parser.error("--compile needs --warmup >= 1: the compiled rows compile in their warm-up")
+    if args.batch_size < 1 or args.repeats < 1 or not args.image_sizes:
+        parser.error("--batch-size and --repeats must be >= 1, --image-sizes not empty")
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: fastvlp's kernels compile and autotune on their first call (and "
+                     "compiled rows compile), which the warm-up keeps out of the timing")
     if not 3 <= args.text_length <= 40:
         parser.error("--text-length must be in 3..40 (E2E-VLP's learned text positions)")
+    problem = device_error(args.device)
+    if problem:
+        parser.error(problem)
     out = Path(args.out) if args.out else DEFAULT_RESULTS_DIR / device_name(args.device) / "e2e.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -345,6 +443,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write(payload)
     plotted = plot(payload, out.with_suffix(".png"))
     print(markdown(payload))
+    drifting = unsettled_summary(payload)
+    if drifting:
+        print(drifting)
     print(f"wrote {out}, {out.with_suffix('.md')}" + (f", {plotted}" if plotted else " (no matplotlib: no plot)"))
     return 0
 

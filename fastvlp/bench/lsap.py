@@ -14,10 +14,16 @@ six-layer DETR step, fastvlp (both settings, the default one named plainly) agai
 host path. Every row records its ``check_finite``. DETR's path here returns the matches on
 the device, as fastvlp's does: one small host-to-device copy per image and index tensor.
 
-Every fastvlp CPU variant's answer is checked against scipy's optimum (each problem of one
-batch: as many matches as the smaller side, distinct columns, the same total cost); a
-variant that fails gets a ``wrong result`` status and is left out of the speed-up summary.
-A peer that is not installed, or rejects a shape, is reported with the reason.
+Every fastvlp solver's answer, on the CPU and on CUDA, is checked once per shape against
+scipy's optimum (each problem of one batch: as many matches as the smaller side, distinct
+columns, the same total cost), and so are the fastvlp matcher's matches against the cost it
+matched on; a row that fails gets a ``wrong result`` status (CPU variants are then left out
+of the speed-up summary) and the command exits with 1. A peer that is not installed, or
+rejects a shape, is reported with the reason.
+
+The defaults are 15 timed calls after 3 warm-up calls on the CPU, and 30 after 5 on CUDA
+(where the warm-up also lasts at least ``MIN_CUDA_WARMUP_S`` seconds); ``--repeats`` and
+``--warmup`` replace both as given.
 """
 from __future__ import annotations
 
@@ -28,11 +34,15 @@ import numpy as np
 import torch
 
 from fastvlp.bench.common import (
-    device_name, result_row, time_cuda_calls, time_host_calls, unavailable_row, write_results,
+    MIN_CUDA_WARMUP_S, device_name, result_row, time_cuda_calls, time_host_calls, unavailable_row, write_results,
 )
 
 # (batch, rows, cols): queries x targets, as the matcher sees them.
 SHAPES: Tuple[Tuple[int, int, int], ...] = ((32, 100, 20), (64, 100, 50), (32, 100, 100), (32, 300, 100), (32, 900, 50))
+# (repeats, warmup) where the command line gives none.
+CPU_DEFAULTS = (15, 3)
+CUDA_DEFAULTS = (30, 5)
+WRONG_RESULT = "wrong result: not an optimal assignment"
 
 
 def shape_label(shape: Tuple[int, int, int]) -> str:
@@ -109,6 +119,19 @@ def assignment_is_optimal(batch: np.ndarray, assignment) -> bool:
     return True
 
 
+def check_solver(solve: Callable[[object], object], cost) -> Dict[str, object]:
+    """``optimal``: whether ``solve(cost)`` (a numpy batch or a tensor on any device) returns an optimal
+    assignment of every problem of ``cost``; with a ``wrong result`` status where it does not."""
+    answer = solve(cost)
+    host_cost = cost.cpu().numpy() if isinstance(cost, torch.Tensor) else cost
+    optimal = assignment_is_optimal(host_cost, answer.cpu() if isinstance(answer, torch.Tensor) else answer)
+    return {"optimal": True} if optimal else {"optimal": False, "status": WRONG_RESULT}
+
+
+def _status_note(extra: Dict[str, object]) -> str:
+    return f"  {extra['status']}" if "status" in extra else ""
+
+
 def run_cpu(shapes: Sequence[Tuple[int, int, int]] = SHAPES, repeats: int = 15, warmup: int = 3,
             max_threads: Optional[int] = None, progress: bool = True) -> List[Dict[str, object]]:
     max_threads = max_threads or os.cpu_count() or 1
@@ -123,13 +146,10 @@ def run_cpu(shapes: Sequence[Tuple[int, int, int]] = SHAPES, repeats: int = 15, 
             raw = time_host_calls(lambda index: contender(pool[index % len(pool)]), repeats, warmup)
             extra = {"device": "cpu", "dtype": "float32"}
             if name.startswith("fastvlp"):  # this variant's own answer (thread count included) is checked
-                extra["optimal"] = assignment_is_optimal(pool[0], contender(pool[0]))
-                if not extra["optimal"]:
-                    extra["status"] = "wrong result: not an optimal assignment"
+                extra.update(check_solver(contender, pool[0]))
             rows.append(result_row("lsap-cpu", name, label, raw, **extra))
             if progress:
-                print(f"  {label:>12} {name:<26} {rows[-1]['median_ms']:9.3f} ms"
-                      + (f"  {extra['status']}" if "status" in extra else ""))
+                print(f"  {label:>12} {name:<26} {rows[-1]['median_ms']:9.3f} ms" + _status_note(extra))
     return rows
 
 
@@ -190,10 +210,11 @@ def run_cuda(shapes: Sequence[Tuple[int, int, int]] = SHAPES, repeats: int = 30,
             except Exception as error:  # a peer that rejects the shape is reported, not dropped
                 rows.append(unavailable_row("lsap-cuda", name, label, f"rejected: {error}"))
                 continue
+            checked = check_solver(contender, pool[0]) if name in GPU_CHECK_FINITE else {}  # fastvlp's rows
             rows.append(result_row("lsap-cuda", name, label, raw, device="cuda", dtype="float32",
-                                   check_finite=GPU_CHECK_FINITE.get(name)))
+                                   check_finite=GPU_CHECK_FINITE.get(name), **checked))
             if progress:
-                print(f"  {label:>12} {name:<30} {rows[-1]['median_ms']:9.3f} ms")
+                print(f"  {label:>12} {name:<30} {rows[-1]['median_ms']:9.3f} ms" + _status_note(checked))
     rows.extend(run_matcher(repeats=repeats, warmup=warmup, progress=progress))
     return rows
 
@@ -224,12 +245,37 @@ MATCHER_CONTENDERS = (
 )
 
 
+def matches_are_optimal(matcher, outputs, targets) -> bool:
+    """Whether ``matcher``'s matches of one layer's ``outputs`` to ``targets`` are, image by image, optimal
+    assignments of the cost it matches on (:func:`assignment_is_optimal`)."""
+    from fastvlp.ops.matching_cost import matching_cost, pad_targets
+
+    labels, boxes, _ = pad_targets([target["labels"] for target in targets], [target["boxes"] for target in targets],
+                                   outputs["pred_logits"].device)
+    cost = matching_cost(outputs["pred_logits"], outputs["pred_boxes"], labels, boxes, matcher.cost_class,
+                         matcher.cost_bbox, matcher.cost_giou).cpu().numpy()
+    for image, (rows, cols) in enumerate(matcher(outputs, targets)):
+        assignment = np.full((1, cost.shape[1]), -1, dtype=np.int64)
+        assignment[0, rows.cpu().numpy()] = cols.cpu().numpy()
+        if not assignment_is_optimal(cost[image:image + 1, :, :len(targets[image]["labels"])], assignment):
+            return False
+    return True
+
+
+def check_matcher(matcher, layer_outputs, targets) -> Dict[str, object]:
+    """``optimal``: whether ``matcher``'s matches are optimal for every layer of one pool entry; with a
+    ``wrong result`` status where they are not."""
+    optimal = all(matches_are_optimal(matcher, layer, targets) for layer in layer_outputs)
+    return {"optimal": True} if optimal else {"optimal": False, "status": WRONG_RESULT}
+
+
 def run_matcher(batch: int = 32, queries: int = 100, classes: int = 1601, max_targets: int = 50,
                 repeats: int = 30, warmup: int = 5, progress: bool = True, device: str = "cuda",
                 pool_size: Optional[int] = None) -> List[Dict[str, object]]:
     """One matcher call, and the six calls of a six-layer step (final + five auxiliary), for each entry
     of :data:`MATCHER_CONTENDERS`. Each timed call takes fresh outputs and targets from a pool of
-    ``pool_size`` (default ``repeats + warmup``). Device time on CUDA, host time elsewhere."""
+    ``pool_size`` (default ``repeats + warmup``). Device time on CUDA, host time elsewhere. The fastvlp
+    matchers' matches of the pool's first entry are checked (:func:`check_matcher`)."""
     from fastvlp.nn.matcher import HungarianMatcher
 
     device = torch.device(device)
@@ -240,6 +286,7 @@ def run_matcher(batch: int = 32, queries: int = 100, classes: int = 1601, max_ta
     shape = f"B{batch}xQ{queries}xT<={max_targets}"
     for contender, backend, check_finite in MATCHER_CONTENDERS:
         matcher = HungarianMatcher(1, 5, 2, backend=backend, check_finite=check_finite)
+        checked = check_matcher(matcher, *pools[0]) if backend == "fastvlp" else {}
         for layers, name in ((1, "matcher-call"), (6, "matcher-six-layer-step")):
             def call(index, layers=layers):
                 outputs, targets = pools[index % len(pools)]
@@ -248,9 +295,10 @@ def run_matcher(batch: int = 32, queries: int = 100, classes: int = 1601, max_ta
 
             raw = timer(call, repeats, warmup)
             rows.append(result_row(name, contender, shape, raw, device=device.type, layers=layers,
-                                   backend=backend, check_finite=check_finite if backend == "fastvlp" else None))
+                                   backend=backend, check_finite=check_finite if backend == "fastvlp" else None,
+                                   **checked))
             if progress:
-                print(f"  {name:<24} {contender:<26} {rows[-1]['median_ms']:9.3f} ms")
+                print(f"  {name:<24} {contender:<26} {rows[-1]['median_ms']:9.3f} ms" + _status_note(checked))
     return rows
 
 
@@ -259,45 +307,62 @@ def run_matcher_cuda(**kwargs) -> List[Dict[str, object]]:
     return run_matcher(device="cuda", **kwargs)
 
 
+def has_wrong_result(rows: Sequence[Dict[str, object]]) -> bool:
+    return any(str(row.get("status", "")).startswith("wrong result") for row in rows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="fastvlp bench lsap", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="cpu: CPU contenders only; cuda: GPU contenders only; all: both where a GPU exists")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed calls per row (default {CPU_DEFAULTS[0]} on the CPU, {CUDA_DEFAULTS[0]} on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed calls per row (default {CPU_DEFAULTS[1]} on the CPU, {CUDA_DEFAULTS[1]} on "
+                             f"CUDA, where the warm-up also lasts at least {MIN_CUDA_WARMUP_S:g} s)")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
+    if (args.repeats is not None and args.repeats < 1) or (args.warmup is not None and args.warmup < 0):
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
     status = 0
 
     if args.device in ("cpu", "all"):
-        print(f"lsap on the CPU ({device_name('cpu')}), float32, medians of {args.repeats}:")
-        rows = run_cpu(repeats=args.repeats, warmup=args.warmup)
+        repeats, warmup = _chosen(args, CPU_DEFAULTS)
+        print(f"lsap on the CPU ({device_name('cpu')}), float32, medians of {repeats}:")
+        rows = run_cpu(repeats=repeats, warmup=warmup)
         path = write_results("lsap", rows, device_name("cpu"), args.out_dir,
-                             extra={"threads": os.cpu_count(), "repeats": args.repeats, "warmup": args.warmup})
+                             extra={"threads": os.cpu_count(), "repeats": repeats, "warmup": warmup})
         print(f"wrote {path} and {path.with_suffix('.md')}")
         print(speedup_summary(rows))
-        if any(row.get("status", "").startswith("wrong result") for row in rows):
+        if has_wrong_result(rows):
             print("FAILED: a fastvlp variant's assignment was not optimal (rows marked 'wrong result')")
             status = 1
     if args.device in ("cuda", "all"):
         if not torch.cuda.is_available():
-            if args.device == "cuda":
-                parser.error("--device cuda needs a CUDA GPU")
             print("no CUDA GPU: skipped the CUDA contenders")
             return status
-        print(f"lsap on {device_name('cuda')}:")
-        repeats, warmup = max(args.repeats, 30), max(args.warmup, 5)
+        repeats, warmup = _chosen(args, CUDA_DEFAULTS)
+        print(f"lsap on {device_name('cuda')}, medians of {repeats}:")
         rows = run_cuda(repeats=repeats, warmup=warmup)
         path = write_results("lsap", rows, device_name("cuda"), args.out_dir,
-                             extra={"repeats": repeats, "warmup": warmup},
+                             extra={"repeats": repeats, "warmup": warmup, "min_warmup_s": MIN_CUDA_WARMUP_S},
                              table_columns=("name", "contender", "shape", "check_finite", "median_ms", "p10_ms",
-                                            "p90_ms"))
+                                            "p90_ms", "drift", "optimal"))
         print(f"wrote {path} and {path.with_suffix('.md')}")
+        if has_wrong_result(rows):
+            print("FAILED: a fastvlp CUDA solver or matcher answer was not optimal (rows marked 'wrong result')")
+            status = 1
     return status
+
+
+def _chosen(args, defaults: Tuple[int, int]) -> Tuple[int, int]:
+    """(repeats, warmup): the command line's where given, else the device's defaults."""
+    return (args.repeats if args.repeats is not None else defaults[0],
+            args.warmup if args.warmup is not None else defaults[1])
 
 
 def speedup_summary(rows: Sequence[Dict[str, object]]) -> str:

@@ -21,6 +21,12 @@ attention kernels and matcher free, the ceiling of any speed-up that changes onl
 (on the CPU, glibc's free heap is also handed back to the system), so the next one starts from the same
 memory. The batches are random pixels, tokens and boxes of the requested size: what a
 step costs does not depend on what the pixels show.
+
+The GPU is spun up once before the first contender, and each contender warms up for at least ``--warmup``
+whole optimiser steps and, on a GPU, ``MIN_CUDA_WARMUP_S`` seconds of them (``warmup_steps`` in the row).
+From 6 repeats on, each row has a ``drift`` (the median of its first half of steps over its second) and
+whether that is ``settled``. Each row records its first step's loss (the same weights and batch for every
+contender) and, after the first contender, ``first_step_loss_diff_to_first_contender``.
 """
 from __future__ import annotations
 
@@ -35,7 +41,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastvlp.bench.common import device_name, result_row, summarize, write_results
+from fastvlp.bench.common import (
+    MIN_CUDA_WARMUP_S, device_error, device_name, min_warmup_seconds, result_row, spin_up, summarize,
+    unsettled_rows_note, warm_up, write_results,
+)
 from fastvlp.train.optim import build_optimizer
 
 # Token ids 0..4 play [PAD], [UNK], [CLS], [SEP], [MASK]; the rest are words.
@@ -150,6 +159,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+
+
 @contextmanager
 def _timed_matcher(model, device, spent: List[float]):
     """Adds the matcher's wall time (synchronised) of every call to ``spent``."""
@@ -172,7 +183,8 @@ def _timed_matcher(model, device, spent: List[float]):
             handle.remove()
 
 
-def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, float]] = None):
+def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, float]] = None) -> torch.Tensor:
+    """One optimiser step; returns its loss (detached, on the device)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         output = model(batch)
     if marks is not None:
@@ -186,15 +198,20 @@ def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, 
     torch.nn.utils.clip_grad_norm_(model.parameters(), model.config.clip_max_norm)
     optimizer.step()
     _synchronize(device)
+    return output.loss.detach()
 
 
 def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device,
-                   profile_steps: int = 0) -> Dict[str, object]:
-    """Time ``model``'s training step on ``batches``: raw step times (ms), the peak memory above the start
-    (MiB: the allocator's on CUDA, the process's resident memory on the CPU, None where unreadable), each
-    part's median (ms) and the backends; with ``profile_steps`` on CUDA, also the device time of the kernels
-    of that many more steps by kind (:mod:`fastvlp.bench.step_profile`). Leaves ``model`` without gradients
-    and drops its optimiser."""
+                   profile_steps: int = 0, min_warmup_s: float = 0.0) -> Dict[str, object]:
+    """Time ``model``'s training step on ``batches`` after at least ``warmup`` whole optimiser steps and
+    ``min_warmup_s`` seconds of them: raw step times (ms), the warm-up's step count and first loss, the peak
+    memory above the start (MiB: the allocator's on CUDA, the process's resident memory on the CPU, None
+    where unreadable), each part's median (ms) and the backends; with ``profile_steps`` on CUDA, also the
+    device time of the kernels of that many more steps by kind (:mod:`fastvlp.bench.step_profile`). Leaves
+    ``model`` without gradients and drops its optimiser."""
+    if warmup < 1:
+        raise ValueError(f"warmup: expected at least 1 step (fastvlp's kernels compile and autotune on their "
+                         f"first call), got {warmup}")
     cuda = device.type == "cuda"
     start_allocated = torch.cuda.memory_allocated(device) if cuda else 0
     read_rss = None if cuda else resident_memory_reader()
@@ -205,8 +222,14 @@ def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device,
     optimizer = build_optimizer(model)  # the trainer's optimizer: decay groups, fused where supported
     try:
         model.train()
-        for index in range(warmup):
-            _step(model, optimizer, batches[index % len(batches)], amp, device)
+        losses: List[float] = []
+
+        def warm_step(index: int) -> None:
+            loss = _step(model, optimizer, batches[index % len(batches)], amp, device)
+            if index == 0:  # the same weights and batch for every contender: their losses should agree
+                losses.append(float(loss))
+
+        warmup_steps = warm_up(warm_step, warmup, min_warmup_s)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         totals = []
@@ -246,7 +269,8 @@ def time_contender(model, batches, repeats: int, warmup: int, amp: bool, device,
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    return {"raw_ms": totals, "peak_memory_above_start_mb": peak, "peak_rss_above_start_mb": peak_rss,
+    return {"raw_ms": totals, "warmup_steps": warmup_steps, "first_step_loss": losses[0],
+            "peak_memory_above_start_mb": peak, "peak_rss_above_start_mb": peak_rss,
             "stages": {name: summarize(values)["median_ms"] for name, values in parts.items()},
             "stages_raw_ms": parts, "matcher_check_finite": model.criterion.matcher.check_finite,
             "backends": model.backend_report(), "kernel_profile": kernels}
@@ -257,8 +281,34 @@ def memory_column(device) -> str:
     return "peak_memory_above_start_mb" if torch.device(device).type == "cuda" else "peak_rss_above_start_mb"
 
 
+
+
+def describe_row(row: Dict[str, object], device: torch.device) -> str:
+    """One printed line: step time, images/s, peak memory, the parts, and whether the timings had settled."""
+    memory = row[memory_column(device)]
+    kind = "allocated" if device.type == "cuda" else "resident"
+    return (f"  {row['contender']:<12} {row['median_ms']:9.1f} ms/step  {row['images_per_s']:7.1f} images/s  "
+            + ("" if memory is None else f"{kind} peak +{memory:.1f} MiB  ")
+            + "  ".join(f"{name} {value:.1f}" for name, value in row["stages"].items())
+            + unsettled_rows_note([row]))
+
+
+def _print_profile(row: Dict[str, object]) -> None:
+    """Print a row's kernel profile and add its speed-up ceiling to it."""
+    from fastvlp.bench.step_profile import attention_bound, format_profile
+
+    print("\n".join(format_profile(row["contender"], row["kernel_profile"])))
+    attention_ms = row["kernel_profile"]["device_ms_per_step"]["attention"]
+    row["speedup_bound_without_attention_and_matcher"] = attention_bound(
+        row["median_ms"], attention_ms, row["stages"]["matcher"])
+    print(f"    with its attention kernels ({attention_ms:.1f} ms) and matcher ({row['stages']['matcher']:.1f} ms) "
+          f"free, this step could be at most {row['speedup_bound_without_attention_and_matcher']:.2f}x faster")
+
+
 def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeats: int = 5, warmup: int = 2,
         device: str = "cpu", amp: bool = False, seed: int = 0, profile_steps: int = 0) -> List[Dict[str, object]]:
+    """One row per contender, fastvlp's first. Each records its first step's loss and, from the second
+    contender on, how far that is from the first contender's (same weights, same batch)."""
     from fastvlp.models import E2EVLP, get_preset
 
     device = torch.device(device)
@@ -271,38 +321,51 @@ def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeat
     batches = [synthetic_batch(config, batch_size, *image_size, generator, device) for _ in range(2)]
     rows = []
     shape = f"{preset} B{batch_size} {image_size[0]}x{image_size[1]}"
+    spin_up(device)  # before the first contender, which would otherwise be timed while the GPU's clocks rise
     for contender, model in (("fastvlp", fast), ("torch-scipy", baseline)):
-        measured = time_contender(model, batches, repeats, warmup, amp, device, profile_steps)
+        measured = time_contender(model, batches, repeats, warmup, amp, device, profile_steps,
+                                  min_warmup_seconds(device))
         row = result_row("train-step", contender, shape, measured.pop("raw_ms"), device=device.type, amp=amp,
                          batch_size=batch_size, **measured)
         row["images_per_s"] = batch_size / (row["median_ms"] / 1e3)
+        # Dropout (paper presets) and bf16 make the losses differ somewhat; a large difference is a bug.
+        row["first_step_loss_diff_to_first_contender"] = (
+            abs(row["first_step_loss"] - rows[0]["first_step_loss"]) if rows else None)
         rows.append(row)
-        memory = row[memory_column(device)]
-        kind = "allocated" if device.type == "cuda" else "resident"
-        print(f"  {contender:<12} {row['median_ms']:9.1f} ms/step  {row['images_per_s']:7.1f} images/s  "
-              + ("" if memory is None else f"{kind} peak +{memory:.1f} MiB  ")
-              + "  ".join(f"{name} {value:.1f}" for name, value in row["stages"].items()))
+        print(describe_row(row, device))
         if row["kernel_profile"] is not None:
-            from fastvlp.bench.step_profile import attention_bound, format_profile
-
-            print("\n".join(format_profile(contender, row["kernel_profile"])))
-            attention_ms = row["kernel_profile"]["device_ms_per_step"]["attention"]
-            row["speedup_bound_without_attention_and_matcher"] = attention_bound(
-                row["median_ms"], attention_ms, row["stages"]["matcher"])
-            print(f"    with its attention kernels ({attention_ms:.1f} ms) and matcher ({row['stages']['matcher']:.1f} ms) "
-                  f"free, this step could be at most {row['speedup_bound_without_attention_and_matcher']:.2f}x faster")
+            _print_profile(row)
     return rows
+
+
+# The backbone downsamples 32 times, and training batch norm (``tiny``) needs more than one value per channel
+# even at batch size 1: 64 leaves its last stage 2x2.
+MIN_IMAGE_SIDE = 64
+
+
+def parse_image_size(text: str):
+    """``HxW`` -> (height, width); ValueError unless both are integers of at least :data:`MIN_IMAGE_SIDE`."""
+    height, width = (int(side) for side in text.lower().split("x"))
+    if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
+        raise ValueError(text)
+    return height, width
+
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
+    from fastvlp.models.presets import PRESETS
+
     parser = argparse.ArgumentParser(prog="fastvlp bench train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", default="128x128", help="HxW of the padded batch")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (from 6 on, rows get a drift figure)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed optimiser steps per contender, at least 1 (on a GPU, for at least "
+                             f"{MIN_CUDA_WARMUP_S:g} s as well)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for both contenders")
     parser.add_argument("--profile-steps", type=int, default=0,
@@ -312,21 +375,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.profile_steps < 0:
         parser.error("--profile-steps must be >= 0")
     try:
-        height, width = (int(side) for side in args.image_size.lower().split("x"))
+        height, width = parse_image_size(args.image_size)
     except ValueError:
-        parser.error(f"--image-size must look like 800x1333, got {args.image_size!r}")
+        parser.error(f"--image-size must look like 800x1333, sides of at least {MIN_IMAGE_SIDE}, "
+                     f"got {args.image_size!r}")
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch-size and --repeats must be >= 1")
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: fastvlp's kernels compile and autotune on their first call, "
+                     "which the warm-up keeps out of the timing")
+    problem = device_error(args.device)
+    if problem:
+        parser.error(problem)
     print(f"training step, {args.preset}, batch {args.batch_size}, {height}x{width}, on {device_name(args.device)}:")
+    if args.repeats < 6:
+        print(f"  ({args.repeats} repeats: too few for a drift figure, so unsettled rows cannot be told)")
     rows = run(args.preset, args.batch_size, (height, width), args.repeats, args.warmup, args.device, args.amp,
                profile_steps=args.profile_steps)
     speedup = rows[1]["median_ms"] / rows[0]["median_ms"]
-    print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x")
+    print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x" + unsettled_rows_note(rows)
+          + f"; first-step losses differ by {rows[1]['first_step_loss_diff_to_first_contender']:.3g}")
     path = write_results("train_step", rows, device_name(args.device), args.out_dir,
                          extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp,
-                                "repeats": args.repeats, "warmup": args.warmup, "profile_steps": args.profile_steps},
-                         table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "images_per_s",
-                                        memory_column(args.device), "stages"))
+                                "repeats": args.repeats, "warmup": args.warmup,
+                                "min_warmup_s": min_warmup_seconds(torch.device(args.device)),
+                                "profile_steps": args.profile_steps},
+                         table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "drift", "images_per_s",
+                                        memory_column(args.device), "first_step_loss",
+                                        "first_step_loss_diff_to_first_contender", "stages"))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 
