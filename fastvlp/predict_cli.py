@@ -47,7 +47,11 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"argument --top-k: expected only with --task vqa or detection (the {args.task} task "
                      f"ranks no outputs)")
     check_generation_options(parser, args)
-    for option in ("image", "image2"):  # before the checkpoint loads
+
+
+def check_image_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A missing image is a usage error naming its option, found before the checkpoint loads."""
+    for option in ("image", "image2"):
         path = getattr(args, option)
         if path is not None and not path.is_file():
             parser.error(f"argument --{option}: no such file: {path}")
@@ -58,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     check_inputs(parser, args)
     require_device(parser, args.device)  # before the checkpoint loads
+    check_image_files(parser, args)
     from fastvlp.inference import Predictor
 
     try:
