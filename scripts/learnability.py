@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.steps < 40:
+        parser.error("--steps: expected at least 40 (the figure compares the first and last 20)")
 
     corpus = read_corpus(args.data)
     tokenizer = build_tokenizer(corpus, None)

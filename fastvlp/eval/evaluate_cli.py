@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--out", type=Path, default=None, help="write {task, split, num_examples, metrics} here")
+    parser.add_argument("--out", type=Path, default=None, help="write {task, split, num_examples, metrics, skipped, notes} here")
     parser.add_argument("--predictions", type=Path, default=None, help="write the predictions in the official format")
     add_generation_options(parser)
     return parser

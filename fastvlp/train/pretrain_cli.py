@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "image id (its Visual Genome copy goes too; a Visual Genome image is left out by its file "
                              "name); the log and run.json count the entries that matched no image")
     parser.add_argument("--backbone-weights", type=Path, default=None,
-                        help="local torchvision ResNet state dict (.pth or .safetensors); refused when --resume "
-                             "continues a checkpoint")
+                        help="local torchvision ResNet state dict (.pth or .safetensors); when --resume continues "
+                             "a checkpoint, the weights come from it and this file is not read (the log says so)")
     parser.add_argument("--vocab", type=Path, default=None,
-                        help="BERT vocab.txt (default: trained on the captions); refused when --resume continues a "
-                             "checkpoint")
+                        help="BERT vocab.txt (default: trained on the captions); when --resume continues a "
+                             "checkpoint, only the run's own vocabulary is accepted")
     parser.add_argument("--scale", choices=sorted(SCALE_PRESETS), default=None,
                         help="image scale augmentation: paper (short side 480..800, long side <= 1333) or tiny "
                              "(96..128, <= 160); default: tiny for the tiny preset, paper for the others. "
