@@ -11,6 +11,12 @@
 #   SEEDS="0 1 2" bash scripts/downstream_check.sh OUT
 set -euo pipefail
 OUT=${1:-downstream-check}
+# The bootstrap's environment when it is not active: the repository's .venv/.
+VENV_BIN=$(cd "$(dirname "$0")/.." && pwd)/.venv/bin
+if ! command -v fastvlp >/dev/null 2>&1 && [ -x "$VENV_BIN/fastvlp" ]; then
+  FASTVLP=${FASTVLP:-$VENV_BIN/fastvlp}
+  PYTHON=${PYTHON:-$VENV_BIN/python}
+fi
 FASTVLP=${FASTVLP:-fastvlp}
 PYTHON=${PYTHON:-python}
 DEVICE=${DEVICE:-cpu}
