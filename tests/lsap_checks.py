@@ -6,8 +6,10 @@ from scipy.optimize import linear_sum_assignment as scipy_lsap
 
 def assert_optimal(cost: torch.Tensor, assignment: torch.Tensor, num_rows=None, num_cols=None, maximize=False):
     """``assignment`` ([B, N], -1 = unassigned) is a complete, valid and optimal assignment
-    of each problem's top-left block, compared with scipy in float64."""
+    of each problem's top-left block, compared with scipy in float64. Every entry is either a
+    column of the block or exactly -1."""
     matrices = cost.detach().double().cpu().numpy()
+    assert assignment.dtype == torch.int64 and assignment.shape == cost.shape[:2], (assignment.dtype, assignment.shape)
     assignment = assignment.cpu().numpy()
     batch, rows, cols = matrices.shape
     for index in range(batch):
@@ -16,6 +18,8 @@ def assert_optimal(cost: torch.Tensor, assignment: torch.Tensor, num_rows=None, 
         block = matrices[index, :n, :m]
         chosen = assignment[index]
         assert (chosen[n:] == -1).all(), f"problem {index}: rows beyond num_rows were assigned"
+        # An unmatched row is exactly -1: no other negative value, and no column beyond the matrix.
+        assert ((chosen == -1) | ((chosen >= 0) & (chosen < cols))).all(), f"problem {index}: entries {chosen}"
         matched_rows = np.flatnonzero(chosen[:n] >= 0)
         matched_cols = chosen[matched_rows]
         assert len(matched_rows) == min(n, m), f"problem {index}: {len(matched_rows)} matches, expected {min(n, m)}"

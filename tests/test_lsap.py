@@ -7,6 +7,9 @@ from scipy.optimize import linear_sum_assignment as scipy_lsap
 
 from fastvlp.ops import batched_linear_sum_assignment, batched_linear_sum_assignment_reference, linear_sum_assignment
 
+# The public API on both devices: the CUDA solver must raise, leave -1 rows and honour extents as the CPU one does.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
 SHAPES = [(5, 7, 7), (4, 10, 3), (4, 3, 10), (3, 1, 9), (3, 9, 1), (2, 100, 20), (2, 20, 100), (2, 60, 60)]
 
 
@@ -56,14 +59,21 @@ def test_non_contiguous_and_expanded(generator):
     assert all(torch.equal(result[0], row) for row in result)
 
 
-def test_maximize(generator):
-    cost = torch.rand(5, 9, 13, generator=generator, dtype=torch.float64)
-    assert_optimal(cost, batched_linear_sum_assignment(cost, maximize=True), maximize=True)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 9, 13), (5, 13, 9)])
+def test_maximize(shape, device, generator):
+    cost = torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+    result = batched_linear_sum_assignment(cost, maximize=True)
+    assert result.device == cost.device
+    assert_optimal(cost, result, maximize=True)
     # maximize negates first: -inf is then a forbidden pair
     cost[:, 0, 0] = float("-inf")
+    cost[:, 2, :4] = float("-inf")
     result = batched_linear_sum_assignment(cost, maximize=True)
     assert (result[:, 0] != 0).all()
-    assert_optimal(cost.clamp(min=-1e6), result, maximize=True)
+    assert ((result[:, 2] == -1) | (result[:, 2] >= 4)).all()  # a tall problem may leave row 2 unmatched
+    # scipy maximising the same matrix treats -inf as forbidden too (assert_optimal checks a finite total)
+    assert_optimal(cost, result, maximize=True)
 
 
 def test_forbidden_pairs_feasible(generator):
@@ -79,29 +89,42 @@ def test_forbidden_pairs_feasible(generator):
     assert torch.isfinite(chosen).all()
 
 
-def test_infeasible_names_first_bad_problem(generator):
+@pytest.mark.parametrize("device", DEVICES)
+def test_infeasible_names_first_bad_problem(device, generator):
     cost = torch.rand(5, 4, 4, generator=generator)
     cost[3, :, 0] = float("inf")
     cost[3, :, 1] = float("inf")
     cost[3, :, 2] = float("inf")  # 4 rows, 1 allowed column
     cost[4, :, :3] = float("inf")
+    cost = cost.to(device)
     with pytest.raises(ValueError, match=r"cost matrix is infeasible \(problem 3\)"):
         batched_linear_sum_assignment(cost)
     result = batched_linear_sum_assignment(cost, check_finite=False)
+    assert result.device == cost.device and result.shape == (5, 4)
     assert (result[3] == -1).all() and (result[4] == -1).all()
     assert_optimal(cost[:3], result[:3])
+    # A lone infeasible problem is named by its own index.
+    with pytest.raises(ValueError, match=r"cost matrix is infeasible \(problem 1\)"):
+        batched_linear_sum_assignment(cost[[0, 4, 1]])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
-def test_invalid_entries(bad, generator):
+def test_invalid_entries(bad, device, generator):
     cost = torch.rand(4, 6, 5, generator=generator)
     cost[2, 1, 3] = bad
     cost[3, 0, 0] = bad
+    cost[3, 2, :] = float("inf")  # invalid entries are reported before infeasibility
+    cost[3, 3, :] = float("inf")
+    cost = cost.to(device)
     with pytest.raises(ValueError, match=r"matrix contains invalid numeric entries \(problem 2\)"):
         batched_linear_sum_assignment(cost)
     result = batched_linear_sum_assignment(cost, check_finite=False)
+    assert result.device == cost.device
     assert (result[2:] == -1).all()
     assert_optimal(cost[:2], result[:2])
+    with pytest.raises(ValueError, match=r"matrix contains invalid numeric entries \(problem 0\)"):
+        batched_linear_sum_assignment(cost[3:])
 
 
 def test_plus_inf_invalid_when_maximizing(generator):
@@ -111,7 +134,8 @@ def test_plus_inf_invalid_when_maximizing(generator):
         batched_linear_sum_assignment(cost, maximize=True)
 
 
-def test_ragged_extents(generator):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ragged_extents(device, generator):
     cost = torch.rand(6, 10, 8, generator=generator, dtype=torch.float64)
     # entries outside each problem's extent must be ignored, even NaN
     num_rows = torch.tensor([10, 0, 4, 7, 10, 3])
@@ -119,18 +143,83 @@ def test_ragged_extents(generator):
     for index in range(6):
         cost[index, int(num_rows[index]):, :] = float("nan")
         cost[index, :, int(num_cols[index]):] = float("nan")
-    result = batched_linear_sum_assignment(cost, num_rows=num_rows, num_cols=num_cols)
-    assert (result[1] == -1).all() and (result[2] == -1).all()
-    assert_optimal(cost, result, num_rows, num_cols)
+    cost = cost.to(device)
+    # Extents on the cost's device, and on the CPU for a CUDA cost (they are moved to it).
+    for rows_extent, cols_extent in [(num_rows.to(device), num_cols.to(device)), (num_rows, num_cols)]:
+        result = batched_linear_sum_assignment(cost, num_rows=rows_extent, num_cols=cols_extent)
+        assert result.device == cost.device
+        assert (result[1] == -1).all() and (result[2] == -1).all()
+        assert_optimal(cost, result, num_rows, num_cols)
+        unchecked = batched_linear_sum_assignment(cost, num_rows=rows_extent, num_cols=cols_extent,
+                                                  check_finite=False)
+        assert_optimal(cost, unchecked, num_rows, num_cols)
+    # The padding is NaN: without the extents the full matrices are invalid.
+    with pytest.raises(ValueError, match=r"invalid numeric entries \(problem 1\)"):
+        batched_linear_sum_assignment(cost)
     reference = batched_linear_sum_assignment_reference(cost, num_rows, num_cols)
+    assert reference.device == cost.device
     assert_optimal(cost, reference, num_rows, num_cols)
 
 
-def test_empty_batch_and_shapes():
-    assert batched_linear_sum_assignment(torch.rand(0, 4, 4)).shape == (0, 4)
-    assert batched_linear_sum_assignment(torch.rand(3, 0, 4)).shape == (3, 0)
-    result = batched_linear_sum_assignment(torch.rand(3, 4, 0))
-    assert result.shape == (3, 4) and (result == -1).all()
+@pytest.mark.parametrize("device", DEVICES)
+def test_extents_outside_their_range_are_clamped_without_check_finite(device, generator):
+    """Documented: with check_finite=False an extent is clamped to [0, N] / [0, M], so a negative one
+    gives an empty problem (all -1) and one above N or M the full extent; check_finite=True raises."""
+    cost = (torch.rand(5, 6, 4, generator=generator, dtype=torch.float64) * 10 - 3).to(device)
+    num_rows = torch.tensor([9, -3, 2, 6, 2**40])
+    num_cols = torch.tensor([4, 4, 2**62, -1, 3])
+    clamped_rows, clamped_cols = torch.tensor([6, 0, 2, 6, 6]), torch.tensor([4, 4, 4, 0, 3])
+    with pytest.raises(ValueError, match=r"num_rows must lie in \[0, 6\]"):
+        batched_linear_sum_assignment(cost, num_rows, num_cols)
+    with pytest.raises(ValueError, match=r"num_cols must lie in \[0, 4\]"):
+        batched_linear_sum_assignment(cost, clamped_rows, num_cols)
+    result = batched_linear_sum_assignment(cost, num_rows, num_cols, check_finite=False)
+    assert (result[1] == -1).all() and (result[3] == -1).all()  # negative extents: empty problems
+    assert_optimal(cost, result, clamped_rows, clamped_cols)  # scipy on the clamped blocks
+    expected = batched_linear_sum_assignment(cost, clamped_rows, clamped_cols)
+    assert torch.equal(result, expected)
+    # A NaN outside the clamped block is never read: clamping does not widen a problem beyond [N, M].
+    cost[2, 2:, :] = float("nan")
+    result = batched_linear_sum_assignment(cost, num_rows, num_cols, check_finite=False)
+    assert (result[2, :2] >= 0).all() and (result[2, 2:] == -1).all()
+    assert_optimal(cost[2:3], result[2:3], clamped_rows[2:3], clamped_cols[2:3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_empty_batch_and_shapes(device, check_finite, generator):
+    for shape in [(0, 4, 4), (0, 0, 0), (3, 0, 4), (3, 0, 0), (3, 4, 0)]:
+        cost = torch.rand(shape, generator=generator).to(device)
+        result = batched_linear_sum_assignment(cost, check_finite=check_finite)
+        assert result.shape == shape[:2] and result.dtype == torch.int64 and result.device == cost.device
+        assert (result == -1).all()
+    # Empty problems (zero extents) inside a batch of non-empty ones: their rows are -1, the others optimal.
+    cost = torch.rand(4, 5, 6, generator=generator).to(device)
+    num_rows, num_cols = torch.tensor([5, 0, 3, 5]), torch.tensor([6, 4, 0, 2])
+    result = batched_linear_sum_assignment(cost, num_rows, num_cols, check_finite=check_finite)
+    assert (result[1] == -1).all() and (result[2] == -1).all()
+    assert_optimal(cost, result, num_rows, num_cols)
+
+
+@pytest.mark.parametrize("shape", [(4, 12, 12), (4, 5, 12), (4, 12, 5)])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_costs_near_the_documented_magnitude_limit(shape, maximize, generator):
+    """The docstring allows finite entries up to about 1e307 in magnitude (float64 duals); at that scale,
+    with both signs and with exact ties, the totals still match scipy's."""
+    scale = 1e307  # 12 entries of this size still sum to a finite float64 (< 1.8e308)
+    cost = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * scale
+    assert cost.abs().max() > scale / 2
+    assert_optimal(cost, batched_linear_sum_assignment(cost, maximize=maximize), maximize=maximize)
+    ties = torch.randint(-3, 4, shape, generator=generator).double() / 3 * scale
+    ties[0, 0, :2] = float("-inf") if maximize else float("inf")  # two forbidden pairs
+    assert_optimal(ties, batched_linear_sum_assignment(ties, maximize=maximize), maximize=maximize)
+    matrix = cost[1].numpy()
+    rows, cols = linear_sum_assignment(matrix, maximize=maximize)
+    expected_rows, expected_cols = scipy_lsap(matrix, maximize=maximize)
+    np.testing.assert_allclose(matrix[rows, cols].sum(), matrix[expected_rows, expected_cols].sum(), rtol=1e-9)
+    # float32 near its own largest finite value (3.4e38): the float64 duals have room to spare.
+    single = (torch.rand(shape, generator=generator) * 2 - 1) * 3e38
+    assert_optimal(single, batched_linear_sum_assignment(single, maximize=maximize), maximize=maximize)
 
 
 def test_num_threads_above_cores(generator):

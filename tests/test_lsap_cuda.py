@@ -4,6 +4,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsap
 
+from fastvlp.ops import batched_linear_sum_assignment
+
 try:
     from fastvlp import _C
 except ImportError:  # a source checkout that was never built
@@ -206,6 +208,58 @@ def test_infinities_when_maximizing(generator):
     assert status.tolist() == [STATUS_INVALID, STATUS_OK, STATUS_OK]
     assert assignment[1, 1] != 2
     assert_matches_scipy(cost, assignment, status, maximize=True)
+
+
+SWEEP_VALUES = [0.0, 1.0, 2.0, 3.5, -1.0, float("inf")]  # ties, a negative value and forbidden pairs
+SWEEP_SIZE = 12
+
+
+def small_problem_sweep(seed, count=150, size=SWEEP_SIZE):
+    """``2 * count`` problems of 1..size x 1..size entries drawn from SWEEP_VALUES, each followed by its
+    transpose (both orientations of the same values), padded with NaN to one [B, size, size] float64 batch;
+    returns (cost, num_rows, num_cols) on the CPU."""
+    rng = np.random.default_rng(seed)
+    cost = np.full((2 * count, size, size), np.nan)
+    num_rows, num_cols = np.zeros(2 * count, np.int64), np.zeros(2 * count, np.int64)
+    for k in range(count):
+        n, m = (int(x) for x in rng.integers(1, size + 1, 2))
+        block = rng.choice(SWEEP_VALUES, size=(n, m))
+        cost[2 * k, :n, :m], num_rows[2 * k], num_cols[2 * k] = block, n, m
+        cost[2 * k + 1, :m, :n], num_rows[2 * k + 1], num_cols[2 * k + 1] = block.T, m, n
+    return torch.from_numpy(cost), torch.from_numpy(num_rows), torch.from_numpy(num_cols)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_problems_with_ties_and_forbidden_pairs(dtype, maximize, fresh_seed):
+    """The CUDA analogue of test_lsap_core's hypothesis test: small tall, wide and square problems with ties,
+    negative values and +inf, solved as one ragged batch (NaN padding that must never be read)."""
+    cost, num_rows, num_cols = small_problem_sweep(fresh_seed)
+    if maximize:
+        cost = -cost  # keep +inf as the forbidden value after the sign flip: -inf is forbidden when maximizing
+    assert (num_rows > num_cols).any() and (num_rows < num_cols).any() and (num_rows == num_cols).any()
+    cost = cost.to(DEVICE, dtype)
+    num_rows, num_cols = num_rows.to(DEVICE), num_cols.to(DEVICE)
+    assignment, status = solve_cuda(cost, num_rows, num_cols, maximize=maximize)
+    assert_matches_scipy(cost, assignment, status, num_rows.cpu(), num_cols.cpu(), maximize=maximize)
+    assert (status == STATUS_OK).any()
+    # The same batch as a transposed view (strides swapped), with the extents swapped with it.
+    flipped = cost.transpose(1, 2)
+    flipped_assignment, flipped_status = solve_cuda(flipped, num_cols, num_rows, maximize=maximize)
+    assert torch.equal(flipped_status, status)
+    assert_matches_scipy(flipped, flipped_assignment, flipped_status, num_cols.cpu(), num_rows.cpu(),
+                         maximize=maximize)
+    # The public API runs the same kernel: the same assignment, and check_finite names the first bad problem.
+    public = batched_linear_sum_assignment(cost, num_rows, num_cols, maximize=maximize, check_finite=False)
+    assert public.device == cost.device and torch.equal(public.cpu(), assignment)
+    bad = torch.nonzero(status).flatten().tolist()
+    if bad:
+        message = "cost matrix is infeasible" if int(status[bad[0]]) == STATUS_INFEASIBLE else "invalid numeric entries"
+        with pytest.raises(ValueError, match=rf"{message} \(problem {bad[0]}\)"):
+            batched_linear_sum_assignment(cost, num_rows, num_cols, maximize=maximize)
+    else:
+        checked = batched_linear_sum_assignment(cost, num_rows, num_cols, maximize=maximize)
+        assert torch.equal(checked.cpu(), assignment)
 
 
 @pytest.mark.parametrize("shape", [(12, 9, 14), (12, 14, 9), (6, 40, 2000)])

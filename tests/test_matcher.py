@@ -43,6 +43,10 @@ def test_matches_plain_reference(counts, backend, fresh_seed):
         assert rows.dtype == torch.int64 and cols.dtype == torch.int64
         assert len(rows) == len(cols) == min(30, counts[index])
         assert torch.equal(rows, rows.sort().values)
+        assert len(set(rows.tolist())) == len(rows) and ((rows >= 0) & (rows < 30)).all()
+        # Each target is matched at most once, and only to a target of this image.
+        assert len(set(cols.tolist())) == len(cols), f"image {index}: a target matched twice: {cols.tolist()}"
+        assert ((cols >= 0) & (cols < counts[index])).all(), f"image {index}: columns {cols.tolist()}"
         if counts[index] == 0:
             continue
         cost = plain_detr_cost(outputs["pred_logits"][index], outputs["pred_boxes"][index],
@@ -127,6 +131,28 @@ def test_nan_cost_without_check_finite_gets_valid_placeholder_matches(fresh_seed
                            targets[0]["labels"], targets[0]["boxes"], 1, 5, 2)
     expected_rows, expected_cols = scipy_lsap(cost.numpy())
     assert cost[rows, cols].sum().item() == pytest.approx(cost[expected_rows, expected_cols].sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_scipy_backend_raises_on_nan_cost_either_way(check_finite, fresh_seed):
+    """Documented: backend="scipy" is DETR's path, which raises scipy's error on a NaN cost
+    whatever check_finite says."""
+    generator = torch.Generator().manual_seed(fresh_seed)
+    counts = [5, 12, 0]
+    outputs, targets = random_problem(len(counts), 8, 4, counts, generator)
+    matcher = HungarianMatcher(1, 5, 2, backend="scipy", check_finite=check_finite)
+    # Finite costs first: the scipy backend solves them optimally (against the float64 cost).
+    for index, (rows, cols) in enumerate(matcher(outputs, targets)):
+        assert len(rows) == len(cols) == min(8, counts[index])
+        if counts[index]:
+            cost = plain_detr_cost(outputs["pred_logits"][index], outputs["pred_boxes"][index],
+                                   targets[index]["labels"], targets[index]["boxes"], 1, 5, 2)
+            expected_rows, expected_cols = scipy_lsap(cost.numpy())
+            total = cost[expected_rows, expected_cols].sum().item()
+            assert cost[rows, cols].sum().item() == pytest.approx(total, rel=1e-5)
+    outputs["pred_logits"][1, 6, 2] = float("nan")  # image 1's cost row 6 is NaN
+    with pytest.raises(ValueError, match="^matrix contains invalid numeric entries$"):
+        matcher(outputs, targets)
 
 
 def test_pad_targets_rejects_boxes_that_do_not_match_labels():

@@ -149,7 +149,12 @@ def batched_linear_sum_assignment(
             with any strides. ``+inf`` marks a forbidden pair (``-inf`` when ``maximize``).
         num_rows, num_cols: optional ``[B]`` integer tensors; problem ``b`` is the top-left
             ``num_rows[b] x num_cols[b]`` block of ``cost[b]`` (ragged targets per image
-            without building ``B`` tensors). Default: the full extent.
+            without building ``B`` tensors). Default: the full extent. Values outside
+            ``[0, N]`` (``num_rows``) or ``[0, M]`` (``num_cols``) raise ``ValueError`` when
+            ``check_finite`` is set. With ``check_finite=False`` they are not checked but
+            clamped to that range: a negative extent gives an empty problem (its row of the
+            result is all ``-1``, like any empty problem, not a reported failure) and an extent
+            above ``N`` or ``M`` gives the full extent.
         maximize: negate the costs first, as scipy does.
         num_threads: CPU worker threads across the batch (default ``torch.get_num_threads()``;
             honoured even above it). Ignored on CUDA, where one thread block solves each problem.
