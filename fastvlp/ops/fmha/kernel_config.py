@@ -17,6 +17,10 @@ INTERPRETED = (
     bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
     else os.environ.get("TRITON_INTERPRET", "0") == "1"
 )
+if INTERPRETED:
+    from .interpreter_compat import squeeze_loop_bounds
+
+    squeeze_loop_bounds()
 
 MIN_BUCKET = 16
 MAX_BUCKET = 16384
