@@ -120,7 +120,7 @@ def test_predictor_on_a_pil_image(checkpoint, data, val_questions):
     answer = predictor.predict(image, text=question["question"], top_k=2)
     assert len(answer["answers"]) == 2 and answer == predictor.predict(path, text=question["question"], top_k=2)
     # a rotated image gets other scores: the image reaches the model
-    other = predictor.predict(image.transpose(Image.Transpose.ROTATE_90), text=question["question"], top_k=2)
+    other = predictor.predict(image.rotate(90, expand=True), text=question["question"], top_k=2)
     assert other["answers"] != answer["answers"]
     for bad in (0, -1, True, 1.5, "2"):
         with pytest.raises(ValueError, match="top_k"):
