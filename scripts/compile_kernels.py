@@ -1,0 +1,185 @@
+"""Compile every attention kernel variant and candidate tile for a CUDA target, without a GPU.
+
+Triton compiles to a cubin with its own ptxas, so a machine with no GPU can still find the kernels that no
+longer lower (a Triton upgrade, a kernel edit checked only in the interpreter) and the tiles whose shared
+memory exceeds the target's. A stand-in driver names the target; the real launch functions
+(``attention_forward_triton``, ``attention_backward_triton``, ``dropout_keep_mask``) run on CPU tensors, and
+each launch they make is replaced by Triton's ``warmup`` (compile, never run) of every tile the autotuner
+could pick and of the fixed tile of deterministic mode.
+
+    python scripts/compile_kernels.py [--arch 90] [--dtypes float16,bfloat16,float32] [--head-dims 32,64,80,128] [--quick]
+
+Prints one line per compiled kernel (name, variant, tile, shared memory) and exits 1 when any compile fails
+or any tile needs more shared memory than ``--max-shared-kb`` (227 KB, an H100's or H200's opt-in limit).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("compile_kernels.py: unset TRITON_INTERPRET (the kernels must be defined for a GPU)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+
+class TargetOnlyDriver:
+    """What compiling (never launching) asks of Triton's active driver: the target, a device and a stream."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class Report:
+    def __init__(self, max_shared_bytes: int):
+        self.max_shared_bytes = max_shared_bytes
+        self.compiled, self.failures, self.oversized = 0, [], []
+        self.seen = set()
+
+    def compile(self, jit_function, grid, args, kwargs, label: str) -> None:
+        name = f"{jit_function.fn.__name__} {label}"
+        if name in self.seen:  # the same kernel and variant from another launch function
+            return
+        self.seen.add(name)
+        start = time.perf_counter()
+        try:
+            compiled = jit_function.warmup(*args, grid=grid, **kwargs)
+        except Exception as error:  # report every failure, not only the first
+            self.failures.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            print(f"FAILED  {name}: {type(error).__name__}", flush=True)
+            return
+        shared = int(getattr(compiled.metadata, "shared", 0))
+        self.compiled += 1
+        flag = ""
+        if shared > self.max_shared_bytes:
+            self.oversized.append(f"{name}: {shared / 1024:.0f} KB shared memory")
+            flag = "  (over the limit)"
+        print(f"ok      {name}: {shared / 1024:.1f} KB shared, {time.perf_counter() - start:.1f} s{flag}", flush=True)
+
+
+def _tile_label(config) -> str:
+    tiles = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    return f"[{tiles} warps={config.num_warps} stages={config.num_stages}]"
+
+
+def compiling_launcher(report: Report, variant: str, quick: bool):
+    """A stand-in for ``launcher.kernel_launcher``: each launch compiles every candidate tile instead."""
+    from fastvlp.ops.fmha import kernel_config
+
+    def kernel_launcher(autotuned_kernel, kernel, dtype, head_dim_block):
+        configs = list(autotuned_kernel.configs)
+        fixed = kernel_config.deterministic_config(kernel, dtype, head_dim_block)
+        if quick:
+            configs = [fixed]
+        elif all(_tile_label(fixed) != _tile_label(config) for config in configs):
+            configs.append(fixed)
+
+        def launch(grid, *args, **kwargs):
+            for config in configs:
+                tiles = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                report.compile(autotuned_kernel.fn, (1, 1, 1), args, {**kwargs, **tiles},
+                               f"{variant} {_tile_label(config)}")
+
+        return launch
+
+    return kernel_launcher
+
+
+class CompilingKernel:
+    """A stand-in for a plain ``@triton.jit`` kernel launched as ``kernel[grid](...)``: compiles instead."""
+
+    def __init__(self, report: Report, jit_function, variant: str):
+        self.report, self.jit_function, self.variant = report, jit_function, variant
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.report.compile(self.jit_function, (1, 1, 1), args, kwargs, self.variant)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (90: H100/H200)")
+    parser.add_argument("--dtypes", default="float16,bfloat16,float32")
+    parser.add_argument("--head-dims", default="32,64,80,128", help="80 checks a padded head dim")
+    parser.add_argument("--max-shared-kb", type=float, default=227.0)
+    parser.add_argument("--quick", action="store_true",
+                        help="one tile per kernel (deterministic mode's) and fewer variants: a smoke test")
+    args = parser.parse_args(argv)
+    try:
+        dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+        head_dims = [int(d) for d in args.head_dims.split(",")]
+    except (AttributeError, ValueError) as error:
+        parser.error(f"--dtypes/--head-dims: {error}")
+    if any(not isinstance(d, torch.dtype) for d in dtypes) or any(d < 1 for d in head_dims):
+        parser.error("--dtypes: expected torch dtype names; --head-dims: positive integers")
+
+    driver.set_active(TargetOnlyDriver(args.arch))
+    from fastvlp.ops.fmha import backward_kernels, forward_kernel, triton_rng
+    from fastvlp.ops.fmha.kernel_config import kernels_interpreted
+
+    if kernels_interpreted():
+        sys.exit("compile_kernels.py: the kernels were defined for the interpreter")
+    report = Report(int(args.max_shared_kb * 1024))
+    print(f"triton {triton.__version__}, target sm_{args.arch}", flush=True)
+
+    # (mask, causal, dropout): the kernels' constexpr switches. --quick keeps the two extremes.
+    switches = list(itertools.product((False, True), repeat=3))
+    if args.quick:
+        switches = [(False, False, False), (True, True, True)]
+    batch, heads, query_length, key_length = 2, 2, 40, 72
+    for dtype, head_dim, (masked, causal, dropout) in itertools.product(dtypes, head_dims, switches):
+        variant = (f"{str(dtype).replace('torch.', '')} d{head_dim}{' mask' if masked else ''}"
+                   f"{' causal' if causal else ''}{' dropout' if dropout else ''}")
+        q = torch.randn(batch, query_length, heads, head_dim).to(dtype)
+        k = torch.randn(batch, key_length, heads, head_dim).to(dtype)
+        v = torch.randn_like(k)
+        mask = torch.rand(batch, key_length) < 0.3 if masked else None
+        seed = torch.tensor([1, 2], dtype=torch.int64)
+        out, lse = torch.empty_like(q), torch.empty(batch, heads, query_length)
+        launcher = compiling_launcher(report, variant, args.quick)
+        forward_kernel.kernel_launcher = backward_kernels.kernel_launcher = launcher
+        dropout_p = 0.1 if dropout else 0.0
+        forward_kernel.attention_forward_triton(q, k, v, mask, seed, causal, dropout_p, head_dim ** -0.5, False, out, lse)
+        grad_out = torch.randn_like(q)
+        backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p,
+                                                   head_dim ** -0.5, False)
+        # Without dQ, the backward computes its row sums in a kernel of their own.
+        delta_kernel = backward_kernels.attention_backward_delta_kernel
+        backward_kernels.attention_backward_delta_kernel = CompilingKernel(report, delta_kernel, variant)
+        try:
+            backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p,
+                                                       head_dim ** -0.5, False, need_dq=False)
+        finally:
+            backward_kernels.attention_backward_delta_kernel = delta_kernel
+    # dropout_keep_mask (the dropout replay for tests) refuses CPU tensors outside the interpreter, so its
+    # kernel is compiled with the arguments that function passes on a GPU.
+    keep = torch.empty(2, 2, 40, 72, dtype=torch.int8)
+    report.compile(triton_rng.dropout_keep_kernel, (1, 1, 1), (torch.tensor([1, 2]), keep, 40, 72,
+                   triton_rng.dropout_threshold(0.1)), dict(INT64_OFFSETS=False, BLOCK_M=64, BLOCK_N=64), "keep mask")
+
+    print(f"{report.compiled} kernels compiled for sm_{args.arch} with Triton {triton.__version__}; "
+          f"{len(report.failures)} failed; {len(report.oversized)} over {args.max_shared_kb:g} KB of shared memory")
+    for line in report.failures + report.oversized:
+        print("  " + line)
+    return 1 if report.failures or report.oversized else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
