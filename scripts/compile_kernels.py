@@ -3,11 +3,12 @@
 Triton compiles to a cubin with its own ptxas, so a machine with no GPU can still find the kernels that no
 longer lower (a Triton upgrade, a kernel edit checked only in the interpreter) and the tiles whose shared
 memory exceeds the target's. A stand-in driver names the target; the real launch functions
-(``attention_forward_triton``, ``attention_backward_triton``, ``dropout_keep_mask``) run on CPU tensors, and
-each launch they make is replaced by Triton's ``warmup`` (compile, never run) of every tile the autotuner
-could pick and of the fixed tile of deterministic mode.
+(``attention_forward_triton``, ``attention_backward_triton``) run on CPU tensors, and each launch they make
+is replaced by Triton's ``warmup`` (compile, never run) of every tile the autotuner could pick for it (its
+candidates after the kernel's own pruning; ``--all-tiles`` skips the pruning) and of the fixed tile of
+deterministic mode. float32 is compiled with exact (``ieee``) and with TF32 dot products.
 
-    python scripts/compile_kernels.py [--arch 90] [--dtypes float16,bfloat16,float32] [--head-dims 32,64,80,128] [--quick]
+    python scripts/compile_kernels.py [--arch 90] [--dtypes float16,bfloat16,float32] [--head-dims 32,64,80,128] [--quick] [--all-tiles]
 
 Prints one line per compiled kernel (name, variant, tile, shared memory) and exits 1 when any compile fails
 or any tile needs more shared memory than ``--max-shared-kb`` (227 KB, an H100's or H200's opt-in limit).
@@ -80,19 +81,24 @@ def _tile_label(config) -> str:
     return f"[{tiles} warps={config.num_warps} stages={config.num_stages}]"
 
 
-def compiling_launcher(report: Report, variant: str, quick: bool):
-    """A stand-in for ``launcher.kernel_launcher``: each launch compiles every candidate tile instead."""
+def compiling_launcher(report: Report, variant: str, quick: bool, all_tiles: bool):
+    """A stand-in for ``launcher.kernel_launcher``: each launch compiles the tiles the autotuner could pick
+    (after the kernel's own pruning, unless ``all_tiles``) and deterministic mode's, instead of running."""
     from fastvlp.ops.fmha import kernel_config
 
     def kernel_launcher(autotuned_kernel, kernel, dtype, head_dim_block):
-        configs = list(autotuned_kernel.configs)
         fixed = kernel_config.deterministic_config(kernel, dtype, head_dim_block)
-        if quick:
-            configs = [fixed]
-        elif all(_tile_label(fixed) != _tile_label(config) for config in configs):
-            configs.append(fixed)
 
         def launch(grid, *args, **kwargs):
+            configs = list(autotuned_kernel.configs)
+            prune = getattr(autotuned_kernel, "early_config_prune", None)
+            if prune is not None and not all_tiles:
+                named = dict(zip(autotuned_kernel.arg_names, args))
+                configs = prune(configs, named, **kwargs)
+            if quick:
+                configs = [fixed]
+            elif all(_tile_label(fixed) != _tile_label(config) for config in configs):
+                configs.append(fixed)
             for config in configs:
                 tiles = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
                 report.compile(autotuned_kernel.fn, (1, 1, 1), args, {**kwargs, **tiles},
@@ -121,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shared-kb", type=float, default=227.0)
     parser.add_argument("--quick", action="store_true",
                         help="one tile per kernel (deterministic mode's) and fewer variants: a smoke test")
+    parser.add_argument("--all-tiles", action="store_true",
+                        help="every candidate tile, also those the kernel's pruning would never pick")
     args = parser.parse_args(argv)
     try:
         dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
@@ -143,29 +151,31 @@ def main(argv=None) -> int:
     switches = list(itertools.product((False, True), repeat=3))
     if args.quick:
         switches = [(False, False, False), (True, True, True)]
-    batch, heads, query_length, key_length = 2, 2, 40, 72
-    for dtype, head_dim, (masked, causal, dropout) in itertools.product(dtypes, head_dims, switches):
-        variant = (f"{str(dtype).replace('torch.', '')} d{head_dim}{' mask' if masked else ''}"
-                   f"{' causal' if causal else ''}{' dropout' if dropout else ''}")
+    # Lengths past every tile (so the pruning keeps them all) and multiples of none.
+    batch, heads, query_length, key_length = 2, 2, 136, 200
+    precisions = [(dtype, tf32) for dtype in dtypes for tf32 in ((False, True) if dtype == torch.float32 else (False,))]
+    for (dtype, tf32), head_dim, (masked, causal, dropout) in itertools.product(precisions, head_dims, switches):
+        variant = (f"{str(dtype).replace('torch.', '')}{' tf32' if tf32 else ''} d{head_dim}"
+                   f"{' mask' if masked else ''}{' causal' if causal else ''}{' dropout' if dropout else ''}")
         q = torch.randn(batch, query_length, heads, head_dim).to(dtype)
         k = torch.randn(batch, key_length, heads, head_dim).to(dtype)
         v = torch.randn_like(k)
         mask = torch.rand(batch, key_length) < 0.3 if masked else None
         seed = torch.tensor([1, 2], dtype=torch.int64)
         out, lse = torch.empty_like(q), torch.empty(batch, heads, query_length)
-        launcher = compiling_launcher(report, variant, args.quick)
+        launcher = compiling_launcher(report, variant, args.quick, args.all_tiles)
         forward_kernel.kernel_launcher = backward_kernels.kernel_launcher = launcher
         dropout_p = 0.1 if dropout else 0.0
-        forward_kernel.attention_forward_triton(q, k, v, mask, seed, causal, dropout_p, head_dim ** -0.5, False, out, lse)
+        forward_kernel.attention_forward_triton(q, k, v, mask, seed, causal, dropout_p, head_dim ** -0.5, tf32, out, lse)
         grad_out = torch.randn_like(q)
         backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p,
-                                                   head_dim ** -0.5, False)
+                                                   head_dim ** -0.5, tf32)
         # Without dQ, the backward computes its row sums in a kernel of their own.
         delta_kernel = backward_kernels.attention_backward_delta_kernel
         backward_kernels.attention_backward_delta_kernel = CompilingKernel(report, delta_kernel, variant)
         try:
             backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p,
-                                                       head_dim ** -0.5, False, need_dq=False)
+                                                       head_dim ** -0.5, tf32, need_dq=False)
         finally:
             backward_kernels.attention_backward_delta_kernel = delta_kernel
     # dropout_keep_mask (the dropout replay for tests) refuses CPU tensors outside the interpreter, so its

@@ -874,3 +874,30 @@ def test_concurrent_first_launches_keep_each_keys_own_config():
     launch(4096)
     launcher._TUNED_LAUNCHES.pop(tuner)
     assert fake.launches == [(16, 32), (4096, 128)]
+
+
+@pytest.mark.parametrize("dtype, precision, head_dim_block, kept", [
+    (torch.float16, "tf32", 128, "all"),
+    (torch.bfloat16, "tf32", 32, "all"),
+    (torch.float32, "tf32", 64, "all"),
+    (torch.float32, "tf32", 128, "two smallest"),  # the larger tiles exceed an H100's shared memory
+    (torch.float32, "ieee", 32, "two smallest"),
+])
+def test_tile_pruning_by_dtype_and_head_dim(dtype, precision, head_dim_block, kept):
+    """The GPU candidates each kernel keeps for long sequences (the interpreter has one tile)."""
+    from fastvlp.ops.fmha import kernel_config
+
+    for candidates in (kernel_config._FORWARD_CONFIGS, kernel_config._BACKWARD_CONFIGS):
+        named = {"q_ptr": torch.empty(1, dtype=dtype), "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
+        pruned = kernel_config.prune_by_length(candidates, named, DOT_PRECISION=precision,
+                                               HEAD_DIM_BLOCK=head_dim_block)
+        areas = sorted(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in candidates)
+        if kept == "all":
+            assert pruned == candidates
+        else:
+            assert [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in pruned] == areas[:2]
+    # Short sequences keep only tiles no longer than them (32 at least), whatever the dtype.
+    short = kernel_config.prune_by_length(kernel_config._BACKWARD_CONFIGS,
+                                          {"q_ptr": torch.empty(1, dtype=dtype), "LQ_BUCKET": 16, "LK_BUCKET": 64},
+                                          DOT_PRECISION=precision, HEAD_DIM_BLOCK=head_dim_block)
+    assert short and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 64 for c in short)

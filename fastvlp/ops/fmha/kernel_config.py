@@ -128,7 +128,10 @@ def prune_by_length(configs, named_args, **kwargs):
     """Drop tiles much larger than the sequences (short decoder calls are launch
     bound, and a 128-row tile over 40 queries is mostly padding). float32 with
     ``ieee`` dots runs on CUDA cores, where big tiles only spill and compile slowly,
-    so it keeps the two smallest tiles."""
+    so it keeps the two smallest tiles. So does float32 with TF32 dots at a padded head
+    dim of 128 or more: compiled for sm_90, its larger tiles need 228 to 336 KB of shared
+    memory, more than an H100 has (``scripts/compile_kernels.py``), and would only fail
+    to load while autotuning."""
 
     def argument(name):
         return named_args[name] if name in named_args else kwargs[name]
@@ -140,6 +143,8 @@ def prune_by_length(configs, named_args, **kwargs):
     ]
     by_area = sorted(kept or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
     if argument("DOT_PRECISION") == "ieee":
+        return by_area[:2]
+    if argument("HEAD_DIM_BLOCK") >= 128 and argument("q_ptr").element_size() == 4:
         return by_area[:2]
     return kept or by_area[:1]
 
