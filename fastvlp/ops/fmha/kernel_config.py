@@ -99,9 +99,10 @@ _BACKWARD_CONFIGS = [
 # blocks, dK/dV over query blocks), so two processes that tuned to different tiles would disagree in
 # the last bits. Each is one of the candidates above; compiled for sm_90 (causal, key mask, dropout)
 # none needed more than 136 KiB of shared memory (an H100 has 227 KiB, an A100 163 KiB), and for half
-# precision at head dim 128 the backward tile was the candidate that spilled the fewest registers. Both
-# were measured before the dQ kernel also computed delta (an extra [BLOCK_M, D] tile, live only at its
-# start); tests/test_attention_gpu.py compiles and runs every fixed tile.
+# precision at head dim 128 the backward tile was the candidate that spilled the fewest registers (that
+# was measured before the dQ kernel also computed delta, an extra [BLOCK_M, D] tile live only at its
+# start; `scripts/compile_kernels.py` found the shared memory still at most 136 KiB after it).
+# tests/test_attention_gpu.py compiles and runs every fixed tile.
 _DETERMINISTIC_CONFIGS = {
     # (kernel, half precision, head_dim_block > 64): tile
     ("forward", True, False): _config(128, 64, 4, 3),
