@@ -8,7 +8,8 @@ is replaced by Triton's ``warmup`` (compile, never run) of every tile the autotu
 candidates after the kernel's own pruning; ``--all-tiles`` skips the pruning) and of the fixed tile of
 deterministic mode. float32 is compiled with exact (``ieee``) and with TF32 dot products.
 
-    python scripts/compile_kernels.py [--arch 90] [--dtypes float16,bfloat16,float32] [--head-dims 32,64,80,128] [--quick] [--all-tiles]
+    python scripts/compile_kernels.py [--arch 90] [--dtypes float16,bfloat16,float32] [--head-dims 32,64,80,128]
+        [--quick] [--all-tiles] [--jobs N]
 
 Prints one line per compiled kernel (name, variant, tile, shared memory) and exits 1 when any compile fails
 or any tile needs more shared memory than ``--max-shared-kb`` (227 KB, an H100's or H200's opt-in limit).
@@ -119,6 +120,46 @@ class CompilingKernel:
         return lambda *args, **kwargs: self.report.compile(self.jit_function, (1, 1, 1), args, kwargs, self.variant)
 
 
+# Lengths past every tile (so the pruning keeps them all) and multiples of none.
+BATCH, HEADS, QUERY_LENGTH, KEY_LENGTH = 2, 2, 136, 200
+
+
+def compile_variant(report: Report, dtype, tf32: bool, head_dim: int, masked: bool, causal: bool, dropout: bool,
+                    quick: bool, all_tiles: bool) -> None:
+    """Run the forward and both kinds of backward for one variant, compiling each launch's tiles."""
+    from fastvlp.ops.fmha import backward_kernels, forward_kernel
+
+    variant = (f"{str(dtype).replace('torch.', '')}{' tf32' if tf32 else ''} d{head_dim}"
+               f"{' mask' if masked else ''}{' causal' if causal else ''}{' dropout' if dropout else ''}")
+    q = torch.randn(BATCH, QUERY_LENGTH, HEADS, head_dim).to(dtype)
+    k = torch.randn(BATCH, KEY_LENGTH, HEADS, head_dim).to(dtype)
+    v = torch.randn_like(k)
+    mask = torch.rand(BATCH, KEY_LENGTH) < 0.3 if masked else None
+    seed = torch.tensor([1, 2], dtype=torch.int64)
+    out, lse = torch.empty_like(q), torch.empty(BATCH, HEADS, QUERY_LENGTH)
+    forward_kernel.kernel_launcher = backward_kernels.kernel_launcher = compiling_launcher(report, variant, quick, all_tiles)
+    dropout_p, scale = (0.1 if dropout else 0.0), head_dim ** -0.5
+    forward_kernel.attention_forward_triton(q, k, v, mask, seed, causal, dropout_p, scale, tf32, out, lse)
+    grad_out = torch.randn_like(q)
+    backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p, scale, tf32)
+    # Without dQ, the backward computes its row sums in a kernel of their own.
+    delta_kernel = backward_kernels.attention_backward_delta_kernel
+    backward_kernels.attention_backward_delta_kernel = CompilingKernel(report, delta_kernel, variant)
+    try:
+        backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p, scale,
+                                                   tf32, need_dq=False)
+    finally:
+        backward_kernels.attention_backward_delta_kernel = delta_kernel
+
+
+def _compile_in_worker(task):
+    """One variant in a forked worker (which inherits the stand-in driver): its counts and problem lines."""
+    max_shared_bytes, variant, quick, all_tiles = task
+    report = Report(max_shared_bytes)
+    compile_variant(report, *variant, quick=quick, all_tiles=all_tiles)
+    return report.compiled, report.failures, report.oversized
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (90: H100/H200)")
@@ -129,6 +170,7 @@ def main(argv=None) -> int:
                         help="one tile per kernel (deterministic mode's) and fewer variants: a smoke test")
     parser.add_argument("--all-tiles", action="store_true",
                         help="every candidate tile, also those the kernel's pruning would never pick")
+    parser.add_argument("--jobs", type=int, default=1, help="compile variants in this many processes")
     args = parser.parse_args(argv)
     try:
         dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
@@ -137,9 +179,11 @@ def main(argv=None) -> int:
         parser.error(f"--dtypes/--head-dims: {error}")
     if any(not isinstance(d, torch.dtype) for d in dtypes) or any(d < 1 for d in head_dims):
         parser.error("--dtypes: expected torch dtype names; --head-dims: positive integers")
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected at least 1, got {args.jobs}")
 
     driver.set_active(TargetOnlyDriver(args.arch))
-    from fastvlp.ops.fmha import backward_kernels, forward_kernel, triton_rng
+    from fastvlp.ops.fmha import triton_rng
     from fastvlp.ops.fmha.kernel_config import kernels_interpreted
 
     if kernels_interpreted():
@@ -151,33 +195,21 @@ def main(argv=None) -> int:
     switches = list(itertools.product((False, True), repeat=3))
     if args.quick:
         switches = [(False, False, False), (True, True, True)]
-    # Lengths past every tile (so the pruning keeps them all) and multiples of none.
-    batch, heads, query_length, key_length = 2, 2, 136, 200
     precisions = [(dtype, tf32) for dtype in dtypes for tf32 in ((False, True) if dtype == torch.float32 else (False,))]
-    for (dtype, tf32), head_dim, (masked, causal, dropout) in itertools.product(precisions, head_dims, switches):
-        variant = (f"{str(dtype).replace('torch.', '')}{' tf32' if tf32 else ''} d{head_dim}"
-                   f"{' mask' if masked else ''}{' causal' if causal else ''}{' dropout' if dropout else ''}")
-        q = torch.randn(batch, query_length, heads, head_dim).to(dtype)
-        k = torch.randn(batch, key_length, heads, head_dim).to(dtype)
-        v = torch.randn_like(k)
-        mask = torch.rand(batch, key_length) < 0.3 if masked else None
-        seed = torch.tensor([1, 2], dtype=torch.int64)
-        out, lse = torch.empty_like(q), torch.empty(batch, heads, query_length)
-        launcher = compiling_launcher(report, variant, args.quick, args.all_tiles)
-        forward_kernel.kernel_launcher = backward_kernels.kernel_launcher = launcher
-        dropout_p = 0.1 if dropout else 0.0
-        forward_kernel.attention_forward_triton(q, k, v, mask, seed, causal, dropout_p, head_dim ** -0.5, tf32, out, lse)
-        grad_out = torch.randn_like(q)
-        backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p,
-                                                   head_dim ** -0.5, tf32)
-        # Without dQ, the backward computes its row sums in a kernel of their own.
-        delta_kernel = backward_kernels.attention_backward_delta_kernel
-        backward_kernels.attention_backward_delta_kernel = CompilingKernel(report, delta_kernel, variant)
-        try:
-            backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p,
-                                                       head_dim ** -0.5, tf32, need_dq=False)
-        finally:
-            backward_kernels.attention_backward_delta_kernel = delta_kernel
+    variants = [(dtype, tf32, head_dim, *switch)
+                for (dtype, tf32), head_dim, switch in itertools.product(precisions, head_dims, switches)]
+    if args.jobs == 1:
+        for variant in variants:
+            compile_variant(report, *variant, quick=args.quick, all_tiles=args.all_tiles)
+    else:
+        import multiprocessing
+
+        tasks = [(report.max_shared_bytes, variant, args.quick, args.all_tiles) for variant in variants]
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            for compiled, failures, oversized in pool.imap_unordered(_compile_in_worker, tasks):
+                report.compiled += compiled
+                report.failures += failures
+                report.oversized += oversized
     # dropout_keep_mask (the dropout replay for tests) refuses CPU tensors outside the interpreter, so its
     # kernel is compiled with the arguments that function passes on a GPU.
     keep = torch.empty(2, 2, 40, 72, dtype=torch.int8)

@@ -27,9 +27,11 @@ def test_every_kernel_compiles_for_sm90_and_a_too_small_shared_memory_limit_fail
     for kernel in KERNELS:
         assert any(kernel in line for line in compiled), f"{kernel} was not compiled:\n{result.stdout}"
     assert "0 failed; 0 over" in result.stdout
-    # The same kernels against a 1 KB limit: the check reports them and fails.
-    tight = _run("--max-shared-kb", "1")
+    # The same kernels against a 1 KB limit, compiled in two processes: the check reports them and fails.
+    tight = _run("--max-shared-kb", "1", "--jobs", "2")
     assert tight.returncode == 1 and "over the limit" in tight.stdout
+    summary = next(line for line in tight.stdout.splitlines() if "kernels compiled" in line)
+    assert summary.startswith(f"{len(compiled)} kernels compiled"), tight.stdout[-2000:]
 
 
 def test_refuses_to_run_in_the_interpreter():
