@@ -306,22 +306,65 @@ def pretraining_checkpoint(config, tmp_path_factory):
     return directory, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_pretraining_checkpoint_loads_all_but_the_heads(config, training, pretraining_checkpoint):
+def test_pretraining_checkpoint_loads_all_but_the_classifier(config, training, pretraining_checkpoint):
     directory, weights = pretraining_checkpoint
     model = build_model(config, training, with_text=True)
     report = load_task_weights(model, directory)
-    # The new head is never taken from pre-training, whatever its shape: every key of it is new.
-    for key in ("class_embed.weight", "class_embed.bias", "bbox_embed.layers.0.weight"):
+    # The classifier is new (and, without a label space in the checkpoint, no row of it is copied); the box
+    # MLP does not depend on the classes and loads as it is.
+    for key in ("class_embed.weight", "class_embed.bias"):
         assert "vlp.detection_heads." + key in report.new
-    assert not any(k.startswith("vlp.detection_heads.") for k in report.loaded)
+        assert "vlp.detection_heads." + key in report.unused
+    assert report.rows_from_pretraining == [] and report.mismatched == []
+    assert {k for k in report.loaded if k.startswith("vlp.detection_heads.")} == {
+        "vlp." + k for k in weights if k.startswith("detection_heads.bbox_embed.")}
     assert any(k.startswith("vlp.detection_heads.attribute_embed") for k in report.unused)
     for head in ("mlm_head", "itm_head", "caption_head"):
         assert any(k.startswith(f"vlp.{head}.") for k in report.unused)
     assert not any(k.startswith(("vlp.encoder.", "vlp.decoder.", "vlp.backbone.")) for k in report.new)
     state = model.state_dict()
-    for key in ("encoder.layers.0.linear1.weight", "decoder.layers.0.linear2.bias", "query_embed.weight"):
+    for key in ("encoder.layers.0.linear1.weight", "decoder.layers.0.linear2.bias", "query_embed.weight",
+                "detection_heads.bbox_embed.layers.2.weight"):
         assert torch.equal(state["vlp." + key], weights[key])
     assert model.head.class_embed.weight.shape == (7, config.d_model)
+
+
+def test_pretraining_classifier_rows_carry_over_by_name(config, training, pretraining_checkpoint, tmp_path):
+    directory, weights = pretraining_checkpoint
+    # Pre-training's label space: ten classes, four of them the detection categories' names (one under an
+    # alternative name, one in other case, in another order); "circle" and "pentagon" are not among them.
+    vocab = ["dog", "Square", "tree", "star", "box,diamond", "cat", "triangle", "car", "bus", "sky"]
+    for path in directory.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "objects_vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    fresh = build_model(config, training, with_text=True).head.class_embed
+    model = build_model(config, training, with_text=True)
+    report = load_task_weights(model, tmp_path)
+    names = [c["name"] for c in training.task_state["categories"]]
+    assert names == ["circle", "square", "triangle", "diamond", "pentagon", "star"]
+    assert report.rows_from_pretraining == ["square", "triangle", "diamond", "star"]
+    assert "classifier rows from pre-training for 4 categories" in report.summary()
+    classifier = model.head.class_embed
+    pretrained_weight, pretrained_bias = weights["detection_heads.class_embed.weight"], weights["detection_heads.class_embed.bias"]
+    for row, source in ((1, 1), (2, 6), (3, 4), (5, 3), (6, 10)):  # row 6: no-object, pre-training's last row
+        assert torch.equal(classifier.weight[row], pretrained_weight[source])
+        assert torch.equal(classifier.bias[row], pretrained_bias[source])
+    for row in (0, 4):  # circle and pentagon keep their fresh initialisation
+        assert torch.equal(classifier.weight[row], fresh.weight[row])
+        assert torch.equal(classifier.bias[row], fresh.bias[row])
+
+
+def test_pretraining_classifier_of_another_label_space_is_not_copied(config, training, pretraining_checkpoint, tmp_path):
+    directory, _ = pretraining_checkpoint
+    for path in directory.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    # Three classes named, but the checkpoint's classifier has ten: the file is not this classifier's.
+    (tmp_path / "objects_vocab.txt").write_text("square\ntriangle\nstar\n", encoding="utf-8")
+    fresh = build_model(config, training, with_text=True).head.class_embed
+    model = build_model(config, training, with_text=True)
+    report = load_task_weights(model, tmp_path)
+    assert report.rows_from_pretraining == []
+    assert torch.equal(model.head.class_embed.weight, fresh.weight)
 
 
 def test_pretraining_checkpoint_loads_the_word_embeddings(config, training, pretraining_checkpoint):

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from fastvlp.data.collate import nested_tensor_from_images
+from fastvlp.data.label_space import LabelSpace
 from fastvlp.data.datasets.image_records import ImageRecordDataset, ImageRecordView
 from fastvlp.data.image_index import ImageIndex
 from fastvlp.data.readers.coco import coco_annotation_file, read_coco_captions, read_coco_instances
@@ -24,6 +25,7 @@ from fastvlp.eval.detection_ap import coco_detection_ap
 from fastvlp.eval.result_files import detection_results
 from fastvlp.models.outputs import DetectionOutput
 from fastvlp.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from fastvlp.train.pretrain_data import OBJECTS_VOCAB
 from fastvlp.train.tasks.base import EvaluationResult, Task, TrainingData, readable_samples
 from fastvlp.train.tasks.batch import TaskBatch, TaskOutput, images_and_mask
 from fastvlp.train.tasks.model import ENCODER_PARTS, TaskModel
@@ -54,12 +56,15 @@ def _check_categories(categories) -> List[Dict[str, Any]]:
 class DetectionModel(TaskModel):
     """``task_state["categories"]``: COCO's categories (``{"id", "name"}``) in the classifier's order;
     ``task_state["with_text"]`` (default True): encode ``[CLS] caption [SEP] image`` rather than the image
-    alone. The head is the E2E-VLP's own detection heads (``vlp.detection_heads``), replaced by fresh ones
-    over these categories, so that a pre-training checkpoint's heads show up as mismatched, not loaded."""
+    alone. The head is the E2E-VLP's own detection heads (``vlp.detection_heads``) with a new classifier
+    over these categories and no attribute head. From a pre-training checkpoint, the box MLP loads as it
+    is (boxes do not depend on the label space, as when DETR is fine-tuned on new classes), and
+    :meth:`initialise_from_pretraining` starts the classifier's rows of the categories that pre-training's
+    label space names, and the no-object row, from the pre-trained classifier."""
 
     task_name = "detection"
     kept_parts = ENCODER_PARTS + ("decoder", "query_embed", "detection_heads")
-    fresh_parts = ("detection_heads",)
+    fresh_parts = ("detection_heads.class_embed", "detection_heads.attribute_embed")
 
     def __init__(self, config, task_state) -> None:
         super().__init__(config, task_state)
@@ -75,6 +80,35 @@ class DetectionModel(TaskModel):
     def head(self):
         """The detection heads: class logits over the categories plus no-object, and boxes."""
         return self.vlp.detection_heads
+
+    def initialise_from_pretraining(self, checkpoint: Path, stored: Mapping[str, Tensor]) -> List[str]:
+        """Copy pre-training's classifier rows into the new classifier: for each category whose name the
+        checkpoint's label space (``objects_vocab.txt``) has, by the label space's own name matching, and
+        for no-object. ``stored`` is the checkpoint's weights, keys prefixed ``vlp.``. Returns the names of
+        the categories so initialised; the others keep their fresh rows. Nothing is copied when the
+        checkpoint has no label space or its classifier does not match it."""
+        vocab = Path(checkpoint) / OBJECTS_VOCAB
+        weight = stored.get("vlp.detection_heads.class_embed.weight")
+        bias = stored.get("vlp.detection_heads.class_embed.bias")
+        classifier = self.vlp.detection_heads.class_embed
+        if not vocab.is_file() or weight is None or bias is None:
+            return []
+        space = LabelSpace.from_vocab_file(vocab)
+        if tuple(weight.shape) != (space.num_classes + 1, classifier.in_features) or tuple(bias.shape) != (space.num_classes + 1,):
+            return []
+        targets, sources, names = [], [], []
+        for row, name in enumerate(self.category_names):
+            index = space.get(name)
+            if index is not None:
+                targets.append(row)
+                sources.append(index)
+                names.append(name)
+        targets.append(classifier.out_features - 1)  # no-object is the last row of both classifiers
+        sources.append(space.no_object_index)
+        with torch.no_grad():
+            classifier.weight[targets] = weight[sources].to(classifier.weight)
+            classifier.bias[targets] = bias[sources].to(classifier.bias)
+        return names
 
     def detection_outputs(self, images, pixel_mask, input_ids=None, text_attention_mask=None,
                           *, aux_outputs: Optional[bool] = None) -> DetectionOutput:

@@ -17,12 +17,15 @@ WEIGHTS = "model.safetensors"
 class KeyLoadReport:
     """``new``: model keys the checkpoint did not have (they keep their fresh initialisation);
     ``unused``: checkpoint keys the model has no place for; ``mismatched``: keys present in both with
-    different shapes (left at their initialisation, e.g. a new detection head's classes)."""
+    different shapes (left at their initialisation, e.g. a new detection head's classes);
+    ``rows_from_pretraining``: what a task model took from a pre-training checkpoint beyond whole tensors
+    (the detection model: the names of the categories whose classifier rows it copied)."""
 
     loaded: List[str] = field(default_factory=list)
     new: List[str] = field(default_factory=list)
     unused: List[str] = field(default_factory=list)
     mismatched: List[str] = field(default_factory=list)
+    rows_from_pretraining: List[str] = field(default_factory=list)
 
     @staticmethod
     def _by_module(keys: List[str]) -> Dict[str, int]:
@@ -35,10 +38,13 @@ class KeyLoadReport:
             if keys:
                 modules = ", ".join(f"{m} ({n})" for m, n in self._by_module(keys).items())
                 parts.append(f"{len(keys)} {name}: {modules}")
+        if self.rows_from_pretraining:
+            parts.append(f"classifier rows from pre-training for {len(self.rows_from_pretraining)} categories")
         return "; ".join(parts)
 
     def to_dict(self) -> Dict[str, object]:
-        return {"loaded": len(self.loaded), "new": self.new, "unused": self.unused, "mismatched": self.mismatched}
+        return {"loaded": len(self.loaded), "new": self.new, "unused": self.unused, "mismatched": self.mismatched,
+                "rows_from_pretraining": self.rows_from_pretraining}
 
 
 def _storage_groups(model: torch.nn.Module) -> Dict[str, List[str]]:
@@ -52,7 +58,9 @@ def _storage_groups(model: torch.nn.Module) -> Dict[str, List[str]]:
 def load_task_weights(model: torch.nn.Module, checkpoint: Path, prefix: str = "vlp.") -> KeyLoadReport:
     """Load ``checkpoint/model.safetensors`` into ``model`` non-strictly. Keys of a pre-training checkpoint
     (an E2EVLP's) get ``prefix``, and the parts the model re-initialises (``model.fresh_parts``, e.g. a
-    new detection head) are not taken from it; a task checkpoint's keys (already prefixed) load as they are."""
+    new detection classifier) are not taken from it, though a model with ``initialise_from_pretraining``
+    may then copy what carries over (rows of a classifier, by class name); a task checkpoint's keys
+    (already prefixed) load as they are."""
     path = Path(checkpoint) / WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no {WEIGHTS} in {checkpoint}")
@@ -83,4 +91,6 @@ def load_task_weights(model: torch.nn.Module, checkpoint: Path, prefix: str = "v
     loaded = {k for key in usable for k in groups.get(key, [key])}
     report.loaded = sorted(loaded)
     report.new = sorted(key for key in own if key not in loaded and key not in report.mismatched)
+    if pretraining and hasattr(model, "initialise_from_pretraining"):
+        report.rows_from_pretraining = list(model.initialise_from_pretraining(Path(checkpoint), stored))
     return report
