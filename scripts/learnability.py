@@ -20,12 +20,10 @@ import collections
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from fastvlp.data.synth.palette import COLOURS
 from fastvlp.data.collate import nested_tensor_from_images
-from fastvlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from fastvlp.data.transforms import eval_transform, train_transform
+from fastvlp.eval.colour_oracle import use_colour_oracle
 from fastvlp.eval.image_dependence import caption_loss, swap_rows
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import get_preset
@@ -33,33 +31,6 @@ from fastvlp.train.optim import build_optimizer
 from fastvlp.train.pretrain_data import (BatchBuilder, PretrainingSamples, build_label_spaces, build_tokenizer,
                                          collate_pretraining_samples, read_corpus)
 from fastvlp.train.schedule import build_scheduler, default_warmup_steps
-
-# RGB distance (0..1 a channel) under which a pixel counts as a palette colour after JPEG and resizing.
-COLOUR_TOLERANCE = 0.15
-# Share of a cell's pixels a colour must cover to count as present there: stray pixels at blended edges
-# stay below it, the smallest shapes (about 15 pixels across) are well above it.
-PRESENCE_SHARE = 0.02
-
-
-class ColourOracle(nn.Module):
-    """Stands in for the ResNet body: per cell of ``stride`` pixels and palette colour, 1 where the colour
-    is present and 0 elsewhere (``[B, colours, H / stride, W / stride]``), under the key the backbone reads.
-    Presence rather than the covered fraction, so that the tokens differ between images by as much as the
-    projection's weights, not by the few percent that a shape covers of a cell."""
-
-    def __init__(self, stride: int, output_key: str):
-        super().__init__()
-        self.stride, self.output_key = stride, output_key
-        self.register_buffer("palette", torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN)[:, None, None])
-        self.register_buffer("std", torch.tensor(IMAGENET_STD)[:, None, None])
-
-    def forward(self, images):
-        pixels = images * self.std + self.mean
-        distance = (pixels[:, None] - self.palette[None, :, :, None, None]).norm(dim=2)
-        covered = (distance < COLOUR_TOLERANCE).float()
-        share = F.avg_pool2d(covered, self.stride, self.stride, ceil_mode=True)
-        return {self.output_key: (share >= PRESENCE_SHARE).float()}
 
 
 def swap_test_set(corpus, classes, attributes, category_map, tokenizer, seed, count=64):
@@ -118,8 +89,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = E2EVLP(config)
     if args.image_features == "colour-oracle":
-        model.backbone.body = ColourOracle(args.oracle_stride, model.backbone.output)
-        model.backbone.input_proj = nn.Conv2d(len(COLOURS), config.d_model, kernel_size=1)
+        use_colour_oracle(model, args.oracle_stride)
     optimizer = build_optimizer(model)
     scheduler = build_scheduler(optimizer, default_warmup_steps(args.steps), args.steps)
     samples = PretrainingSamples(corpus.records, train_transform("tiny"), classes, attributes, category_map, seed=args.seed)
