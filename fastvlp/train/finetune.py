@@ -198,7 +198,10 @@ def run_finetuning(options: FinetuneOptions) -> TrainingResult:
 
 
 def default_task_lr(task, pretraining_lr: float) -> float:
-    """The task's paper rate, scaled as the model's pre-training rate was scaled from the paper's."""
+    """The task's paper rate, scaled as the model's pre-training rate was scaled from the paper's (as it is,
+    for a task whose ``scale_paper_lr`` is False)."""
+    if not task.scale_paper_lr:
+        return task.paper_lr
     return task.paper_lr * pretraining_lr / PAPER_PRETRAINING_LR
 
 

@@ -51,8 +51,8 @@ class EvaluationResult:
 
 class Task:
     """One downstream task. ``paper_lr`` is the paper's learning rate for the Transformer and heads, scaled
-    by the fine-tuning driver like the model's pre-training rate (see ``default_task_lr``); the backbone's
-    keeps the ratio it had in pre-training. ``decay_milestones`` are the fractions of training
+    by the fine-tuning driver like the model's pre-training rate (see ``default_task_lr``) unless
+    ``scale_paper_lr`` is False; the backbone's keeps the ratio it had in pre-training. ``decay_milestones`` are the fractions of training
     after which the rate is multiplied by 0.1 (the paper: the ends of epochs 6 and 9 of 12); None means
     linear warm-up and decay."""
 
@@ -60,6 +60,7 @@ class Task:
     loss_keys: Tuple[str, ...] = ("loss",)
     model_class: Type[TaskModel] = TaskModel
     paper_lr = 1e-4
+    scale_paper_lr = True
     decay_milestones: Optional[Tuple[float, ...]] = (6 / 12, 9 / 12)
     eval_split = "val"
     default_max_steps = 1000
