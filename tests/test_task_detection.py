@@ -358,13 +358,16 @@ def test_pretraining_classifier_of_another_label_space_is_not_copied(config, tra
     directory, _ = pretraining_checkpoint
     for path in directory.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
-    # Three classes named, but the checkpoint's classifier has ten: the file is not this classifier's.
-    (tmp_path / "objects_vocab.txt").write_text("square\ntriangle\nstar\n", encoding="utf-8")
     fresh = build_model(config, training, with_text=True).head.class_embed
-    model = build_model(config, training, with_text=True)
-    report = load_task_weights(model, tmp_path)
-    assert report.rows_from_pretraining == []
-    assert torch.equal(model.head.class_embed.weight, fresh.weight)
+    # Three classes named, but the checkpoint's classifier has ten: the file is not this classifier's. Then
+    # ten classes, none of them a detection category: the two label spaces share nothing, no-object included.
+    for vocab in (["square", "triangle", "star"], [f"thing {i}" for i in range(10)]):
+        (tmp_path / "objects_vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        model = build_model(config, training, with_text=True)
+        report = load_task_weights(model, tmp_path)
+        assert report.rows_from_pretraining == []
+        assert torch.equal(model.head.class_embed.weight, fresh.weight)
+        assert torch.equal(model.head.class_embed.bias, fresh.bias)
 
 
 def test_pretraining_checkpoint_loads_the_word_embeddings(config, training, pretraining_checkpoint):

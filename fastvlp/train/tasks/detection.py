@@ -86,7 +86,7 @@ class DetectionModel(TaskModel):
         checkpoint's label space (``objects_vocab.txt``) has, by the label space's own name matching, and
         for no-object. ``stored`` is the checkpoint's weights, keys prefixed ``vlp.``. Returns the names of
         the categories so initialised; the others keep their fresh rows. Nothing is copied when the
-        checkpoint has no label space or its classifier does not match it."""
+        checkpoint has no label space, its classifier does not match it, or it names none of the categories."""
         vocab = Path(checkpoint) / OBJECTS_VOCAB
         weight = stored.get("vlp.detection_heads.class_embed.weight")
         bias = stored.get("vlp.detection_heads.class_embed.bias")
@@ -103,6 +103,8 @@ class DetectionModel(TaskModel):
                 targets.append(row)
                 sources.append(index)
                 names.append(name)
+        if not names:
+            return []
         targets.append(classifier.out_features - 1)  # no-object is the last row of both classifiers
         sources.append(space.no_object_index)
         with torch.no_grad():
