@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fastvlp.data.synth.palette import COLOURS
 from fastvlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fastvlp.eval.itm_ceiling import palette_tensor
 
 COLOUR_NAMES = tuple(COLOURS)
 IMAGE_SIZE = (96, 128)
@@ -51,7 +52,7 @@ def solid_colour_batch(batch_size: int, generator: torch.Generator, image_size: 
     labels = (torch.rand(batch_size, generator=generator) < 0.5).long()
     others = (colours + torch.randint(1, count, (batch_size,), generator=generator)) % count
     named = torch.where(labels == 1, colours, others)
-    palette = torch.tensor([COLOURS[name] for name in COLOUR_NAMES], dtype=torch.float32) / 255
+    palette = palette_tensor()  # rows in COLOUR_NAMES order
     pixels = palette[colours][:, :, None, None].expand(batch_size, 3, height, width)
     pixels = pixels + pixel_noise * torch.randn(pixels.shape, generator=generator)
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
