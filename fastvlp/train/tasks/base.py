@@ -52,9 +52,9 @@ class EvaluationResult:
 class Task:
     """One downstream task. ``paper_lr`` is the paper's learning rate for the Transformer and heads, scaled
     by the fine-tuning driver like the model's pre-training rate (see ``default_task_lr``) unless
-    ``scale_paper_lr`` is False; the backbone's keeps the ratio it had in pre-training. ``decay_milestones`` are the fractions of training
-    after which the rate is multiplied by 0.1 (the paper: the ends of epochs 6 and 9 of 12); None means
-    linear warm-up and decay."""
+    ``scale_paper_lr`` is False; the backbone's keeps the ratio it had in pre-training.
+    ``decay_milestones`` are the fractions of training after which the rate is multiplied by 0.1 (the
+    paper: the ends of epochs 6 and 9 of 12); None means linear warm-up and decay."""
 
     name = ""
     loss_keys: Tuple[str, ...] = ("loss",)

@@ -17,7 +17,7 @@ WEIGHTS = "model.safetensors"
 class KeyLoadReport:
     """``new``: model keys the checkpoint did not have (they keep their fresh initialisation);
     ``unused``: checkpoint keys the model has no place for; ``mismatched``: keys present in both with
-    different shapes (left at their initialisation, e.g. a new detection head's classes);
+    different shapes (left at their initialisation);
     ``rows_from_pretraining``: what a task model took from a pre-training checkpoint beyond whole tensors
     (the detection model: the names of the categories whose classifier rows it copied)."""
 
