@@ -13,10 +13,21 @@ deterministic mode. float32 is compiled with exact (``ieee``) and with TF32 dot 
 
 Prints one line per compiled kernel (name, variant, tile, shared memory) and exits 1 when any compile fails
 or any tile needs more shared memory than ``--max-shared-kb`` (227 KB, an H100's or H200's opt-in limit).
+Each line also gives what the cubin says about speed, read with the ``cuobjdump`` that Triton ships:
+registers a thread, the programs a multiprocessor can hold at that count (65536 registers), bytes spilled to
+local memory, and which tensor-core instructions the matrix products became (``HGMMA``, Hopper's
+warpgroup instructions, or the older ``HMMA``). Spills are reported, not failed: a tile that spills is
+slower, and autotuning does not pick it where another is faster.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
 import itertools
 import os
 import sys
@@ -50,11 +61,52 @@ class TargetOnlyDriver:
         return torch.device("cpu")
 
 
+REGISTERS_PER_MULTIPROCESSOR = 65536
+
+
+def cuobjdump_path() -> Optional[str]:
+    """The ``cuobjdump`` that Triton ships with its NVIDIA backend (or one on PATH), None without either."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
+
+
+def cubin_resources(cubin: bytes, num_warps: int, tool: Optional[str] = None) -> Optional[Dict[str, object]]:
+    """Registers a thread, spilled bytes (stack and local memory), programs a multiprocessor holds by
+    registers, and the tensor-core instruction kind of a compiled kernel; None without ``cuobjdump``."""
+    tool = tool or cuobjdump_path()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    return parse_resources(usage, sass, num_warps)
+
+
+def parse_resources(usage: str, sass: str, num_warps: int) -> Dict[str, object]:
+    """:func:`cubin_resources` from ``cuobjdump -res-usage`` and ``cuobjdump -sass`` output."""
+    counts = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+    if "REG" not in counts:
+        raise ValueError(f"usage: no register count in cuobjdump output {usage[:200]!r}")
+    registers = counts["REG"]
+    # Registers are allocated to warps in blocks of 256 (8 a thread).
+    per_program = -(-registers // 8) * 8 * 32 * num_warps
+    instructions = set(re.findall(r"\b(HGMMA|HMMA)\.", sass))
+    return {
+        "registers": registers,
+        "spill_bytes": counts.get("STACK", 0) + counts.get("LOCAL", 0),
+        "programs_per_sm": REGISTERS_PER_MULTIPROCESSOR // per_program,
+        "tensor_cores": "+".join(sorted(instructions)) or "none",
+    }
+
+
 class Report:
-    def __init__(self, max_shared_bytes: int):
+    def __init__(self, max_shared_bytes: int, resources: bool = True):
         self.max_shared_bytes = max_shared_bytes
-        self.compiled, self.failures, self.oversized = 0, [], []
+        self.compiled, self.failures, self.oversized, self.spilling = 0, [], [], []
         self.seen = set()
+        self.tool = cuobjdump_path() if resources else None
 
     def compile(self, jit_function, grid, args, kwargs, label: str) -> None:
         name = f"{jit_function.fn.__name__} {label}"
@@ -74,12 +126,20 @@ class Report:
         if shared > self.max_shared_bytes:
             self.oversized.append(f"{name}: {shared / 1024:.0f} KB shared memory")
             flag = "  (over the limit)"
-        print(f"ok      {name}: {shared / 1024:.1f} KB shared, {time.perf_counter() - start:.1f} s{flag}", flush=True)
+        detail = ""
+        if self.tool is not None:
+            found = cubin_resources(compiled.asm["cubin"], kwargs.get("num_warps", 4), self.tool)
+            detail = (f", {found['registers']} registers (at most {found['programs_per_sm']} programs/SM), "
+                      f"{found['spill_bytes']} B spilled, {found['tensor_cores']}")
+            if found["spill_bytes"]:
+                self.spilling.append(name)
+        print(f"ok      {name}: {shared / 1024:.1f} KB shared{detail}, {time.perf_counter() - start:.1f} s{flag}", flush=True)
 
 
 def _tile_label(config) -> str:
     tiles = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
-    return f"[{tiles} warps={config.num_warps} stages={config.num_stages}]"
+    cap = f" maxnreg={config.maxnreg}" if config.maxnreg is not None else ""
+    return f"[{tiles} warps={config.num_warps} stages={config.num_stages}{cap}]"
 
 
 def compiling_launcher(report: Report, variant: str, quick: bool, all_tiles: bool):
@@ -102,6 +162,8 @@ def compiling_launcher(report: Report, variant: str, quick: bool, all_tiles: boo
                 configs.append(fixed)
             for config in configs:
                 tiles = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                if config.maxnreg is not None:
+                    tiles["maxnreg"] = config.maxnreg
                 report.compile(autotuned_kernel.fn, (1, 1, 1), args, {**kwargs, **tiles},
                                f"{variant} {_tile_label(config)}")
 
@@ -157,7 +219,7 @@ def _compile_in_worker(task):
     max_shared_bytes, variant, quick, all_tiles = task
     report = Report(max_shared_bytes)
     compile_variant(report, *variant, quick=quick, all_tiles=all_tiles)
-    return report.compiled, report.failures, report.oversized
+    return report.compiled, report.failures, report.oversized, report.spilling
 
 
 def main(argv=None) -> int:
@@ -206,8 +268,9 @@ def main(argv=None) -> int:
 
         tasks = [(report.max_shared_bytes, variant, args.quick, args.all_tiles) for variant in variants]
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            for compiled, failures, oversized in pool.imap_unordered(_compile_in_worker, tasks):
+            for compiled, failures, oversized, spilling in pool.imap_unordered(_compile_in_worker, tasks):
                 report.compiled += compiled
+                report.spilling += spilling
                 report.failures += failures
                 report.oversized += oversized
     # dropout_keep_mask (the dropout replay for tests) refuses CPU tensors outside the interpreter, so its
@@ -217,9 +280,13 @@ def main(argv=None) -> int:
                    triton_rng.dropout_threshold(0.1)), dict(INT64_OFFSETS=False, BLOCK_M=64, BLOCK_N=64), "keep mask")
 
     print(f"{report.compiled} kernels compiled for sm_{args.arch} with Triton {triton.__version__}; "
-          f"{len(report.failures)} failed; {len(report.oversized)} over {args.max_shared_kb:g} KB of shared memory")
+          f"{len(report.failures)} failed; {len(report.oversized)} over {args.max_shared_kb:g} KB of shared memory"
+          + (f"; {len(report.spilling)} spill registers to local memory" if report.tool else
+             "; registers not read (no cuobjdump)"))
     for line in report.failures + report.oversized:
         print("  " + line)
+    for name in report.spilling:
+        print("  spills: " + name)
     return 1 if report.failures or report.oversized else 0
 
 

@@ -146,3 +146,28 @@ def test_sweep_cli_lists_the_valid_names(capsys):
         attention_tiles.main(["--kernels", "softmax"])
     assert "--kernels: unknown ['softmax']; expected names from forward backward-dq backward-dkdv" in \
         capsys.readouterr().err
+
+
+def test_tile_names_and_pruning_of_the_gpu_candidate_lists():
+    """The sweep's names for the GPU tiles are distinct (a register cap is part of the name), and the
+    pruning it reports runs on the GPU candidate lists for every switch of the E2E-VLP shapes."""
+    import triton
+
+    from fastvlp.ops.fmha import kernel_config
+
+    assert attention_tiles.tile_name(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3)) == "128x64 w4 s3"
+    assert attention_tiles.tile_name(
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=168)) == "128x64 w4 s3 r168"
+    for candidates in (kernel_config._FORWARD_CONFIGS, kernel_config._BACKWARD_CONFIGS):
+        names = [attention_tiles.tile_name(config) for config in candidates]
+        assert len(set(names)) == len(names)
+        for head_dim, dtype in ((32, torch.float16), (32, torch.bfloat16), (64, torch.float16), (32, torch.float32)):
+            q = torch.empty(2, 1090, 8, head_dim, dtype=dtype)
+            mask = torch.zeros(2, 1090, dtype=torch.bool)
+            for causal in (False, True):
+                for dropout_p in (0.0, 0.1):
+                    kept = attention_tiles._kept_by_pruning(candidates, q, q, causal, mask, dropout_p)
+                    assert kept and kept <= set(names)
+                    assert any(" r" in name for name in kept) == (
+                        candidates is kernel_config._FORWARD_CONFIGS and head_dim <= 32 and not causal
+                        and not dropout_p and dtype != torch.float32)

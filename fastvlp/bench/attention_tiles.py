@@ -44,8 +44,10 @@ DEFAULT_SCENARIOS = ("E", "X", "C-cross", "S", "C-self")
 
 
 def tile_name(config) -> str:
-    """``"128x64 w4 s3"``: BLOCK_M x BLOCK_N, warps and pipeline stages of a ``triton.Config``."""
-    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+    """``"128x64 w4 s3"``: BLOCK_M x BLOCK_N, warps and pipeline stages of a ``triton.Config``, and
+    ``" r168"`` after them for a tile capped at 168 registers a thread."""
+    cap = f" r{config.maxnreg}" if getattr(config, "maxnreg", None) is not None else ""
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}{cap}"
 
 
 def _autotuned_kernels() -> Dict[str, object]:
@@ -116,11 +118,11 @@ def _candidate_tiles(kernel: str, tiles) -> list:
 
 def _kept_by_pruning(candidates, q, k, causal, mask, dropout_p) -> set:
     """Names of the tiles ``prune_by_length`` keeps for this call (float16/bfloat16: ``tf32`` dots)."""
-    from fastvlp.ops.fmha.kernel_config import dot_precision, length_bucket, prune_by_length
+    from fastvlp.ops.fmha.kernel_config import dot_precision, head_dim_block, length_bucket, prune_by_length
 
-    named = dict(LQ_BUCKET=length_bucket(q.shape[1]), LK_BUCKET=length_bucket(k.shape[1]),
-                 DOT_PRECISION=dot_precision(q.dtype, False), CAUSAL=causal, HAS_MASK=mask is not None,
-                 HAS_DROPOUT=dropout_p > 0)
+    named = dict(q_ptr=q, LQ_BUCKET=length_bucket(q.shape[1]), LK_BUCKET=length_bucket(k.shape[1]),
+                 HEAD_DIM_BLOCK=head_dim_block(q.shape[-1]), DOT_PRECISION=dot_precision(q.dtype, False),
+                 CAUSAL=causal, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0)
     return {tile_name(config) for config in prune_by_length(candidates, named)}
 
 

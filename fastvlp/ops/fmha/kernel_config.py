@@ -64,8 +64,9 @@ def kernels_interpreted() -> bool:
     return type(attention_forward_kernel.fn).__name__ == "InterpretedFunction"
 
 
-def _config(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _config(block_m, block_n, warps, stages, max_registers=None):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         maxnreg=max_registers)
 
 
 # Interpreter: one small config (no tuning), so that tests with odd lengths cross
@@ -81,6 +82,14 @@ _FORWARD_CONFIGS = [
     _config(64, 32, 4, 2),
     _config(128, 64, 8, 3),
     _config(128, 128, 8, 2),
+    # The same two wide tiles with a register cap that lets one more program share a multiprocessor (65536
+    # registers: 174 -> 168 a thread gives 3 programs of 4 warps instead of 2; 176 -> 128 gives 2 programs
+    # of 8 warps instead of 1). Compiled for sm_90 by Triton 3.6 at head dim 32 without dropout or causal
+    # masking they keep every value in registers (Triton 3.8 spills 40 and 80 bytes with a key mask); with
+    # dropout, causal masking or head dim 64 they spill hundreds of bytes (`scripts/compile_kernels.py`
+    # reports registers and spills), so `prune_by_length` keeps them only for that case.
+    _config(128, 64, 4, 3, max_registers=168),
+    _config(128, 128, 8, 2, max_registers=128),
 ]
 
 # Backward kernels: BLOCK_M is the tile along queries, BLOCK_N along keys in both
@@ -125,18 +134,27 @@ def backward_configs():
     return _INTERPRETER_CONFIGS if INTERPRETED else _BACKWARD_CONFIGS
 
 
+def register_caps_fit(head_dim_block: int, has_dropout: bool, causal: bool) -> bool:
+    """Whether the register-capped tiles compile without spilling: head dim 32 or less, no dropout (its
+    random-number state) and no causal masking (a second copy of the key loop)."""
+    return head_dim_block <= 32 and not has_dropout and not causal
+
+
 def prune_by_length(configs, named_args, **kwargs):
     """Drop tiles much larger than the sequences (short decoder calls are launch
-    bound, and a 128-row tile over 40 queries is mostly padding). float32 with
+    bound, and a 128-row tile over 40 queries is mostly padding), and the register-capped tiles
+    where :func:`register_caps_fit` says they would spill. float32 with
     ``ieee`` dots runs on CUDA cores, where big tiles only spill and compile slowly,
     so it keeps the two smallest tiles. So does float32 with TF32 dots at a padded head
     dim of 128 or more: compiled for sm_90, its larger tiles need 228 to 336 KB of shared
     memory, more than an H100 has (``scripts/compile_kernels.py``), and would only fail
     to load while autotuning."""
 
-    def argument(name):
-        return named_args[name] if name in named_args else kwargs[name]
+    def argument(name, default=None):
+        return named_args[name] if name in named_args else kwargs.get(name, default)
 
+    if not register_caps_fit(argument("HEAD_DIM_BLOCK"), argument("HAS_DROPOUT", False), argument("CAUSAL", False)):
+        configs = [c for c in configs if c.maxnreg is None] or configs
     query_bucket, key_bucket = argument("LQ_BUCKET"), argument("LK_BUCKET")
     kept = [
         c for c in configs
