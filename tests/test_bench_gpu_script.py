@@ -95,3 +95,50 @@ def test_summary_lists_the_comparison_runs_files_in_subfolders(tmp_path):
     files = {entry["file"]: entry for entry in summary["files"]}
     assert list(files) == ["attention-at-0f64823/nvidia-h100/attention.json"]
     assert files["attention-at-0f64823/nvidia-h100/attention.json"]["git_commit"] == "0f64823"
+
+
+def _head_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@needs_bash
+@pytest.mark.skipif(shutil.which("git") is None or _head_commit() is None, reason="needs git and this checkout's history")
+def test_the_reference_commits_files_name_this_run_even_from_before_provenance(tmp_path):
+    """An ATTENTION_REF_COMMIT from before result files recorded their provenance (0f64823, the documented
+    example) writes files without a run id: the summary must still list them as this run's, with that commit."""
+    commit = _head_commit()
+    fake = tmp_path / "python"  # the benchmark's calls write a result file; anything else runs in Python
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2 $3 $4" = "-m fastvlp bench attention" ]; then
+  while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out=$2; shift; done
+  mkdir -p "$out/fake-gpu"
+  if [ -n "${{PYTHONPATH:-}}" ]; then  # the reference commit's own code, from before provenance
+    echo '{{"benchmark": "attention", "device": "fake-gpu", "results": []}}' >"$out/fake-gpu/attention.json"
+  else
+    echo '{{"benchmark": "attention", "complete": true, "provenance": {{"run_id": "R9", "git_commit": "head"}},
+           "results": []}}' >"$out/fake-gpu/attention.json"
+  fi
+  exit 0
+fi
+exec "{sys.executable}" "$@"
+""")
+    fake.chmod(0o755)
+    results = tmp_path / "results"
+    command = (f'source "{SCRIPT}"; PYTHON="{fake}" RESULTS_DIR="{results}" ATTENTION_REF_COMMIT={commit} '
+               f'FASTVLP_BENCH_RUN_ID=R9 attention_at_ref')
+    environment = dict(os.environ, TMPDIR=str(tmp_path))  # the reference commit's package is unpacked there
+    environment.pop("PYTHONPATH", None)
+    done = subprocess.run(["bash", "-c", command], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = run_summary.summarize_run(results, [], "R9")
+    files = {entry["file"]: entry for entry in summary["files"]}
+    assert set(files) == {f"attention-at-{commit[:9]}/fake-gpu/attention.json", "attention-at-head/fake-gpu/attention.json"}
+    old = files[f"attention-at-{commit[:9]}/fake-gpu/attention.json"]
+    assert old["this_run"] and old["complete"] is True and old["git_commit"].startswith(commit)
+    assert files["attention-at-head/fake-gpu/attention.json"]["git_commit"] == "head"  # its own record is kept
+    assert not summary["warnings"]

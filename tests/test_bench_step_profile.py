@@ -46,6 +46,48 @@ def test_the_ceiling_of_a_speedup_that_changes_attention_and_matching_only():
         step_profile.attention_bound(10.0, 8.0, 2.0)
 
 
+def test_device_spans_of_user_annotations_are_not_counted_as_kernels(monkeypatch):
+    """On a GPU the profiler lists a record_function range (the optimiser's step) a second time, as a device-side
+    user annotation spanning the kernels inside it: counting it too would add those kernels' time again."""
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        SimpleNamespace(name="Optimizer.step#AdamW.step", device_type=cpu, device_time=0.0, is_user_annotation=True),
+        SimpleNamespace(name="Optimizer.step#AdamW.step", device_type=cuda, device_time=900.0,
+                        is_user_annotation=True),
+        SimpleNamespace(name="multi_tensor_apply_kernel", device_type=cuda, device_time=800.0,
+                        is_user_annotation=False),
+        SimpleNamespace(name="attention_forward_kernel", device_type=cuda, device_time=200.0,
+                        is_user_annotation=False),
+        SimpleNamespace(name="aten::mm", device_type=cpu, device_time=0.0, is_user_annotation=False),
+    ]
+
+    class FakeProfile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+
+    steps = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    summary = step_profile.profile_steps(steps.append, steps=2, warmup=1)
+    assert steps == [0, 1, 2]
+    assert [item["name"] for item in summary["heaviest_kernels"]] == ["multi_tensor_apply_kernel",
+                                                                      "attention_forward_kernel"]
+    assert summary["device_ms_per_step"] == {"attention": 0.1, "matcher": 0.0, "other": 0.4}
+    assert summary["device_ms_per_step_total"] == pytest.approx(0.5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_profiling_needs_a_gpu():
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):

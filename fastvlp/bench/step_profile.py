@@ -68,7 +68,9 @@ def profile_steps(step: Callable[[int], None], steps: int, warmup: int = 1) -> D
         torch.cuda.synchronize()
     kernels: List[Tuple[str, float]] = []
     for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # A record_function range (the optimiser's "Optimizer.step#AdamW.step", say) also appears on the device
+        # as a user annotation spanning the kernels inside it, which are counted already: skip those spans.
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
             kernels.append((event.name, event.device_time))
     return summarize_kernels(kernels, steps)
 
