@@ -17,6 +17,7 @@
 #   E2E_COMPILE=1 bash bench/gpu.sh     # the end-to-end benchmark also under torch.compile (each compiled
 #                                       # measurement compiles first: 20 to 45 s each on an H100)
 #   ONLY="bench-e2e bench-attention" bash bench/gpu.sh   # the checks and build, then only the steps named
+#                         (profile-attention: Nsight Compute on the encoder-shape forward, where ncu exists)
 #   ATTENTION_REF_COMMIT=0f64823 bash bench/gpu.sh   # also time that commit's fused attention on E and X
 #                                                    # beside today's, on the same machine (a regression check)
 #   RESULTS_ROOT=/tmp/r bash bench/gpu.sh   # results under /tmp/r/<gpu>/ instead of bench/results/<gpu>/
@@ -189,6 +190,16 @@ if [ -n "$ATTENTION_REF_COMMIT" ]; then
   step bench-attention-ref 300 bash -c attention_at_ref
 fi
 step bench-attention-tiles 360 $PYTHON -m fastvlp.bench.attention_tiles --out-dir "$RESULTS_ROOT"
+# Hardware counters of the encoder-shape forward, fastvlp's kernel beside FlexAttention's and cuDNN's (the
+# report is the step's log). Clocks stay as they are (METHOD.md); without ncu the step is recorded skipped.
+if command -v ncu >/dev/null 2>&1; then
+  step profile-attention 150 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    $PYTHON -m fastvlp.bench.attention_kernel_profile --calls 1
+else
+  echo "=== profile-attention: skipped (ncu not found on PATH)"
+  record profile-attention skipped 0 "ncu not found on PATH"
+fi
 step bench-e2e 400 $PYTHON -m fastvlp bench e2e --device cuda --image-sizes 448x448,448x746,600x1000,800x1333 \
   --batch-size 1 --repeats 20 --amp ${E2E_COMPILE:+--compile} --out "$RESULTS_DIR/e2e.json"
 step bench-attention-overhead 150 $PYTHON -m fastvlp.bench.attention_overhead --out-dir "$RESULTS_ROOT"
