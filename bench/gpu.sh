@@ -40,7 +40,7 @@ pack() {  # everything measured so far, in one file (the device machine returns 
 }
 
 record() {  # record NAME STATUS SECONDS DETAIL
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(echo "$4" | tr '\t\n' '  ')" >>"$STEPS"
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(printf '%s' "$4" | tr '\t\n' '  ')" >>"$STEPS"
   case $2 in failed|"timed out") failures+=("$1($2)") ;; esac
 }
 
@@ -96,8 +96,10 @@ train_step() {  # the paper's 6-r50 model on 800x1333-class images: batch 32, or
   return 1
 }
 
-attention_at_ref() {  # the fused attention of $ATTENTION_REF_COMMIT and of this tree, E and X scenarios, one machine
+attention_at_ref() (  # the fused attention of $ATTENTION_REF_COMMIT and of this tree, E and X scenarios, one machine
+  # A subshell: its EXIT trap removes the old tree's copy however the function ends.
   local ref=$ATTENTION_REF_COMMIT tree out; tree=$(mktemp -d)
+  trap 'rm -rf "$tree"' EXIT
   case $RESULTS_DIR in /*) out=$RESULTS_DIR ;; *) out=$(pwd)/$RESULTS_DIR ;; esac
   git archive "$ref" fastvlp | tar -x -C "$tree" || { echo "cannot read fastvlp/ at $ref"; return 1; }
   # The old package runs from its own folder (its Triton kernels need no build) with its own benchmark code;
@@ -116,7 +118,7 @@ for path in pathlib.Path(sys.argv[1]).rglob("*.json"):
     "$out/attention-at-${ref:0:9}" "${FASTVLP_BENCH_RUN_ID:-}" "$ref" || return 1
   "$PYTHON" -m fastvlp bench attention --scenarios E X --contenders fastvlp sdpa-cudnn \
     --out-dir "$out/attention-at-head"
-}
+)
 
 stop() {  # stop MESSAGE: a precondition failed, so nothing after it would measure working code
   echo "STOPPED: $1"; pack; echo "FAILED: ${failures[*]:-}"; exit 1

@@ -45,6 +45,31 @@ def test_results_files_record_the_run_that_wrote_them(tmp_path, monkeypatch):
     assert "run id run-42" in table and "bench-prog --repeats 3" in table and "Partial" not in table
 
 
+@pytest.mark.parametrize("answers, stated, expected", [
+    ({"rev-parse": "a" * 40, "status": ""}, None, ("a" * 40, False)),
+    ({"rev-parse": "a" * 40, "status": " M x.py"}, "aaaaaaa", ("a" * 40, True)),  # the same commit, stated short
+    # A copied tree whose .git did not follow it: the stated commit first, git's beside it.
+    ({"rev-parse": "a" * 40, "status": " M x.py"}, "b" * 7,
+     ("b" * 7 + " (stated by FASTVLP_BENCH_GIT_COMMIT; git in the tree says " + "a" * 40 + " with changes)", None)),
+    ({}, "b" * 7, ("b" * 7 + " (stated by FASTVLP_BENCH_GIT_COMMIT)", None)),  # no git at all
+    ({}, None, ("unavailable: OSError", None)),
+])
+def test_git_state_prefers_a_stated_commit_that_git_contradicts(monkeypatch, answers, stated, expected):
+    def fake_run(command, cwd):
+        key = "rev-parse" if "rev-parse" in command else "status"
+        if key not in answers:
+            raise OSError("no git")
+        return answers[key]
+
+    monkeypatch.setattr(common, "_run", fake_run)
+    if stated is None:
+        monkeypatch.delenv("FASTVLP_BENCH_GIT_COMMIT", raising=False)
+    else:
+        monkeypatch.setenv("FASTVLP_BENCH_GIT_COMMIT", stated)
+    state = common._git_state()
+    assert (state["git_commit"], state["git_dirty"]) == expected
+
+
 def test_a_partial_results_file_says_so(tmp_path):
     path = common.write_results("demo", [], "dev", tmp_path, complete=False)
     assert json.loads(path.read_text())["complete"] is False

@@ -135,6 +135,7 @@ exec "{sys.executable}" "$@"
     done = subprocess.run(["bash", "-c", command], cwd=ROOT, env=environment, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert not list(tmp_path.glob("tmp.*")), "the reference commit's unpacked tree was left behind"
     summary = run_summary.summarize_run(results, [], "R9")
     files = {entry["file"]: entry for entry in summary["files"]}
     assert set(files) == {f"attention-at-{commit[:9]}/fake-gpu/attention.json", "attention-at-head/fake-gpu/attention.json"}

@@ -81,18 +81,23 @@ def _run(command: Sequence[str], cwd: Optional[Path] = None) -> str:
 
 def _git_state() -> Dict[str, object]:
     """The commit of the source tree fastvlp is imported from, and whether tracked files differ from it.
-    A tree copied without its ``.git`` can name its commit in ``FASTVLP_BENCH_GIT_COMMIT``."""
+    A tree copied without its ``.git``, or with a ``.git`` that does not follow the copied files, names
+    its commit in ``FASTVLP_BENCH_GIT_COMMIT``: a stated commit comes first, with what git says beside it."""
     import fastvlp
 
     tree = Path(fastvlp.__file__).resolve().parent.parent
+    stated = os.environ.get("FASTVLP_BENCH_GIT_COMMIT")
     try:
         commit = _run(["git", "rev-parse", "HEAD"], cwd=tree)
         dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=tree))
     except (OSError, subprocess.SubprocessError) as error:  # an installed copy, or no git
-        stated = os.environ.get("FASTVLP_BENCH_GIT_COMMIT")
         if stated:
             return {"git_commit": f"{stated} (stated by FASTVLP_BENCH_GIT_COMMIT)", "git_dirty": None}
         return {"git_commit": f"unavailable: {type(error).__name__}", "git_dirty": None}
+    if stated and not commit.startswith(stated) and not stated.startswith(commit):
+        seen = f"{commit}{' with changes' if dirty else ''}"
+        return {"git_commit": f"{stated} (stated by FASTVLP_BENCH_GIT_COMMIT; git in the tree says {seen})",
+                "git_dirty": None}
     return {"git_commit": commit, "git_dirty": dirty}
 
 
