@@ -171,3 +171,21 @@ def test_tile_names_and_pruning_of_the_gpu_candidate_lists():
                     assert any(" r" in name for name in kept) == (
                         candidates is kernel_config._FORWARD_CONFIGS and head_dim <= 32 and not causal
                         and not dropout_p and dtype != torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU candidate lists compile only there")
+def test_sweep_of_the_gpu_candidate_lists_runs_on_the_gpu():
+    """The sweep as `gpu.sh` runs it (no tile list given: every GPU candidate, register caps included),
+    here on a small shape in half precision: every tile runs, none is wrong, the pruning flags are set."""
+    from fastvlp.ops.fmha import kernel_config
+
+    rows = attention_tiles.run(["small"], dropouts=(0.0,), repeats=2, warmup=1, dtype=torch.float16,
+                               kernels=("forward",), device="cuda", scenario_list=[_small_scenario()],
+                               progress=False)
+    names = [attention_tiles.tile_name(config) for config in kernel_config._FORWARD_CONFIGS]
+    assert [row["tile"] for row in rows[:-1]] == names and rows[-1]["tile"].startswith("autotuned: ")
+    for row in rows:
+        assert "status" not in row, (row["tile"], row.get("status"))
+        assert row["median_ms"] > 0
+    assert all(isinstance(row["kept_by_pruning"], bool) for row in rows[:-1])
