@@ -22,16 +22,16 @@ slower, and autotuning does not pick it where another is faster.
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, Optional
-import itertools
-import os
-import sys
-import time
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("compile_kernels.py: unset TRITON_INTERPRET (the kernels must be defined for a GPU)")
@@ -70,12 +70,9 @@ def cuobjdump_path() -> Optional[str]:
     return str(bundled) if bundled.is_file() else shutil.which("cuobjdump")
 
 
-def cubin_resources(cubin: bytes, num_warps: int, tool: Optional[str] = None) -> Optional[Dict[str, object]]:
+def cubin_resources(cubin: bytes, num_warps: int, tool: str) -> Dict[str, object]:
     """Registers a thread, spilled bytes (stack and local memory), programs a multiprocessor holds by
-    registers, and the tensor-core instruction kind of a compiled kernel; None without ``cuobjdump``."""
-    tool = tool or cuobjdump_path()
-    if tool is None:
-        return None
+    registers, and the tensor-core instruction kind of a compiled kernel, read with ``cuobjdump`` (``tool``)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -102,11 +99,11 @@ def parse_resources(usage: str, sass: str, num_warps: int) -> Dict[str, object]:
 
 
 class Report:
-    def __init__(self, max_shared_bytes: int, resources: bool = True):
+    def __init__(self, max_shared_bytes: int):
         self.max_shared_bytes = max_shared_bytes
         self.compiled, self.failures, self.oversized, self.spilling = 0, [], [], []
         self.seen = set()
-        self.tool = cuobjdump_path() if resources else None
+        self.tool = cuobjdump_path()  # None: registers and spills are not read
 
     def compile(self, jit_function, grid, args, kwargs, label: str) -> None:
         name = f"{jit_function.fn.__name__} {label}"
