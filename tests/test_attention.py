@@ -876,26 +876,31 @@ def test_concurrent_first_launches_keep_each_keys_own_config():
     assert fake.launches == [(16, 32), (4096, 128)]
 
 
-@pytest.mark.parametrize("head_dim_block, dropout, causal, capped_kept", [
-    (32, False, False, True),
-    (16, False, False, True),
-    (32, True, False, False),  # dropout's random-number state: the capped tiles spill
-    (32, False, True, False),  # the causal kernel's second key loop: likewise
-    (64, False, False, False),
+@pytest.mark.parametrize("head_dim_block, dropout, causal, offered", [
+    (32, False, False, {"128x64 w4 r168", "128x128 w8 r128"}),
+    (32, None, False, set()),  # float32 (TF32 dots): its probabilities need the registers
+    (16, False, False, {"128x64 w4 r168", "128x128 w8 r128"}),
+    (32, True, False, {"128x64 w8 r128"}),  # dropout's random-number state needs other caps
+    (32, False, True, set()),  # the causal kernel's second key loop: every cap spills
+    (32, True, True, set()),
+    (64, False, False, set()),
+    (64, True, False, set()),
 ])
-def test_register_capped_tiles_are_kept_only_where_they_fit(head_dim_block, dropout, causal, capped_kept):
+def test_register_capped_tiles_are_offered_only_where_they_fit(head_dim_block, dropout, causal, offered):
     from fastvlp.ops.fmha import kernel_config
 
     capped = [c for c in kernel_config._FORWARD_CONFIGS if c.maxnreg is not None]
-    assert capped and all(c.maxnreg % 8 == 0 for c in capped)
-    named = {"q_ptr": torch.empty(1, dtype=torch.float16), "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
+    assert len(capped) == len(kernel_config._REGISTER_CAPS) and all(c.maxnreg % 8 == 0 for c in capped)
+    dtype = torch.float32 if dropout is None else torch.float16
+    named = {"q_ptr": torch.empty(1, dtype=dtype), "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
     pruned = kernel_config.prune_by_length(kernel_config._FORWARD_CONFIGS, named, DOT_PRECISION="tf32",
-                                           HEAD_DIM_BLOCK=head_dim_block, HAS_DROPOUT=dropout, CAUSAL=causal)
-    assert all((c in pruned) == capped_kept for c in capped)
+                                           HEAD_DIM_BLOCK=head_dim_block, HAS_DROPOUT=bool(dropout), CAUSAL=causal)
+    names = {f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} r{c.maxnreg}" for c in pruned if c.maxnreg}
+    assert names == offered
     assert [c for c in pruned if c.maxnreg is None] == [c for c in kernel_config._FORWARD_CONFIGS if c.maxnreg is None]
     # Short sequences drop the wide capped tiles with the others of their size.
     short = kernel_config.prune_by_length(kernel_config._FORWARD_CONFIGS, dict(named, LQ_BUCKET=64),
-                                          DOT_PRECISION="tf32", HEAD_DIM_BLOCK=head_dim_block)
+                                          DOT_PRECISION="tf32", HEAD_DIM_BLOCK=head_dim_block, HAS_DROPOUT=dropout)
     assert all(c.kwargs["BLOCK_M"] <= 64 for c in short)
 
 
@@ -914,9 +919,9 @@ def test_tile_pruning_by_dtype_and_head_dim(dtype, precision, head_dim_block, ke
         named = {"q_ptr": torch.empty(1, dtype=dtype), "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
         pruned = kernel_config.prune_by_length(candidates, named, DOT_PRECISION=precision,
                                                HEAD_DIM_BLOCK=head_dim_block)
-        # Register-capped tiles only where they compile without spilling (head dim 32 here).
-        uncapped = [c for c in candidates if c.maxnreg is None]
-        candidates = candidates if head_dim_block <= 32 else uncapped
+        # Register-capped tiles only where they are offered (head dim 32, no dropout here).
+        candidates = [c for c in candidates
+                      if kernel_config.register_cap_fits(c, head_dim_block, False, False, dtype != torch.float32)]
         areas = sorted(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in candidates)
         if kept == "all":
             assert pruned == candidates

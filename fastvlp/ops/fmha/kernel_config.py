@@ -82,15 +82,26 @@ _FORWARD_CONFIGS = [
     _config(64, 32, 4, 2),
     _config(128, 64, 8, 3),
     _config(128, 128, 8, 2),
-    # The same two wide tiles with a register cap that lets one more program share a multiprocessor (65536
-    # registers: 174 -> 168 a thread gives 3 programs of 4 warps instead of 2; 176 -> 128 gives 2 programs
-    # of 8 warps instead of 1). Compiled for sm_90 by Triton 3.6 at head dim 32 without dropout or causal
-    # masking they keep every value in registers (Triton 3.8 spills 40 and 80 bytes with a key mask); with
-    # dropout, causal masking or head dim 64 they spill hundreds of bytes (`scripts/compile_kernels.py`
-    # reports registers and spills), so `prune_by_length` keeps them only for that case.
+    # Register-capped tiles (see _REGISTER_CAPS): each lets one more program share a multiprocessor.
     _config(128, 64, 4, 3, max_registers=168),
     _config(128, 128, 8, 2, max_registers=128),
+    _config(128, 64, 8, 3, max_registers=128),
 ]
+
+# Where each register-capped forward tile is offered: half precision, head dim 32 or less, no causal masking
+# (its second key loop), and only with dropout (True) or only without (False). A multiprocessor has 65536 registers. Without
+# dropout 128x64 w4 needs 174 registers a thread uncapped (2 programs of 4 warps; 168: 3) and 128x128 w8
+# needs 176 (1 program of 8 warps; 128: 2); with dropout's random-number state 128x64 w8 needs 165 (1
+# program; 128: 2), while without dropout it needs 107 and the cap would change nothing. Compiled for sm_90
+# by Triton 3.6 (the GPU machine's) each keeps every value in registers where it is offered (Triton 3.8
+# spills 40 to 80 bytes in each with a key mask); elsewhere they spill, up to hundreds of bytes
+# (`scripts/compile_kernels.py` reports registers and spills).
+_REGISTER_CAPS = {
+    # (BLOCK_M, BLOCK_N, warps, stages, registers): for dropout calls
+    (128, 64, 4, 3, 168): False,
+    (128, 128, 8, 2, 128): False,
+    (128, 64, 8, 3, 128): True,
+}
 
 # Backward kernels: BLOCK_M is the tile along queries, BLOCK_N along keys in both
 # the dK/dV kernel (outer loop over keys) and the dQ kernel (outer loop over queries).
@@ -134,16 +145,20 @@ def backward_configs():
     return _INTERPRETER_CONFIGS if INTERPRETED else _BACKWARD_CONFIGS
 
 
-def register_caps_fit(head_dim_block: int, has_dropout: bool, causal: bool) -> bool:
-    """Whether the register-capped tiles compile without spilling: head dim 32 or less, no dropout (its
-    random-number state) and no causal masking (a second copy of the key loop)."""
-    return head_dim_block <= 32 and not has_dropout and not causal
+def register_cap_fits(config, head_dim_block: int, has_dropout: bool, causal: bool, half_precision: bool) -> bool:
+    """Whether a tile is offered for this call: every uncapped tile; a register-capped one where
+    ``_REGISTER_CAPS`` says it compiles without spilling and the cap adds a program a multiprocessor
+    (half precision only: float32's probabilities, kept in float32 for TF32 dots, spill under the caps)."""
+    if config.maxnreg is None:
+        return True
+    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages, config.maxnreg)
+    return half_precision and head_dim_block <= 32 and not causal and _REGISTER_CAPS[key] == bool(has_dropout)
 
 
 def prune_by_length(configs, named_args, **kwargs):
     """Drop tiles much larger than the sequences (short decoder calls are launch
     bound, and a 128-row tile over 40 queries is mostly padding), and the register-capped tiles
-    where :func:`register_caps_fit` says they would spill. float32 with
+    where :func:`register_cap_fits` says they are not offered. float32 with
     ``ieee`` dots runs on CUDA cores, where big tiles only spill and compile slowly,
     so it keeps the two smallest tiles. So does float32 with TF32 dots at a padded head
     dim of 128 or more: compiled for sm_90, its larger tiles need 228 to 336 KB of shared
@@ -153,8 +168,9 @@ def prune_by_length(configs, named_args, **kwargs):
     def argument(name, default=None):
         return named_args[name] if name in named_args else kwargs.get(name, default)
 
-    if not register_caps_fit(argument("HEAD_DIM_BLOCK"), argument("HAS_DROPOUT", False), argument("CAUSAL", False)):
-        configs = [c for c in configs if c.maxnreg is None] or configs
+    head_dim, dropout, causal = argument("HEAD_DIM_BLOCK"), argument("HAS_DROPOUT", False), argument("CAUSAL", False)
+    half = argument("q_ptr").element_size() == 2
+    configs = [c for c in configs if register_cap_fits(c, head_dim, dropout, causal, half)] or configs
     query_bucket, key_bucket = argument("LQ_BUCKET"), argument("LK_BUCKET")
     kept = [
         c for c in configs
