@@ -889,7 +889,7 @@ def test_concurrent_first_launches_keep_each_keys_own_config():
 def test_register_capped_tiles_are_offered_only_where_they_fit(head_dim_block, dropout, causal, offered):
     from fastvlp.ops.fmha import kernel_config
 
-    capped = [c for c in kernel_config._FORWARD_CONFIGS if c.maxnreg is not None]
+    capped = [c for c in kernel_config._FORWARD_CONFIGS + kernel_config._BACKWARD_CONFIGS if c.maxnreg is not None]
     assert len(capped) == len(kernel_config._REGISTER_CAPS) and all(c.maxnreg % 8 == 0 for c in capped)
     dtype = torch.float32 if dropout is None else torch.float16
     named = {"q_ptr": torch.empty(1, dtype=dtype), "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
@@ -902,6 +902,26 @@ def test_register_capped_tiles_are_offered_only_where_they_fit(head_dim_block, d
     short = kernel_config.prune_by_length(kernel_config._FORWARD_CONFIGS, dict(named, LQ_BUCKET=64),
                                           DOT_PRECISION="tf32", HEAD_DIM_BLOCK=head_dim_block, HAS_DROPOUT=dropout)
     assert all(c.kwargs["BLOCK_M"] <= 64 for c in short)
+
+
+@pytest.mark.parametrize("head_dim_block, dropout, causal, dtype, offered", [
+    (32, True, False, torch.float16, True),
+    (32, True, True, torch.float16, False),  # causal masking: Triton 3.8 spills under the cap
+    (32, True, False, torch.bfloat16, True),
+    (32, False, False, torch.float16, False),  # without dropout it would change nothing
+    (64, True, False, torch.float16, False),
+    (32, True, False, torch.float32, False),
+])
+def test_register_capped_backward_tile_is_offered_only_where_it_fits(head_dim_block, dropout, causal, dtype, offered):
+    from fastvlp.ops.fmha import kernel_config
+
+    named = {"q_ptr": torch.empty(1, dtype=dtype), "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
+    pruned = kernel_config.prune_by_length(kernel_config._BACKWARD_CONFIGS, named, DOT_PRECISION="tf32",
+                                           HEAD_DIM_BLOCK=head_dim_block, HAS_DROPOUT=dropout, CAUSAL=causal)
+    capped = [c for c in pruned if c.maxnreg is not None]
+    assert bool(capped) == offered
+    if offered:
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg) for c in capped] == [(64, 64, 4, 168)]
 
 
 @pytest.mark.parametrize("dtype, precision, head_dim_block, kept", [

@@ -170,9 +170,12 @@ def test_tile_names_and_pruning_of_the_gpu_candidate_lists():
                     assert kept and kept <= set(names)
                     capped = {name for name in kept if " r" in name}
                     expected = set()
-                    if (candidates is kernel_config._FORWARD_CONFIGS and head_dim <= 32 and not causal
-                            and dtype != torch.float32):
-                        expected = {"128x64 w8 s3 r128"} if dropout_p else {"128x64 w4 s3 r168", "128x128 w8 s2 r128"}
+                    if head_dim <= 32 and dtype != torch.float32 and not causal:
+                        if candidates is kernel_config._BACKWARD_CONFIGS:
+                            expected = {"64x64 w4 s2 r168"} if dropout_p else set()
+                        else:
+                            expected = ({"128x64 w8 s3 r128"} if dropout_p
+                                        else {"128x64 w4 s3 r168", "128x128 w8 s2 r128"})
                     assert capped == expected, (head_dim, dtype, causal, dropout_p)
 
 
