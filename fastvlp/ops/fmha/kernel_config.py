@@ -88,9 +88,9 @@ _FORWARD_CONFIGS = [
     _config(128, 64, 8, 3, max_registers=128),
 ]
 
-# Where each register-capped tile is offered: half precision, head dim 32 or less, only with dropout or only
-# without it, and with causal masking only where that is marked (none is: Triton 3.8 spills up to 232 bytes
-# in the causal backward). A multiprocessor has 65536 registers.
+# Where each register-capped tile is offered: half precision, head dim 32 or less, no causal masking (its
+# second key loop; Triton 3.8 spills up to 232 bytes in the causal backward), and only with dropout or only
+# without it. A multiprocessor has 65536 registers.
 # Forward, without dropout: 128x64 w4 needs 174 registers a thread uncapped (2 programs of 4 warps; 168: 3)
 # and 128x128 w8 needs 176 (1 program of 8 warps; 128: 2). Forward with dropout (its random-number state):
 # 128x64 w8 needs 165 (1 program; 128: 2). Backward with dropout: the 64x64 w4 tile needs 208 (dQ) and 179
@@ -99,11 +99,11 @@ _FORWARD_CONFIGS = [
 # where it is offered (Triton 3.8 spills 8 to 80 bytes in some of them); elsewhere they spill, up to
 # hundreds of bytes (`scripts/compile_kernels.py` reports registers and spills).
 _REGISTER_CAPS = {
-    # (BLOCK_M, BLOCK_N, warps, stages, registers): (for dropout calls, also causal ones)
-    (128, 64, 4, 3, 168): (False, False),
-    (128, 128, 8, 2, 128): (False, False),
-    (128, 64, 8, 3, 128): (True, False),
-    (64, 64, 4, 2, 168): (True, False),  # backward
+    # (BLOCK_M, BLOCK_N, warps, stages, registers): for dropout calls
+    (128, 64, 4, 3, 168): False,
+    (128, 128, 8, 2, 128): False,
+    (128, 64, 8, 3, 128): True,
+    (64, 64, 4, 2, 168): True,  # backward
 }
 
 # Backward kernels: BLOCK_M is the tile along queries, BLOCK_N along keys in both
@@ -156,8 +156,7 @@ def register_cap_fits(config, head_dim_block: int, has_dropout: bool, causal: bo
     if config.maxnreg is None:
         return True
     key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages, config.maxnreg)
-    for_dropout, causal_too = _REGISTER_CAPS[key]
-    return half_precision and head_dim_block <= 32 and for_dropout == bool(has_dropout) and (causal_too or not causal)
+    return half_precision and head_dim_block <= 32 and not causal and _REGISTER_CAPS[key] == bool(has_dropout)
 
 
 def prune_by_length(configs, named_args, **kwargs):
