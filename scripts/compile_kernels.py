@@ -179,8 +179,10 @@ class CompilingKernel:
         return lambda *args, **kwargs: self.report.compile(self.jit_function, (1, 1, 1), args, kwargs, self.variant)
 
 
-# Lengths past every tile (so the pruning keeps them all) and multiples of none.
+# Lengths past every tile (so the pruning keeps them all) and multiples of none; a short query length
+# for the forward's short-query tiles.
 BATCH, HEADS, QUERY_LENGTH, KEY_LENGTH = 2, 2, 136, 200
+SHORT_QUERY_LENGTH = 3
 
 
 def compile_variant(report: Report, dtype, tf32: bool, head_dim: int, masked: bool, causal: bool, dropout: bool,
@@ -199,6 +201,10 @@ def compile_variant(report: Report, dtype, tf32: bool, head_dim: int, masked: bo
     forward_kernel.kernel_launcher = backward_kernels.kernel_launcher = compiling_launcher(report, variant, quick, all_tiles)
     dropout_p, scale = (0.1 if dropout else 0.0), head_dim ** -0.5
     forward_kernel.attention_forward_triton(q, k, v, mask, seed, causal, dropout_p, scale, tf32, out, lse)
+    # A decoding step's few queries: the forward's short-query tiles.
+    short_q = q[:, :SHORT_QUERY_LENGTH].contiguous()
+    forward_kernel.attention_forward_triton(short_q, k, v, mask, seed, causal, dropout_p, scale, tf32,
+                                            torch.empty_like(short_q), torch.empty(BATCH, HEADS, SHORT_QUERY_LENGTH))
     grad_out = torch.randn_like(q)
     backward_kernels.attention_backward_triton(grad_out, q, k, v, out, lse, mask, seed, causal, dropout_p, scale, tf32)
     # Without dQ, the backward computes its row sums in a kernel of their own.

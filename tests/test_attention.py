@@ -924,6 +924,75 @@ def test_register_capped_backward_tile_is_offered_only_where_it_fits(head_dim_bl
         assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg) for c in capped] == [(64, 64, 4, 168)]
 
 
+def test_short_query_tiles_are_offered_only_for_short_queries():
+    """The forward's GPU candidates: for one query a beam (a decoding step) the 16- and 32-row tiles, no
+    wider key block than the keys need; from a query bucket of 64 on, only the usual tiles."""
+    from fastvlp.ops.fmha import kernel_config
+
+    candidates = kernel_config._FORWARD_CONFIGS + kernel_config._SHORT_QUERY_FORWARD_CONFIGS
+    short = kernel_config._SHORT_QUERY_FORWARD_CONFIGS
+
+    def prune(query_bucket, key_bucket, dtype=torch.float16, precision="tf32"):
+        named = {"q_ptr": torch.empty(1, dtype=dtype), "LQ_BUCKET": query_bucket, "LK_BUCKET": key_bucket}
+        return kernel_config.prune_forward(candidates, named, DOT_PRECISION=precision, HEAD_DIM_BLOCK=32)
+
+    assert prune(16, 2048) == short
+    assert prune(32, 1024) == short
+    assert prune(16, 16) == [c for c in short if c.kwargs["BLOCK_N"] <= 32]  # a short self-attention cache
+    assert prune(16, 2048, torch.float32, "ieee") == sorted(
+        short, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:2]
+    for query_bucket in (64, 128, 2048):
+        assert prune(query_bucket, 2048) and not any(kernel_config.is_short_query_tile(c) for c in prune(query_bucket, 2048))
+    # The interpreter's one tile is kept whatever the lengths.
+    interpreter = kernel_config._INTERPRETER_CONFIGS
+    named = {"q_ptr": torch.empty(1, dtype=torch.float32), "LQ_BUCKET": 1024, "LK_BUCKET": 1024}
+    assert kernel_config.prune_forward(interpreter, named, DOT_PRECISION="ieee", HEAD_DIM_BLOCK=32) == interpreter
+    assert kernel_config.prune_for("forward") is kernel_config.prune_forward
+    assert kernel_config.prune_for("backward") is kernel_config.prune_by_length
+    with pytest.raises(ValueError, match="kernel"):
+        kernel_config.prune_for("dq")
+
+
+SHORT_QUERY_CASES = {
+    # name: (Lq, Lk, padding, causal, dropout_p, dtype)
+    "decoding_cross_attention": (1, 150, "one_row_empty", False, 0.0, torch.float16),
+    "decoding_self_attention": (3, 21, None, True, 0.0, torch.float32),
+    "short_queries_dropout": (5, 70, "random", False, 0.3, torch.float32),
+}
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 32), (16, 64), (16, 128), (32, 64), (32, 128)])
+@pytest.mark.parametrize("case", list(SHORT_QUERY_CASES))
+def test_short_query_tiles_match_reference(case, block_m, block_n):
+    """Each short-query tile of the forward against float64, the backward reading its log-sum-exp:
+    key lengths that are no multiple of the key block, a batch row whose keys are all padding,
+    bottom-right causal masks, and dropout replayed from the kernels' stream."""
+    from fastvlp.ops.fmha import forward_kernel
+    from fastvlp.ops.fmha.launcher import only_tile
+    from fastvlp.ops.fmha.triton_rng import dropout_keep_mask
+
+    query_length, key_length, padding, causal, p, dtype = SHORT_QUERY_CASES[case]
+    batch, heads = 2, 2
+    q, k, v = _inputs(batch, query_length, key_length, heads, 32, dtype, seed=31)
+    mask = _padding(padding, batch, key_length)
+    tile = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4 if DEVICE == "cuda" else 1,
+                         num_stages=1)
+    torch.manual_seed(17)
+    with only_tile(forward_kernel.attention_forward_kernel, tile):
+        out, grads = _run(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p)
+    keep = None
+    if p:
+        torch.manual_seed(17)  # attention draws its seed first: replay it
+        keep = dropout_keep_mask(draw_dropout_seed(DEVICE), batch, heads, query_length, key_length, p)
+    expected_out, expected_grads = _run_reference(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p,
+                                                  dropout_keep=keep)
+    assert _relative_error(out, expected_out) < TOLERANCE[dtype]
+    for grad, expected in zip(grads, expected_grads):
+        assert _relative_error(grad, expected) < TOLERANCE[dtype]
+    if padding == "one_row_empty":  # no visible key: zeros, and zero gradients
+        assert torch.all(out[-1] == 0) and all(torch.all(grad[-1] == 0) for grad in grads)
+
+
 @pytest.mark.parametrize("dtype, precision, head_dim_block, kept", [
     (torch.float16, "tf32", 128, "all"),
     (torch.bfloat16, "tf32", 32, "all"),

@@ -377,7 +377,7 @@ def test_speedup_summary_names_rows_that_had_not_settled():
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--scenarios", "E", "Q"], "--scenarios: unknown ['Q']; expected names from E X S C-self C-cross standard"),
+    (["--scenarios", "E", "Q"], "--scenarios: unknown ['Q']; expected names from E X S C-self C-cross D standard"),
     (["--contenders", "nope"], "--contenders: unknown ['nope']; expected names from fastvlp"),
     (["--warmup", "0"], "--warmup >= 1"),
 ])

@@ -83,7 +83,7 @@ def test_a_row_is_settled_only_if_host_and_device_timings_are():
 
 @pytest.mark.parametrize("arguments, message", [
     (["--warmup", "0"], "--warmup >= 1"),
-    (["--profile", "nope"], "--profile: unknown ['nope']; expected names from E X S C-self C-cross standard"),
+    (["--profile", "nope"], "--profile: unknown ['nope']; expected names from E X S C-self C-cross D standard"),
     (["--scenarios", "S", "Q"], "--scenarios: unknown ['Q']"),
 ])
 def test_the_overhead_cli_rejects_bad_arguments(arguments, message, capsys):

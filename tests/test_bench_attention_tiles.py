@@ -158,20 +158,29 @@ def test_tile_names_and_pruning_of_the_gpu_candidate_lists():
     assert attention_tiles.tile_name(triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3)) == "128x64 w4 s3"
     assert attention_tiles.tile_name(
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=168)) == "128x64 w4 s3 r168"
-    for candidates in (kernel_config._FORWARD_CONFIGS, kernel_config._BACKWARD_CONFIGS):
+    forward = kernel_config._FORWARD_CONFIGS + kernel_config._SHORT_QUERY_FORWARD_CONFIGS
+    for kernel, candidates in (("forward", forward), ("backward-dq", kernel_config._BACKWARD_CONFIGS)):
         names = [attention_tiles.tile_name(config) for config in candidates]
         assert len(set(names)) == len(names)
         for head_dim, dtype in ((32, torch.float16), (32, torch.bfloat16), (64, torch.float16), (32, torch.float32)):
             q = torch.empty(2, 1090, 8, head_dim, dtype=dtype)
             mask = torch.zeros(2, 1090, dtype=torch.bool)
+            step = q[:, :1]  # one decoding step's query
             for causal in (False, True):
                 for dropout_p in (0.0, 0.1):
-                    kept = attention_tiles._kept_by_pruning(candidates, q, q, causal, mask, dropout_p)
+                    kept = attention_tiles._kept_by_pruning(kernel, candidates, q, q, causal, mask, dropout_p)
                     assert kept and kept <= set(names)
+                    short = attention_tiles._kept_by_pruning(kernel, candidates, step, q, causal, mask, dropout_p)
+                    assert short and all(int(name.split("x")[0]) <= 32 for name in short)
+                    if kernel == "forward":  # the short-query tiles, only for short queries
+                        assert all(int(name.split("x")[0]) >= 64 for name in kept)
+                        if dtype != torch.float32:
+                            assert short == {attention_tiles.tile_name(c)
+                                             for c in kernel_config._SHORT_QUERY_FORWARD_CONFIGS}
                     capped = {name for name in kept if " r" in name}
                     expected = set()
                     if head_dim <= 32 and dtype != torch.float32 and not causal:
-                        if candidates is kernel_config._BACKWARD_CONFIGS:
+                        if kernel != "forward":
                             expected = {"64x64 w4 s2 r168"} if dropout_p else set()
                         else:
                             expected = ({"128x64 w8 s3 r128"} if dropout_p

@@ -7,6 +7,8 @@ Scenarios (H=8, D=32 unless noted; ``[B, L, H, D]`` tensors):
   S         decoder self-attention, 100x100, no mask
   C-self    caption self-attention, causal 40x40 with text padding
   C-cross   40 caption queries to E's 1090 keys and padding
+  D         a cached caption decoding step's cross-attention: one query each for B=64 (16 images
+            times 4 beams) to an image-only memory of 30x35 tokens with E's image padding
   standard  B=4, H=16, L=4096, D=64, no mask
 each at dropout 0 and 0.1, forward alone and forward+backward.
 
@@ -121,12 +123,14 @@ def scenarios() -> List[Dict[str, object]]:
              mask=text_padding(32, 40), causal=True),
         dict(name="C-cross", batch=32, heads=8, head_dim=32, query_length=40, key_length=1090, mask=encoder_mask,
              causal=False),
+        dict(name="D", batch=64, heads=8, head_dim=32, query_length=1, key_length=1050,
+             mask=image_text_padding(64)[:, 40:], causal=False),
         dict(name="standard", batch=4, heads=16, head_dim=64, query_length=4096, key_length=4096, mask=None,
              causal=False),
     ]
 
 
-SCENARIO_NAMES = ("E", "X", "S", "C-self", "C-cross", "standard")
+SCENARIO_NAMES = ("E", "X", "S", "C-self", "C-cross", "D", "standard")
 
 
 def reject_unknown(parser, option: str, given: Optional[Sequence[str]], known: Sequence[str]) -> None:

@@ -1,6 +1,6 @@
 """Host cost of one fused attention call on small shapes, where it, not the kernels, sets the time.
 
-For the decoder-sized scenarios of ``fastvlp bench attention`` (S, C-self, C-cross, X) it measures three
+For the decoder-sized scenarios of ``fastvlp bench attention`` (S, C-self, C-cross, X, D) it measures three
 figures per call, each over ``--repeats`` calls after one warm-up (at least ``--warmup`` calls and
 ``common.MIN_CUDA_WARMUP_S`` seconds, after a once-per-process GPU spin-up):
 
@@ -50,7 +50,7 @@ from .common import (
     write_results,
 )
 
-DEFAULT_SCENARIOS = ("S", "C-self", "C-cross", "X")
+DEFAULT_SCENARIOS = ("S", "C-self", "C-cross", "X", "D")
 # The sleep before the start event: never under MIN_SLEEP_US, and SLEEP_OVER_HOST times the median issue
 # time on the host, so that it outlasts a slow issue too; a rarer, slower one is caught and measured again.
 MIN_SLEEP_US = 1000.0

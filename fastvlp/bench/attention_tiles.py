@@ -1,28 +1,28 @@
 """Every candidate tile of each fused-attention kernel, timed one at a time on E2E-VLP's shapes (GPU).
 
-``fastvlp bench attention`` times the kernels with the tiles autotuning picks. This benchmark shows the
-whole field behind that choice: for each scenario of ``fastvlp bench attention`` (default E, X, C-cross,
-S and C-self) at dropout 0 and 0.1, each of the three kernels runs with every candidate tile of its list in
+``fastvlp bench attention`` times the kernels with the tiles autotuning picks. This benchmark shows the whole
+field behind that choice: for each scenario of ``fastvlp bench attention`` (default E, X, D, C-cross, S and
+C-self) at dropout 0 and 0.1, each of the three kernels runs with every candidate tile of its list in
 ``fastvlp.ops.fmha.kernel_config`` (autotuning restricted to that one tile) and as the library runs it
 (autotuned). Each row records the time between CUDA events around one call, each call synchronised (so a
 launch the GPU waits for counts), after a warm-up of at least ``--warmup`` calls and
-``common.MIN_CUDA_WARMUP_S`` seconds. Each (scenario, dropout, kernel) group times its tiles and the
-autotuned run in an order rotated by one per group (``timing_position``), so that none is always first;
-the rows keep the tile list's order, the autotuned row last. The kernels:
+``common.MIN_CUDA_WARMUP_S`` seconds. Each (scenario, dropout, kernel) group times its tiles and the autotuned
+run in an order rotated by one per group (``timing_position``), so that none is always first; the rows keep
+the tile list's order, the autotuned row last. The kernels:
 
 * ``forward``: the forward kernel;
 * ``backward-dq``: the dQ kernel, which also computes and stores ``delta = rowsum(O * dO)``;
 * ``backward-dkdv``: the small delta kernel, then the dK/dV kernel (in a full backward the dQ kernel
   supplies delta instead; the delta kernel's launch is the same for every tile).
 
-Rows say whether the autotuner's length pruning (``prune_by_length``) keeps the tile for that shape
-(``kept_by_pruning``), so a best tile that autotuning never sees stands out; the autotuned row names the
-tile it chose. Every row's result is checked against a float32 reference with the same dropout mask
+Rows say whether the autotuner's length pruning (``prune_forward`` or ``prune_by_length``) keeps the tile for
+that shape (``kept_by_pruning``), so a best tile that autotuning never sees stands out; the autotuned row
+names the tile it chose. Every row's result is checked against a float32 reference with the same dropout mask
 (the kernels' Philox stream replayed in torch): the output for the forward, dQ and dK/dV for the backward
-kernels; a row over the dtype's tolerance keeps its time but gets a ``wrong result`` status. A tile that
-does not compile or launch (shared memory, registers) gets a row with the reason. The summary gives, per
-scenario, dropout and kernel, the autotuned tile's time over the best tile's, and names any tile of the
-group whose timings had not settled (``drift``, ``settled`` in the results).
+kernels; a row over the dtype's tolerance keeps its time but gets a ``wrong result`` status. A tile that does
+not compile or launch (shared memory, registers) gets a row with the reason. The summary gives, per scenario,
+dropout and kernel, the autotuned tile's time over the best tile's, and names any tile of the group whose
+timings had not settled (``drift``, ``settled`` in the results).
 
 ``run`` also takes ``device="cpu"`` with ``TRITON_INTERPRET=1`` (host timings, small scenarios, the
 interpreter's tile list or the ``tiles`` given) so that its bookkeeping can be tested without a GPU.
@@ -40,7 +40,7 @@ from .common import (
 )
 
 KERNELS = ("forward", "backward-dq", "backward-dkdv")
-DEFAULT_SCENARIOS = ("E", "X", "C-cross", "S", "C-self")
+DEFAULT_SCENARIOS = ("E", "X", "D", "C-cross", "S", "C-self")
 
 
 def tile_name(config) -> str:
@@ -116,14 +116,15 @@ def _candidate_tiles(kernel: str, tiles) -> list:
     return list(forward_configs() if kernel == "forward" else backward_configs())
 
 
-def _kept_by_pruning(candidates, q, k, causal, mask, dropout_p) -> set:
-    """Names of the tiles ``prune_by_length`` keeps for this call (float16/bfloat16: ``tf32`` dots)."""
-    from fastvlp.ops.fmha.kernel_config import dot_precision, head_dim_block, length_bucket, prune_by_length
+def _kept_by_pruning(kernel, candidates, q, k, causal, mask, dropout_p) -> set:
+    """Names of the tiles ``kernel``'s pruning keeps for this call (float16/bfloat16: ``tf32`` dots)."""
+    from fastvlp.ops.fmha.kernel_config import dot_precision, head_dim_block, length_bucket, prune_for
 
     named = dict(q_ptr=q, LQ_BUCKET=length_bucket(q.shape[1]), LK_BUCKET=length_bucket(k.shape[1]),
                  HEAD_DIM_BLOCK=head_dim_block(q.shape[-1]), DOT_PRECISION=dot_precision(q.dtype, False),
                  CAUSAL=causal, HAS_MASK=mask is not None, HAS_DROPOUT=dropout_p > 0)
-    return {tile_name(config) for config in prune_by_length(candidates, named)}
+    prune = prune_for("forward" if kernel == "forward" else "backward")
+    return {tile_name(config) for config in prune(candidates, named)}
 
 
 def run(names: Sequence[str] = DEFAULT_SCENARIOS, dropouts: Sequence[float] = (0.0, 0.1), repeats: int = 20,
@@ -173,7 +174,7 @@ def run(names: Sequence[str] = DEFAULT_SCENARIOS, dropouts: Sequence[float] = (0
             calls = _kernel_calls(q, k, v, grad_out, mask, causal, dropout_p, seed)
             for kernel in kernels:
                 candidates = _candidate_tiles(kernel, tiles)
-                kept = _kept_by_pruning(candidates, q, k, causal, mask, dropout_p)
+                kept = _kept_by_pruning(kernel, candidates, q, k, causal, mask, dropout_p)
                 runs = [(tile_name(config), config) for config in candidates] + [("autotuned", None)]
                 timed = {}
                 # A rotated order per group, so that no tile (nor the autotuned run) is always timed first.

@@ -25,7 +25,7 @@ from .dropout_rng import dropout_threshold
 from . import offset_width
 from .launcher import kernel_launcher
 from .kernel_config import (
-    cdiv, dot_precision, forward_configs, head_dim_block, length_bucket, prune_by_length,
+    cdiv, dot_precision, forward_configs, head_dim_block, length_bucket, prune_forward,
 )
 from .triton_rng import dropout_keep_tile, load_dropout_seed
 
@@ -119,7 +119,7 @@ def _forward_blocks(acc, m_i, l_i, q, k_ptrs_base, v_ptrs_base, stride_kn, strid
 @triton.autotune(
     configs=forward_configs(),
     key=["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM_BLOCK", "CAUSAL", "HAS_MASK", "HAS_DROPOUT", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": prune_by_length},
+    prune_configs_by={"early_config_prune": prune_forward},
 )
 # Lengths (and the mask's row stride, which is Lk) stay runtime values so that new
 # lengths reuse compiled kernels; tensor strides keep Triton's divisibility

@@ -88,6 +88,20 @@ _FORWARD_CONFIGS = [
     _config(128, 64, 8, 3, max_registers=128),
 ]
 
+# Tiles for short query blocks, offered to the forward only when the query bucket is at most
+# SHORT_QUERY_BUCKET, and there instead of the tiles above: a decoding step has one query a beam, and a
+# 64-row tile over it computes 63 rows of padding and walks the keys in as many sequential blocks as a
+# full tile does. Rows of 16 are the smallest a tensor-core dot takes; wide key blocks shorten the key
+# loop, which bounds a launch whose programs all fit on the GPU at once.
+SHORT_QUERY_BUCKET = 32
+_SHORT_QUERY_FORWARD_CONFIGS = [
+    _config(16, 32, 2, 2),
+    _config(16, 64, 4, 3),
+    _config(16, 128, 4, 3),
+    _config(32, 64, 4, 3),
+    _config(32, 128, 4, 3),
+]
+
 # Where each register-capped tile is offered: half precision, head dim 32 or less, no causal masking (its
 # second key loop; Triton 3.8 spills up to 232 bytes in the causal backward), and only with dropout or only
 # without it. A multiprocessor has 65536 registers.
@@ -142,7 +156,7 @@ _INTERPRETER_DETERMINISTIC_CONFIG = _config(32, 32, 1, 1)
 
 
 def forward_configs():
-    return _INTERPRETER_CONFIGS if INTERPRETED else _FORWARD_CONFIGS
+    return _INTERPRETER_CONFIGS if INTERPRETED else _FORWARD_CONFIGS + _SHORT_QUERY_FORWARD_CONFIGS
 
 
 def backward_configs():
@@ -186,6 +200,28 @@ def prune_by_length(configs, named_args, **kwargs):
     if argument("HEAD_DIM_BLOCK") >= 128 and argument("q_ptr").element_size() == 4:
         return by_area[:2]
     return kept or by_area[:1]
+
+
+def is_short_query_tile(config) -> bool:
+    """Whether a forward tile is one of ``_SHORT_QUERY_FORWARD_CONFIGS`` (fewer than 64 query rows)."""
+    return config.kwargs["BLOCK_M"] < 64
+
+
+def prune_forward(configs, named_args, **kwargs):
+    """The forward's pruning: the short-query tiles where the query bucket is at most
+    ``SHORT_QUERY_BUCKET`` and the others elsewhere, then :func:`prune_by_length`. The interpreter's
+    single tile is kept whatever the length."""
+    query_bucket = named_args["LQ_BUCKET"] if "LQ_BUCKET" in named_args else kwargs["LQ_BUCKET"]
+    short = query_bucket <= SHORT_QUERY_BUCKET
+    chosen = [c for c in configs if is_short_query_tile(c) == short]
+    return prune_by_length(chosen or configs, named_args, **kwargs)
+
+
+def prune_for(kernel: str):
+    """The pruning function of ``kernel``: "forward", or "backward" for both backward kernels."""
+    if kernel not in ("forward", "backward"):
+        raise ValueError(f"kernel: expected 'forward' or 'backward', got {kernel!r}")
+    return prune_forward if kernel == "forward" else prune_by_length
 
 
 def deterministic_config(kernel: str, dtype, head_dim_block: int) -> triton.Config:
