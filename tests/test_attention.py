@@ -926,7 +926,8 @@ def test_register_capped_backward_tile_is_offered_only_where_it_fits(head_dim_bl
 
 def test_short_query_tiles_are_offered_only_for_short_queries():
     """The forward's GPU candidates: for one query a beam (a decoding step) the 16- and 32-row tiles, no
-    wider key block than the keys need; from a query bucket of 64 on, only the usual tiles."""
+    wider key block than the keys need; for the decoder's 40 or 100 queries those and the usual tiles;
+    from a query bucket of 256 on, only the usual tiles."""
     from fastvlp.ops.fmha import kernel_config
 
     candidates = kernel_config._FORWARD_CONFIGS + kernel_config._SHORT_QUERY_FORWARD_CONFIGS
@@ -941,7 +942,13 @@ def test_short_query_tiles_are_offered_only_for_short_queries():
     assert prune(16, 16) == [c for c in short if c.kwargs["BLOCK_N"] <= 32]  # a short self-attention cache
     assert prune(16, 2048, torch.float32, "ieee") == sorted(
         short, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:2]
-    for query_bucket in (64, 128, 2048):
+    for query_bucket in (64, 128):  # every tile no taller than the bucket (and the register caps' rule)
+        assert prune(query_bucket, 2048) == [
+            c for c in candidates
+            if kernel_config.register_cap_fits(c, 32, False, False, True) and c.kwargs["BLOCK_M"] <= query_bucket
+        ]
+        assert any(kernel_config.is_short_query_tile(c) for c in prune(query_bucket, 2048))
+    for query_bucket in (256, 2048):
         assert prune(query_bucket, 2048) and not any(kernel_config.is_short_query_tile(c) for c in prune(query_bucket, 2048))
     # The interpreter's one tile is kept whatever the lengths.
     interpreter = kernel_config._INTERPRETER_CONFIGS

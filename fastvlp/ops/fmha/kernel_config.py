@@ -88,12 +88,15 @@ _FORWARD_CONFIGS = [
     _config(128, 64, 8, 3, max_registers=128),
 ]
 
-# Tiles for short query blocks, offered to the forward only when the query bucket is at most
-# SHORT_QUERY_BUCKET, and there instead of the tiles above: a decoding step has one query a beam, and a
-# 64-row tile over it computes 63 rows of padding and walks the keys in as many sequential blocks as a
-# full tile does. Rows of 16 are the smallest a tensor-core dot takes; wide key blocks shorten the key
-# loop, which bounds a launch whose programs all fit on the GPU at once.
+# Tiles of few query rows for the forward. Up to SHORT_QUERY_BUCKET queries they replace the tiles above:
+# a decoding step has one query a beam, and a 64-row tile over it computes 63 rows of padding and walks
+# the keys in as many sequential blocks as a full tile does. Up to MIXED_QUERY_BUCKET they join them: the
+# decoder's 40 caption or 100 detection queries make one or two 64- or 128-row tiles per batch row and
+# head, too few programs to keep every multiprocessor busy over a 1090-key loop, and smaller tiles need
+# fewer registers, so more of them share a multiprocessor. Rows of 16 are the smallest a tensor-core dot
+# takes; wide key blocks shorten the key loop.
 SHORT_QUERY_BUCKET = 32
+MIXED_QUERY_BUCKET = 128
 _SHORT_QUERY_FORWARD_CONFIGS = [
     _config(16, 32, 2, 2),
     _config(16, 64, 4, 3),
@@ -208,12 +211,14 @@ def is_short_query_tile(config) -> bool:
 
 
 def prune_forward(configs, named_args, **kwargs):
-    """The forward's pruning: the short-query tiles where the query bucket is at most
-    ``SHORT_QUERY_BUCKET`` and the others elsewhere, then :func:`prune_by_length`. The interpreter's
-    single tile is kept whatever the length."""
+    """The forward's pruning: only the short-query tiles where the query bucket is at most
+    ``SHORT_QUERY_BUCKET``, both kinds up to ``MIXED_QUERY_BUCKET``, only the others above; then
+    :func:`prune_by_length`. The interpreter's single tile is kept whatever the length."""
     query_bucket = named_args["LQ_BUCKET"] if "LQ_BUCKET" in named_args else kwargs["LQ_BUCKET"]
-    short = query_bucket <= SHORT_QUERY_BUCKET
-    chosen = [c for c in configs if is_short_query_tile(c) == short]
+    chosen = [
+        c for c in configs
+        if (query_bucket <= MIXED_QUERY_BUCKET if is_short_query_tile(c) else query_bucket > SHORT_QUERY_BUCKET)
+    ]
     return prune_by_length(chosen or configs, named_args, **kwargs)
 
 
