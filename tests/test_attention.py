@@ -359,6 +359,27 @@ def test_dropout_keep_mask_kernel_matches_torch_replica():
         dropout_keep_mask(seed.int(), 2, 3, 37, 51, 0.25)
 
 
+def _assert_matches_replaying_dropout(q, k, v, mask, causal, p, seed):
+    """Run the kernels under ``torch.manual_seed(seed)`` and check the output and gradients against the
+    float64 reference, whose dropout mask (if ``p``) is the kernels' own, replayed from the same seed.
+    Returns the kernels' output and gradients and the reference's."""
+    from fastvlp.ops.fmha.triton_rng import dropout_keep_mask
+
+    torch.manual_seed(seed)
+    out, grads = _run(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p)
+    keep = None
+    if p:
+        torch.manual_seed(seed)  # attention draws its seed first: replay it
+        batch, query_length, heads, _ = q.shape
+        keep = dropout_keep_mask(draw_dropout_seed(DEVICE), batch, heads, query_length, k.shape[1], p)
+    expected_out, expected_grads = _run_reference(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p,
+                                                  dropout_keep=keep)
+    assert _relative_error(out, expected_out) < TOLERANCE[q.dtype]
+    for grad, expected in zip(grads, expected_grads):
+        assert _relative_error(grad, expected) < TOLERANCE[q.dtype]
+    return out, grads, expected_out, expected_grads
+
+
 DROPOUT_CASES = {
     # name: (Lq, Lk, padding, causal, head_dim, dtype)
     "interleaved_padding": (27, 38, "interleaved", False, 32, torch.float32),
@@ -374,22 +395,12 @@ DROPOUT_CASES = {
 
 @pytest.mark.parametrize("case", list(DROPOUT_CASES))
 def test_dropout_forward_backward_match_reference_with_kernel_mask(case):
-    from fastvlp.ops.fmha.triton_rng import dropout_keep_mask
-
     query_length, key_length, padding, causal, head_dim, dtype = DROPOUT_CASES[case]
     # One head for the long case: it is the slowest in the interpreter, and the other cases cover heads.
     batch, heads, p = 2, 1 if key_length > 512 else 2, 0.3
     q, k, v = _inputs(batch, query_length, key_length, heads, head_dim, dtype, seed=12)
     mask = _padding(padding, batch, key_length)
-    torch.manual_seed(13)
-    out, grads = _run(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p)
-    torch.manual_seed(13)  # attention draws its seed first: replay it
-    keep = dropout_keep_mask(draw_dropout_seed(DEVICE), batch, heads, query_length, key_length, p)
-    expected_out, expected_grads = _run_reference(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p,
-                                                  dropout_keep=keep)
-    assert _relative_error(out, expected_out) < TOLERANCE[dtype]
-    for grad, expected in zip(grads, expected_grads):
-        assert _relative_error(grad, expected) < TOLERANCE[dtype]
+    out, grads, expected_out, expected_grads = _assert_matches_replaying_dropout(q, k, v, mask, causal, p, seed=13)
     if dtype != torch.float32:  # the reference-backend check below is held to an fp32 tolerance
         return
 
@@ -976,7 +987,6 @@ def test_short_query_tiles_match_reference(case, block_m, block_n):
     bottom-right causal masks, and dropout replayed from the kernels' stream."""
     from fastvlp.ops.fmha import forward_kernel
     from fastvlp.ops.fmha.launcher import only_tile
-    from fastvlp.ops.fmha.triton_rng import dropout_keep_mask
 
     query_length, key_length, padding, causal, p, dtype = SHORT_QUERY_CASES[case]
     batch, heads = 2, 2
@@ -984,18 +994,8 @@ def test_short_query_tiles_match_reference(case, block_m, block_n):
     mask = _padding(padding, batch, key_length)
     tile = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4 if DEVICE == "cuda" else 1,
                          num_stages=1)
-    torch.manual_seed(17)
     with only_tile(forward_kernel.attention_forward_kernel, tile):
-        out, grads = _run(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p)
-    keep = None
-    if p:
-        torch.manual_seed(17)  # attention draws its seed first: replay it
-        keep = dropout_keep_mask(draw_dropout_seed(DEVICE), batch, heads, query_length, key_length, p)
-    expected_out, expected_grads = _run_reference(q, k, v, key_padding_mask=mask, causal=causal, dropout_p=p,
-                                                  dropout_keep=keep)
-    assert _relative_error(out, expected_out) < TOLERANCE[dtype]
-    for grad, expected in zip(grads, expected_grads):
-        assert _relative_error(grad, expected) < TOLERANCE[dtype]
+        out, grads, _, _ = _assert_matches_replaying_dropout(q, k, v, mask, causal, p, seed=17)
     if padding == "one_row_empty":  # no visible key: zeros, and zero gradients
         assert torch.all(out[-1] == 0) and all(torch.all(grad[-1] == 0) for grad in grads)
 
