@@ -959,6 +959,9 @@ def test_short_query_tiles_are_offered_only_for_short_queries():
             if kernel_config.register_cap_fits(c, 32, False, False, True) and c.kwargs["BLOCK_M"] <= query_bucket
         ]
         assert any(kernel_config.is_short_query_tile(c) for c in prune(query_bucket, 2048))
+        # float32 with exact dots keeps its two smallest usual tiles there, as before the short ones.
+        exact = prune(query_bucket, 2048, torch.float32, "ieee")
+        assert len(exact) == 2 and not any(kernel_config.is_short_query_tile(c) for c in exact)
     for query_bucket in (256, 2048):
         assert prune(query_bucket, 2048) and not any(kernel_config.is_short_query_tile(c) for c in prune(query_bucket, 2048))
     # The interpreter's one tile is kept whatever the lengths.

@@ -198,11 +198,16 @@ def prune_by_length(configs, named_args, **kwargs):
         if c.kwargs["BLOCK_M"] <= max(query_bucket, 32) and c.kwargs["BLOCK_N"] <= max(key_bucket, 32)
     ]
     by_area = sorted(kept or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-    if argument("DOT_PRECISION") == "ieee":
-        return by_area[:2]
-    if argument("HEAD_DIM_BLOCK") >= 128 and argument("q_ptr").element_size() == 4:
+    if _keeps_two_smallest(argument):
         return by_area[:2]
     return kept or by_area[:1]
+
+
+def _keeps_two_smallest(argument) -> bool:
+    """float32 with ``ieee`` dots, or with TF32 dots at a padded head dim of 128 or more (see
+    :func:`prune_by_length`); ``argument(name)`` reads a launch argument."""
+    return argument("DOT_PRECISION") == "ieee" or (
+        argument("HEAD_DIM_BLOCK") >= 128 and argument("q_ptr").element_size() == 4)
 
 
 def is_short_query_tile(config) -> bool:
@@ -213,12 +218,17 @@ def is_short_query_tile(config) -> bool:
 def prune_forward(configs, named_args, **kwargs):
     """The forward's pruning: only the short-query tiles where the query bucket is at most
     ``SHORT_QUERY_BUCKET``, both kinds up to ``MIXED_QUERY_BUCKET``, only the others above; then
-    :func:`prune_by_length`. The interpreter's single tile is kept whatever the length."""
-    query_bucket = named_args["LQ_BUCKET"] if "LQ_BUCKET" in named_args else kwargs["LQ_BUCKET"]
-    chosen = [
-        c for c in configs
-        if (query_bucket <= MIXED_QUERY_BUCKET if is_short_query_tile(c) else query_bucket > SHORT_QUERY_BUCKET)
-    ]
+    :func:`prune_by_length`. float32 calls that keep only their two smallest tiles keep the usual
+    ones above ``SHORT_QUERY_BUCKET`` (the short tiles, smaller still, would crowd them out). The
+    interpreter's single tile is kept whatever the length."""
+
+    def argument(name):
+        return named_args[name] if name in named_args else kwargs[name]
+
+    query_bucket = argument("LQ_BUCKET")
+    mixed = query_bucket <= MIXED_QUERY_BUCKET and not _keeps_two_smallest(argument)
+    short_offered, usual_offered = query_bucket <= SHORT_QUERY_BUCKET or mixed, query_bucket > SHORT_QUERY_BUCKET
+    chosen = [c for c in configs if (short_offered if is_short_query_tile(c) else usual_offered)]
     return prune_by_length(chosen or configs, named_args, **kwargs)
 
 
