@@ -1,4 +1,4 @@
-"""Fused attention on a CUDA device: bfloat16, model-sized shapes, TF32, the bound on
+"""Fused attention on a CUDA device: bfloat16, model-sized shapes, the short-query tiles, TF32, the bound on
 compiles when sequence lengths vary, element offsets past 2**31 (up to about 20 GB of GPU
 memory, skipped when that is not free), half-precision dropout backward, float32 at head dim
 128, and deterministic mode's fixed tiles. Skipped without a GPU."""
@@ -102,6 +102,23 @@ def test_dropout_matches_reference_with_kernel_mask_on_gpu():
     expected = attention_reference(q.double(), k.double(), v.double(), key_padding_mask=mask, dropout_p=0.1,
                                    dropout_keep=keep)
     assert (out.double() - expected).abs().max() / expected.abs().max() < 3e-3
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_short_query_tiles_on_gpu(dtype, tolerance):
+    """Each short-query forward tile, with its own warps and stages, on a cached decoding step's shapes:
+    one query a beam over an image memory with padding, and a few causal queries over a text cache."""
+    from fastvlp.ops.fmha import forward_kernel, kernel_config
+    from fastvlp.ops.fmha.launcher import only_tile
+
+    memory_mask = _image_padding(8, 30, 35, seed=3)
+    step = _randn(8, 1, 8, 32, dtype=dtype)
+    memory_k, memory_v = (_randn(8, memory_mask.shape[1], 8, 32, dtype=dtype) for _ in range(2))
+    text = _randn(8, 21, 8, 32, dtype=dtype)
+    for tile in kernel_config._SHORT_QUERY_FORWARD_CONFIGS:
+        with only_tile(forward_kernel.attention_forward_kernel, tile):
+            _check(step, memory_k, memory_v, tolerance, key_padding_mask=memory_mask)
+            _check(text[:, -3:], text, text, tolerance, causal=True)
 
 
 def test_varying_lengths_compile_a_bounded_set_of_kernels():
