@@ -176,6 +176,11 @@ def register_cap_fits(config, head_dim_block: int, has_dropout: bool, causal: bo
     return half_precision and head_dim_block <= 32 and not causal and _REGISTER_CAPS[key] == bool(has_dropout)
 
 
+def _launch_argument(named_args, kwargs, name, default=None):
+    """A launch argument as the autotuner's pruning hook receives it: by name, or among the keywords."""
+    return named_args[name] if name in named_args else kwargs.get(name, default)
+
+
 def prune_by_length(configs, named_args, **kwargs):
     """Drop tiles much larger than the sequences (short decoder calls are launch
     bound, and a 128-row tile over 40 queries is mostly padding), and the register-capped tiles
@@ -187,7 +192,7 @@ def prune_by_length(configs, named_args, **kwargs):
     to load while autotuning."""
 
     def argument(name, default=None):
-        return named_args[name] if name in named_args else kwargs.get(name, default)
+        return _launch_argument(named_args, kwargs, name, default)
 
     head_dim, dropout, causal = argument("HEAD_DIM_BLOCK"), argument("HAS_DROPOUT", False), argument("CAUSAL", False)
     half = argument("q_ptr").element_size() == 2
@@ -223,7 +228,7 @@ def prune_forward(configs, named_args, **kwargs):
     interpreter's single tile is kept whatever the length."""
 
     def argument(name):
-        return named_args[name] if name in named_args else kwargs[name]
+        return _launch_argument(named_args, kwargs, name)
 
     query_bucket = argument("LQ_BUCKET")
     mixed = query_bucket <= MIXED_QUERY_BUCKET and not _keeps_two_smallest(argument)
