@@ -20,9 +20,11 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import FrozenBatchNorm2d, clip_boxes_to_image, roi_align
+from torchvision.ops import clip_boxes_to_image, roi_align
 
 from fastvlp.baselines.box_selection import per_class_max_confidence, select_boxes
+from fastvlp.models.backbone import convolution_layout
+from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
 
 RES4_STRIDE = 16
 
@@ -142,7 +144,7 @@ class BottomUpC4Detector(nn.Module):
         """``images`` ``[B, 3, H, W]`` -> res4 ``[B, 1024, H/16, W/16]``."""
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"images: expected a float tensor [B, 3, H, W], got {getattr(images, 'shape', type(images))}")
-        return self.res4(images)
+        return self.res4(images.contiguous(memory_format=convolution_layout(images.device)))
 
     def propose(self, images: Tensor, res4: Tensor) -> List[Tensor]:
         """RPN proposals after NMS, at most ``rpn_post_nms_top_n`` ``[R, 4]`` boxes per image."""
@@ -154,7 +156,7 @@ class BottomUpC4Detector(nn.Module):
         """``[sum R, 2048]``: 14x14 RoIAlign from res4, res5, mean over the 7x7 map."""
         pooled = roi_align(res4, [boxes.to(res4.dtype) for boxes in proposals], self.roi_output_size,
                            spatial_scale=1.0 / RES4_STRIDE, sampling_ratio=0, aligned=True)
-        return self.res5(pooled).mean(dim=(2, 3))
+        return self.res5(pooled.contiguous(memory_format=convolution_layout(pooled.device))).mean(dim=(2, 3))
 
     def attribute_scores(self, features: Tensor, classes: Tensor) -> Tensor:
         """Attribute probabilities from each RoI's feature and an embedding of its predicted class."""

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.ops import FrozenBatchNorm2d
 
+from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
 from fastvlp.nn.position_encoding import PositionEmbeddingSine
 
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -23,6 +23,13 @@ _STAGES = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",))
 # which gives small images four times the tokens.
 OUTPUTS = {"c5": "layer4", "c4": "layer3"}
 _STAGE_COUNT = {"c5": 4, "c4": 3}
+
+
+def convolution_layout(device: torch.device) -> torch.memory_format:
+    """The memory format a ResNet runs in on ``device``: channels-last on CUDA, where cuDNN's tensor-core
+    convolutions work in NHWC and an NCHW tensor costs a transpose into and out of each one; the default
+    layout elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 @dataclass
@@ -152,12 +159,13 @@ class Backbone(nn.Module):
         """``images`` ``[B, 3, H, W]``, ``pixel_mask`` bool ``[B, H, W]`` (True = padding) -> :class:`VisualTokens`."""
         check_images(images, pixel_mask)
         images = images.masked_fill(pixel_mask[:, None], 0.0)
+        images = images.contiguous(memory_format=convolution_layout(images.device))
         feature_map = self.input_proj(self.body(images)[self.output])
         height, width = feature_map.shape[-2:]
         mask = F.interpolate(pixel_mask[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(torch.bool)
         pos = self.position_encoding(mask)
         return VisualTokens(
-            features=feature_map.flatten(2).transpose(1, 2),
+            features=feature_map.flatten(2).transpose(1, 2),  # contiguous already from a channels-last map
             padding_mask=mask.flatten(1),
             pos=pos.flatten(2).transpose(1, 2),
             spatial_shape=(height, width),
