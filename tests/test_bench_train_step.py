@@ -2,13 +2,16 @@
 import json
 import sys
 import time
+import types
 import weakref
 
 import pytest
 import torch
+import torchvision
 
 from fastvlp.bench import common, train_step
 from fastvlp.models import E2EVLP, get_preset
+from fastvlp.models.backbone import Backbone
 
 STAGES = {"forward_with_matcher", "backward", "optimizer", "matcher"}
 
@@ -167,3 +170,36 @@ def test_train_bench_without_a_gpu_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_step.main(TINY + ["--device", "cuda", "--out-dir", str(tmp_path)])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_torchvision_backbone_row_uses_torchvision_batch_norm_in_nchw():
+    torch.manual_seed(0)
+    model = types.SimpleNamespace(backbone=Backbone("resnet18", 8, frozen_batch_norm=True).eval())
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    pixel_mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    with torch.no_grad():
+        ours = model.backbone(images, pixel_mask).features
+        train_step.as_torchvision_backbone(model)
+        theirs = model.backbone(images, pixel_mask).features
+    assert model.backbone.layout is torch.contiguous_format
+    norms = [m for m in model.backbone.modules() if isinstance(m, torchvision.ops.FrozenBatchNorm2d)]
+    assert norms and all(type(m) is torchvision.ops.FrozenBatchNorm2d for m in norms)
+    assert torch.equal(ours, theirs)  # float32: the same computation
+    # Under bf16 autocast torchvision's batch norm gives float32, which is what the row measures.
+    dtypes = []
+    norms[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.backbone(images, pixel_mask)
+    assert dtypes == [torch.float32]
+
+
+def test_train_bench_adds_the_torchvision_backbone_row(tmp_path, capsys):
+    assert train_step.main(TINY + ["--torchvision-backbone", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*/train_step.json")
+    payload = json.loads(path.read_text())
+    assert payload["torchvision_backbone"] is True
+    rows = payload["results"]
+    assert [row["contender"] for row in rows] == ["fastvlp", "torch-scipy", train_step.TORCHVISION_BACKBONE]
+    # tiny trains its batch norm, and on the CPU both layouts are NCHW: the same losses as torch/scipy.
+    assert rows[2]["first_step_loss"] == pytest.approx(rows[1]["first_step_loss"], rel=1e-5)
+    assert "torch/scipy step with fastvlp's backbone vs torchvision's: " in capsys.readouterr().out

@@ -3,7 +3,6 @@ import pytest
 import torch
 import torchvision
 
-from fastvlp.models import backbone as backbone_module
 from fastvlp.models.backbone import Backbone, convolution_layout
 from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
 
@@ -95,7 +94,7 @@ def test_convolution_layout_by_device():
     assert convolution_layout(torch.device("cpu")) is torch.contiguous_format
 
 
-def test_channels_last_gives_the_same_tokens(monkeypatch):
+def test_channels_last_gives_the_same_tokens():
     """The CUDA layout, run on the CPU: same tokens as the default layout, and contiguous features."""
     torch.manual_seed(10)
     backbone = Backbone("resnet18", d_model=16, frozen_batch_norm=True).eval()
@@ -106,7 +105,7 @@ def test_channels_last_gives_the_same_tokens(monkeypatch):
     pixel_mask[1, :, 100:] = True
     with torch.no_grad():
         expected = backbone(images, pixel_mask)
-        monkeypatch.setattr(backbone_module, "convolution_layout", lambda device: torch.channels_last)
+        backbone.layout = torch.channels_last
         layer_outputs = []
         handle = backbone.body.layer1.register_forward_hook(lambda module, inputs, output: layer_outputs.append(output))
         tokens = backbone(images, pixel_mask)

@@ -20,7 +20,9 @@ kernels, the solver's and the rest, and the heaviest kernels) and
 attention kernels and matcher free, the ceiling of any speed-up that changes only those two. After each contender its gradients and optimiser are freed
 (on the CPU, glibc's free heap is also handed back to the system), so the next one starts from the same
 memory. The batches are random pixels, tokens and boxes of the requested size: what a
-step costs does not depend on what the pixels show.
+step costs does not depend on what the pixels show. ``--torchvision-backbone`` adds a third row, torch/scipy
+with the ResNet run as torchvision runs it (:func:`as_torchvision_backbone`), which measures what the
+backbone's channels-last layout on CUDA and its dtype-keeping frozen batch norm save in the same run.
 
 The GPU is spun up once before the first contender, and each contender warms up for at least ``--warmup``
 whole optimiser steps and, on a GPU, ``MIN_CUDA_WARMUP_S`` seconds of them (``warmup_steps`` in the row).
@@ -305,9 +307,30 @@ def _print_profile(row: Dict[str, object]) -> None:
           f"free, this step could be at most {row['speedup_bound_without_attention_and_matcher']:.2f}x faster")
 
 
+TORCHVISION_BACKBONE = "torch-scipy-torchvision-backbone"
+
+
+def as_torchvision_backbone(model):
+    """``model`` (changed in place) with its ResNet run as torchvision's own modules run it: in the default
+    NCHW layout on every device, and with torchvision's ``FrozenBatchNorm2d``, whose float32 scale turns
+    half-precision activations into float32 under autocast. The row it gives measures what fastvlp's
+    backbone layout and batch norm save in the step."""
+    import torchvision
+
+    from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
+
+    model.backbone.layout = torch.contiguous_format
+    for module in model.backbone.modules():
+        if type(module) is FrozenBatchNorm2d:
+            module.__class__ = torchvision.ops.FrozenBatchNorm2d  # same buffers: only forward differs
+    return model
+
+
 def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeats: int = 5, warmup: int = 2,
-        device: str = "cpu", amp: bool = False, seed: int = 0, profile_steps: int = 0) -> List[Dict[str, object]]:
-    """One row per contender, fastvlp's first. Each records its first step's loss and, from the second
+        device: str = "cpu", amp: bool = False, seed: int = 0, profile_steps: int = 0,
+        torchvision_backbone: bool = False) -> List[Dict[str, object]]:
+    """One row per contender, fastvlp's first, then torch/scipy, then with ``torchvision_backbone`` torch/scipy
+    again with :func:`as_torchvision_backbone`. Each records its first step's loss and, from the second
     contender on, how far that is from the first contender's (same weights, same batch)."""
     from fastvlp.models import E2EVLP, get_preset
 
@@ -317,12 +340,17 @@ def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeat
     fast = E2EVLP(config).to(device)
     baseline = E2EVLP(config.replace(attention_backend="torch", matcher_backend="scipy")).to(device)
     baseline.load_state_dict(copy.deepcopy(fast.state_dict()))
+    contenders = [("fastvlp", fast), ("torch-scipy", baseline)]
+    if torchvision_backbone:
+        plain = E2EVLP(config.replace(attention_backend="torch", matcher_backend="scipy")).to(device)
+        plain.load_state_dict(copy.deepcopy(fast.state_dict()))
+        contenders.append((TORCHVISION_BACKBONE, as_torchvision_backbone(plain)))
     generator = torch.Generator().manual_seed(seed)
     batches = [synthetic_batch(config, batch_size, *image_size, generator, device) for _ in range(2)]
     rows = []
     shape = f"{preset} B{batch_size} {image_size[0]}x{image_size[1]}"
     spin_up(device)  # before the first contender, which would otherwise be timed while the GPU's clocks rise
-    for contender, model in (("fastvlp", fast), ("torch-scipy", baseline)):
+    for contender, model in contenders:
         measured = time_contender(model, batches, repeats, warmup, amp, device, profile_steps,
                                   min_warmup_seconds(device))
         row = result_row("train-step", contender, shape, measured.pop("raw_ms"), device=device.type, amp=amp,
@@ -370,6 +398,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for both contenders")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="on CUDA, profile this many more steps per contender: kernel time by kind")
+    parser.add_argument("--torchvision-backbone", action="store_true",
+                        help=f"add a {TORCHVISION_BACKBONE} row: torch/scipy with the ResNet in NCHW and "
+                             "torchvision's FrozenBatchNorm2d (float32 outputs under autocast)")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
     if args.profile_steps < 0:
@@ -391,15 +422,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.repeats < 6:
         print(f"  ({args.repeats} repeats: too few for a drift figure, so unsettled rows cannot be told)")
     rows = run(args.preset, args.batch_size, (height, width), args.repeats, args.warmup, args.device, args.amp,
-               profile_steps=args.profile_steps)
+               profile_steps=args.profile_steps, torchvision_backbone=args.torchvision_backbone)
     speedup = rows[1]["median_ms"] / rows[0]["median_ms"]
-    print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x" + unsettled_rows_note(rows)
+    print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x" + unsettled_rows_note(rows[:2])
           + f"; first-step losses differ by {rows[1]['first_step_loss_diff_to_first_contender']:.3g}")
+    if args.torchvision_backbone:
+        print(f"torch/scipy step with fastvlp's backbone vs torchvision's: "
+              f"{rows[2]['median_ms'] / rows[1]['median_ms']:.2f}x" + unsettled_rows_note(rows[1:]))
     path = write_results("train_step", rows, device_name(args.device), args.out_dir,
                          extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp,
                                 "repeats": args.repeats, "warmup": args.warmup,
                                 "min_warmup_s": min_warmup_seconds(torch.device(args.device)),
-                                "profile_steps": args.profile_steps},
+                                "profile_steps": args.profile_steps,
+                                "torchvision_backbone": args.torchvision_backbone},
                          table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "drift", "images_per_s",
                                         memory_column(args.device), "first_step_loss",
                                         "first_step_loss_diff_to_first_contender", "stages"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 import torchvision
@@ -114,6 +114,8 @@ class Backbone(nn.Module):
         self.input_proj = nn.Conv2d(self.num_channels, d_model, kernel_size=1)
         self.position_encoding = PositionEmbeddingSine(d_model // 2, normalize=True)
         self.name, self.frozen_stages, self.output = name, frozen_stages, output
+        # The ResNet's memory format; None: `convolution_layout` of the input's device.
+        self.layout: Optional[torch.memory_format] = None
         self._freeze_stages()
 
     def _freeze_stages(self) -> None:
@@ -159,7 +161,8 @@ class Backbone(nn.Module):
         """``images`` ``[B, 3, H, W]``, ``pixel_mask`` bool ``[B, H, W]`` (True = padding) -> :class:`VisualTokens`."""
         check_images(images, pixel_mask)
         images = images.masked_fill(pixel_mask[:, None], 0.0)
-        images = images.contiguous(memory_format=convolution_layout(images.device))
+        layout = convolution_layout(images.device) if self.layout is None else self.layout
+        images = images.contiguous(memory_format=layout)
         feature_map = self.input_proj(self.body(images)[self.output])
         height, width = feature_map.shape[-2:]
         mask = F.interpolate(pixel_mask[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(torch.bool)
