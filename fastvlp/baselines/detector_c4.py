@@ -24,7 +24,7 @@ from torchvision.ops import clip_boxes_to_image, roi_align
 
 from fastvlp.baselines.box_selection import per_class_max_confidence, select_boxes
 from fastvlp.models.backbone import convolution_layout
-from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
+from fastvlp.nn.frozen_batch_norm import FrozenBatchNorm2d
 
 RES4_STRIDE = 16
 

@@ -317,7 +317,7 @@ def as_torchvision_backbone(model):
     backbone layout and batch norm save in the step."""
     import torchvision
 
-    from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
+    from fastvlp.nn.frozen_batch_norm import FrozenBatchNorm2d
 
     model.backbone.layout = torch.contiguous_format
     for module in model.backbone.modules():

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
+from fastvlp.nn.frozen_batch_norm import FrozenBatchNorm2d
 from fastvlp.nn.position_encoding import PositionEmbeddingSine
 
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")

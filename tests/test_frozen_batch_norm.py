@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from fastvlp.models.backbone import Backbone, convolution_layout
-from fastvlp.models.frozen_batch_norm import FrozenBatchNorm2d
+from fastvlp.nn.frozen_batch_norm import FrozenBatchNorm2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
