@@ -15,8 +15,9 @@ Prints one line per compiled kernel (name, variant, tile, shared memory) and exi
 or any tile needs more shared memory than ``--max-shared-kb`` (227 KB, an H100's or H200's opt-in limit).
 Each line also gives what the cubin says about speed, read with the ``cuobjdump`` that Triton ships:
 registers a thread, the programs a multiprocessor can hold at that count (65536 registers), bytes spilled to
-local memory, and which tensor-core instructions the matrix products became (``HGMMA``, Hopper's
-warpgroup instructions, or the older ``HMMA``). Spills are reported, not failed: a tile that spills is
+local memory, which tensor-core instructions the matrix products became (``HGMMA``, Hopper's
+warpgroup instructions, or the older ``HMMA``), and how many instructions the main loop holds (one key or
+query block's work: a static count for comparing edits, not a timing). Spills are reported, not failed: a tile that spills is
 slower, and autotuning does not pick it where another is faster.
 """
 from __future__ import annotations
@@ -81,6 +82,26 @@ def cubin_resources(cubin: bytes, num_warps: int, tool: str) -> Dict[str, object
     return parse_resources(usage, sass, num_warps)
 
 
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;]*);")
+_BACKWARD_TARGET = re.compile(r"\bBRA\b[^;]*?\b(0x[0-9a-f]+)")
+
+
+def main_loop_instructions(sass: str) -> Optional[int]:
+    """Instructions in the kernel's main loop: of the address ranges that a branch jumps back over, the
+    one holding the most matrix-product instructions (the longer on a tie). None without a loop. What one
+    iteration over a key block costs, as the compiler emitted it: a static count, not a timing."""
+    lines = [(int(address, 16), text, op) for address, text, op in _INSTRUCTION.findall(sass)]
+    best = None
+    for address, text, op in lines:
+        target = _BACKWARD_TARGET.search(text) if op == "BRA" else None
+        if target is None or int(target.group(1), 16) >= address:
+            continue
+        body = [body_op for at, _, body_op in lines if int(target.group(1), 16) <= at <= address]
+        rank = (sum(body_op in ("HGMMA", "HMMA") for body_op in body), len(body))
+        best = max(best, rank) if best is not None else rank
+    return None if best is None else best[1]
+
+
 def parse_resources(usage: str, sass: str, num_warps: int) -> Dict[str, object]:
     """:func:`cubin_resources` from ``cuobjdump -res-usage`` and ``cuobjdump -sass`` output."""
     counts = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
@@ -95,6 +116,7 @@ def parse_resources(usage: str, sass: str, num_warps: int) -> Dict[str, object]:
         "spill_bytes": counts.get("STACK", 0) + counts.get("LOCAL", 0),
         "programs_per_sm": REGISTERS_PER_MULTIPROCESSOR // per_program,
         "tensor_cores": "+".join(sorted(instructions)) or "none",
+        "main_loop_instructions": main_loop_instructions(sass),
     }
 
 
@@ -127,7 +149,8 @@ class Report:
         if self.tool is not None:
             found = cubin_resources(compiled.asm["cubin"], kwargs.get("num_warps", 4), self.tool)
             detail = (f", {found['registers']} registers (at most {found['programs_per_sm']} programs/SM), "
-                      f"{found['spill_bytes']} B spilled, {found['tensor_cores']}")
+                      f"{found['spill_bytes']} B spilled, {found['tensor_cores']}, "
+                      f"main loop {found['main_loop_instructions']} instructions")
             if found["spill_bytes"]:
                 self.spilling.append(name)
         print(f"ok      {name}: {shared / 1024:.1f} KB shared{detail}, {time.perf_counter() - start:.1f} s{flag}", flush=True)

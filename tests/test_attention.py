@@ -18,7 +18,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastvlp.ops.fmha.dispatch import BackendChoice, attention, select_backend  # noqa: E402
-from fastvlp.ops.fmha.dropout_rng import draw_dropout_seed, dropout_keep_mask_torch  # noqa: E402
+from fastvlp.ops.fmha.dropout_rng import draw_dropout_seed, dropout_keep_mask_torch, dropout_threshold  # noqa: E402
 from fastvlp.ops.fmha.reference import attention_reference  # noqa: E402
 from fastvlp.ops.fmha.reference_backward import attention_backward_reference  # noqa: E402
 from fastvlp.ops.fmha.triton_rng import philox_4x32 as triton_philox_4x32  # noqa: E402
@@ -351,6 +351,10 @@ def test_dropout_keep_mask_kernel_matches_torch_replica():
     # Different (batch, head) pairs and rows draw different masks.
     assert not torch.equal(keep[0, 0], keep[1, 2])
     assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    # The extreme thresholds, 1 and 2**31 - 1 (the kernels compare draws with twice the threshold).
+    for p in (1.5 / 2**31, 1 - 1e-10):
+        assert dropout_threshold(p) in (1, 2**31 - 1)
+        assert torch.equal(dropout_keep_mask(seed, 2, 3, 37, 51, p), dropout_keep_mask_torch(seed, 2, 3, 37, 51, p))
     with pytest.raises(ValueError, match="heads"):
         dropout_keep_mask(seed, 2, 0, 37, 51, 0.25)
     with pytest.raises(ValueError, match="dropout_p"):
@@ -610,11 +614,11 @@ def test_backward_op_reads_a_non_contiguous_lse_by_its_strides():
 
 
 @triton.jit
-def _philox_known_answer_kernel(words_ptr, out_ptr, ROUNDS: tl.constexpr):
+def _philox_known_answer_kernel(words_ptr, out_ptr, ROUNDS: tl.constexpr, WIDE_PRODUCTS: tl.constexpr):
     c0, c1 = tl.load(words_ptr).to(tl.uint32), tl.load(words_ptr + 1).to(tl.uint32)
     c2, c3 = tl.load(words_ptr + 2).to(tl.uint32), tl.load(words_ptr + 3).to(tl.uint32)
     k0, k1 = tl.load(words_ptr + 4).to(tl.uint32), tl.load(words_ptr + 5).to(tl.uint32)
-    r0, r1, r2, r3 = triton_philox_4x32(c0, c1, c2, c3, k0, k1, ROUNDS)
+    r0, r1, r2, r3 = triton_philox_4x32(c0, c1, c2, c3, k0, k1, ROUNDS, WIDE_PRODUCTS)
     tl.store(out_ptr, r0.to(tl.int64))
     tl.store(out_ptr + 1, r1.to(tl.int64))
     tl.store(out_ptr + 2, r2.to(tl.int64))
@@ -630,16 +634,19 @@ PHILOX_4X32_10_VECTORS = [
 ]
 
 
+@pytest.mark.parametrize("wide_products", [True, False])
 @pytest.mark.parametrize("words, expected", PHILOX_4X32_10_VECTORS)
-def test_philox_matches_random123_known_answers(words, expected):
+def test_philox_matches_random123_known_answers(words, expected, wide_products):
     """Both generators, run at the standard 10 rounds (the kernels use fewer; the round function is
-    the same), give Random123's outputs: the two are otherwise only compared with each other."""
+    the same), give Random123's outputs: the two are otherwise only compared with each other. The
+    kernels' two forms of a round's products (64-bit results, or umulhi and a low multiply) agree."""
     from fastvlp.ops.fmha.dropout_rng import philox_4x32
 
     replica = philox_4x32(*(torch.tensor(word, dtype=torch.int64) for word in words), rounds=10)
     assert tuple(int(word) for word in replica) == expected
     kernel_out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
-    _philox_known_answer_kernel[(1,)](torch.tensor(words, dtype=torch.int64, device=DEVICE), kernel_out, ROUNDS=10)
+    _philox_known_answer_kernel[(1,)](torch.tensor(words, dtype=torch.int64, device=DEVICE), kernel_out, ROUNDS=10,
+                                      WIDE_PRODUCTS=wide_products)
     assert tuple(kernel_out.tolist()) == expected
 
 

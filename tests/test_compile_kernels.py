@@ -61,11 +61,34 @@ def test_resource_report_reads_registers_spills_and_tensor_core_instructions(mon
             "        /*1e90*/                   HGMMA.64x64x16.F32 R56, gdesc[UR12], RZ, !UPT ;\n")
     found = script.parse_resources(usage, sass, num_warps=4)
     # 174 registers round up to 176: 176 x 128 threads = 22528 a program, two fit in 65536.
-    assert found == {"registers": 174, "spill_bytes": 0, "programs_per_sm": 2, "tensor_cores": "HGMMA"}
+    assert found == {"registers": 174, "spill_bytes": 0, "programs_per_sm": 2, "tensor_cores": "HGMMA",
+                     "main_loop_instructions": None}
     spilling = script.parse_resources(usage.replace("STACK:0", "STACK:40").replace("REG:174", "REG:168"),
                                       "  HMMA.16816.F32 R4, R8, R12, R4 ;\n", num_warps=4)
-    assert spilling == {"registers": 168, "spill_bytes": 40, "programs_per_sm": 3, "tensor_cores": "HMMA"}
+    assert spilling == {"registers": 168, "spill_bytes": 40, "programs_per_sm": 3, "tensor_cores": "HMMA",
+                        "main_loop_instructions": None}
     assert script.parse_resources(usage, "FFMA R1, R2, R3, R4 ;", num_warps=8)["programs_per_sm"] == 1
     with pytest.raises(ValueError, match="usage"):
         script.parse_resources("no counts here", sass, num_warps=4)
 
+
+
+def test_main_loop_is_the_backward_branch_range_with_the_most_matrix_products(monkeypatch):
+    script = _load_script(monkeypatch)
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, RZ ;
+        /*0020*/                   ISETP.GE.AND P0, PT, R2, 0x4, PT ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   HGMMA.64x64x16.F32 R56, gdesc[UR12], RZ, !UPT ;
+        /*0050*/                   MUFU.EX2 R5, R6 ;
+        /*0060*/                   HGMMA.64x64x16.F32 R56, gdesc[UR12], R56 ;
+        /*0070*/              @!P1 BRA 0x40 ;
+        /*0080*/                   BRA 0x90 ;
+        /*0090*/                   EXIT ;
+    """
+    # Two loops: 0x10-0x30 (three instructions, no products) and 0x40-0x70 (four, two products).
+    assert script.main_loop_instructions(sass) == 4
+    assert script.main_loop_instructions(sass.replace("HGMMA.64x64x16.F32 R56, gdesc[UR12], R56", "FADD R1, R2, R3")
+                                         .replace("HGMMA.64x64x16.F32 R56, gdesc[UR12], RZ, !UPT", "FADD R1, R2, R3")) == 4
+    assert script.main_loop_instructions("        /*0000*/                   EXIT ;\n") is None

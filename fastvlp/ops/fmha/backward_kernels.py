@@ -108,7 +108,7 @@ def _key_block_grads(grad_k, grad_v, k, v, bias, q_base, grad_out_base, stride_q
         grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep_t = tl.trans(dropout_keep_tile(seed_k0, seed_k1, seed_stream, batch_head, offs_m,
-                                                start_n, threshold, BLOCK_M, BLOCK_N))
+                                                start_n, threshold, BLOCK_M, BLOCK_N, WIDE_PRODUCTS=False))
             dropped_t = tl.where(keep_t, probs_t * dropout_scale, 0.0)
             grad_probs_t = tl.where(keep_t, grad_probs_t * dropout_scale, 0.0)
         else:
