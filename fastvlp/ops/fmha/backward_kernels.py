@@ -225,8 +225,10 @@ def _query_block_grads(grad_q, q, grad_out, lse, delta, k_base, v_base, stride_k
         if HAS_DROPOUT:
             keep = dropout_keep_tile(seed_k0, seed_k1, seed_stream, batch_head, offs_m, start_n,
                                      threshold, BLOCK_M, BLOCK_N)
-            grad_probs = tl.where(keep, grad_probs * dropout_scale, 0.0)
-        grad_scores = probs * (grad_probs - delta[:, None])
+            # dS = P * (keep * scale * dP - delta), the scaling and subtraction in one multiply-add.
+            grad_scores = probs * tl.where(keep, grad_probs * dropout_scale - delta[:, None], -delta[:, None])
+        else:
+            grad_scores = probs * (grad_probs - delta[:, None])
         grad_q = tl.dot(grad_scores.to(k_t.dtype), tl.trans(k_t), grad_q, input_precision=DOT_PRECISION)
     return grad_q
 
