@@ -15,10 +15,10 @@ Prints one line per compiled kernel (name, variant, tile, shared memory) and exi
 or any tile needs more shared memory than ``--max-shared-kb`` (227 KB, an H100's or H200's opt-in limit).
 Each line also gives what the cubin says about speed, read with the ``cuobjdump`` that Triton ships:
 registers a thread, the programs a multiprocessor can hold at that count (65536 registers), bytes spilled to
-local memory, which tensor-core instructions the matrix products became (``HGMMA``, Hopper's
-warpgroup instructions, or the older ``HMMA``), and how many instructions the main loop holds (one key or
-query block's work: a static count for comparing edits, not a timing). Spills are reported, not failed: a tile that spills is
-slower, and autotuning does not pick it where another is faster.
+local memory, which tensor-core instructions the matrix products became (``HGMMA``, Hopper's warpgroup
+instructions, or the older ``HMMA``), and how many instructions the main loop holds (one key or query
+block's work: a static count for comparing edits, not a timing). Spills are reported, not failed: a tile
+that spills is slower, and autotuning does not pick it where another is faster.
 """
 from __future__ import annotations
 

@@ -110,10 +110,10 @@ _SHORT_QUERY_FORWARD_CONFIGS = [
 # without it. A multiprocessor has 65536 registers.
 # Forward, without dropout: 128x64 w4 needs 174 registers a thread uncapped (2 programs of 4 warps; 168: 3)
 # and 128x128 w8 needs 176 (1 program of 8 warps; 128: 2). Forward with dropout (its random-number state):
-# 128x64 w8 needs 165 (1 program; 128: 2). Backward with dropout: the 64x64 w4 tile needs 208 (dQ) and 179
+# 128x64 w8 needs 161 (1 program; 128: 2). Backward with dropout: the 64x64 w4 tile needs 221 (dQ) and 177
 # (dK/dV) registers (2 programs; 168: 3). Without dropout the last two need at most their caps, which would
 # change nothing. Compiled for sm_90 by Triton 3.6 (the GPU machine's) each keeps every value in registers
-# where it is offered (Triton 3.8 spills 8 to 80 bytes in some of them); elsewhere they spill, up to
+# where it is offered (Triton 3.8 spills 16 to 80 bytes in some of them); elsewhere they spill, up to
 # hundreds of bytes (`scripts/compile_kernels.py` reports registers and spills).
 _REGISTER_CAPS = {
     # (BLOCK_M, BLOCK_N, warps, stages, registers): for dropout calls
