@@ -3,7 +3,7 @@
 torchvision's ``FrozenBatchNorm2d`` multiplies its input by a float32 scale, so under bf16 autocast
 every convolution's output comes back as float32: the ResNet's elementwise work (the normalisation,
 ReLU, the residual sums) then runs on float32 tensors twice the size, and each next convolution casts
-its input back down. At the paper's input size that is most of the backbone's memory traffic. This
+its input back down, which at the paper's input sizes is much of the backbone's memory traffic. This
 subclass computes the scale and shift in float32 from the frozen statistics, rounds them to the input's
 dtype and applies both in one fused multiply-add, so a half-precision input gives a half-precision
 output as autocast's own batch norm does. Float32 inputs get torchvision's computation, bit for bit.
