@@ -134,7 +134,8 @@ BUDGET_S=${BUDGET_S:-0}
 ONLY=${ONLY:-}
 RESULTS_ROOT=${RESULTS_ROOT:-bench/results}
 started=$(date +%s)
-commit=$(git rev-parse HEAD 2>/dev/null || echo "${FASTVLP_BENCH_GIT_COMMIT:-}")
+# A stated commit comes first, as in the result files: a copied tree can carry stale git metadata.
+commit=${FASTVLP_BENCH_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-${commit:0:9}
 RUN_ID=${RUN_ID%-}
 export FASTVLP_BENCH_RUN_ID=$RUN_ID FASTVLP_BENCH_GPU_TESTS="not run"
