@@ -104,7 +104,9 @@ def test_dropout_matches_reference_with_kernel_mask_on_gpu():
     assert (out.double() - expected).abs().max() / expected.abs().max() < 3e-3
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+# bfloat16 keeps 8 significant bits to float16's 11, so its bound is about 8x float16's: one draw on an H200
+# reached 2.2e-2 (the gradients of a single query over a long memory are sums of many rounded terms).
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
 def test_short_query_tiles_on_gpu(dtype, tolerance):
     """Each short-query forward tile, with its own warps and stages, on a cached decoding step's shapes:
     one query a beam over an image memory with padding, and a few causal queries over a text cache."""

@@ -60,7 +60,10 @@ def test_device_spans_of_user_annotations_are_not_counted_as_kernels(monkeypatch
                         is_user_annotation=False),
         SimpleNamespace(name="attention_forward_kernel", device_type=cuda, device_time=200.0,
                         is_user_annotation=False),
-        SimpleNamespace(name="aten::mm", device_type=cpu, device_time=0.0, is_user_annotation=False),
+        SimpleNamespace(name="aten::mm", device_type=cpu, device_time=0.0, is_user_annotation=False,
+                        self_cpu_time_total=40.0),
+        SimpleNamespace(name="cudaLaunchKernel", device_type=cpu, device_time=0.0, is_user_annotation=False,
+                        self_cpu_time_total=6.0),
     ]
 
     class FakeProfile:
@@ -86,6 +89,30 @@ def test_device_spans_of_user_annotations_are_not_counted_as_kernels(monkeypatch
                                                                       "attention_forward_kernel"]
     assert summary["device_ms_per_step"] == {"attention": 0.1, "matcher": 0.0, "other": 0.4}
     assert summary["device_ms_per_step_total"] == pytest.approx(0.5)
+    assert summary["host"]["launches_per_step"] == {"count": 0.5, "ms": 0.003}
+    assert summary["host"]["heaviest_host_operations"] == [{"name": "aten::mm", "calls_per_step": 0.5,
+                                                            "self_ms_per_step": 0.02}]
+
+
+def test_host_summary_separates_waits_copies_launches_and_operations():
+    calls = [("cudaStreamSynchronize", 900.0), ("cudaDeviceSynchronize", 100.0), ("cudaMemcpyAsync", 50.0),
+             ("cudaLaunchKernel", 5.0), ("cuLaunchKernelEx", 7.0), ("cudaLaunchKernel", 5.0),
+             ("aten::_local_scalar_dense", 20.0), ("aten::_local_scalar_dense", 30.0),
+             ("aten::copy_", 80.0), ("aten::addmm", 60.0), ("cudaGetDevice", 1.0)]
+    host = step_profile.summarize_host(calls, steps=2, top=3)
+    assert host["synchronizations_per_step"] == {"count": 1.0, "ms": 0.5}
+    assert host["copies_per_step"] == {"count": 0.5, "ms": 0.025}
+    assert host["launches_per_step"] == {"count": 1.5, "ms": 0.0085}
+    assert host["scalar_reads_per_step"] == {"count": 1.0, "ms": 0.025}
+    # Runtime calls (cudaGetDevice) are not operations; the rest come heaviest first.
+    assert [item["name"] for item in host["heaviest_host_operations"]] == [
+        "aten::copy_", "aten::addmm", "aten::_local_scalar_dense"]
+    assert step_profile.summarize_host([], steps=1)["synchronizations_per_step"] == {"count": 0.0, "ms": 0.0}
+    with pytest.raises(ValueError, match="steps"):
+        step_profile.summarize_host(calls, steps=0)
+    profile = dict(step_profile.summarize_kernels([("attention_forward_kernel", 100.0)], steps=2), host=host)
+    lines = step_profile.format_profile("fastvlp", profile)
+    assert "1 synchronizations (0.5 ms)" in lines[2] and "1.5 kernel launches" in lines[2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

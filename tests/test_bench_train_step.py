@@ -203,3 +203,23 @@ def test_train_bench_adds_the_torchvision_backbone_row(tmp_path, capsys):
     # tiny trains its batch norm, and on the CPU both layouts are NCHW: the same losses as torch/scipy.
     assert rows[2]["first_step_loss"] == pytest.approx(rows[1]["first_step_loss"], rel=1e-5)
     assert "torch/scipy step with fastvlp's backbone vs torchvision's: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["fastvlp", "scipy"])
+def test_the_matcher_is_timed_once_per_call_in_either_form(backend):
+    """The criterion asks the batched solver for a dense assignment (``assign``) and scipy's matcher through
+    ``forward``; either is one timed call per step (all layers are matched together), and ``forward`` of the
+    batched solver, which calls ``assign`` inside, is counted once too."""
+    config = get_preset("tiny", attention_backend="torch", matcher_backend=backend)
+    torch.manual_seed(0)
+    model = E2EVLP(config).train()
+    batch = train_step.synthetic_batch(config, 2, 64, 64, torch.Generator().manual_seed(1), torch.device("cpu"))
+    spent = []
+    with train_step._timed_matcher(model, torch.device("cpu"), spent):
+        output = model(batch)
+        assert len(spent) == 1 and spent[0] > 0
+        detection = output.detection
+        outputs = {"pred_logits": detection.pred_logits, "pred_boxes": detection.pred_boxes}
+        model.criterion.matcher(outputs, [batch.targets[int(row)] for row in output.detection_rows])
+        assert len(spent) == 2
+    assert "assign" not in vars(model.criterion.matcher)  # the method is the class's again

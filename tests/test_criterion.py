@@ -337,7 +337,11 @@ def test_cpu_targets_with_cuda_predictions(backend):
     losses = make_criterion(backend, num_aux=1)(on_cuda, targets)
     for name in expected:
         assert losses[name].device.type == "cuda"
-        torch.testing.assert_close(losses[name].cpu(), expected[name].detach(), rtol=1e-9, atol=1e-12, msg=name)
+        # The float32 logging values (cardinality_error) may differ in the last bit: CUDA's mean multiplies
+        # by 1/n where the CPU divides by n.
+        tight = expected[name].dtype == torch.float64
+        torch.testing.assert_close(losses[name].cpu(), expected[name].detach(), rtol=1e-9 if tight else 1.3e-6,
+                                   atol=1e-12 if tight else 1e-5, msg=name)
 
 
 def test_non_finite_predicted_boxes_give_non_finite_box_losses_not_errors():

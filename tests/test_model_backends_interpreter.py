@@ -93,16 +93,27 @@ def _run_step(model, batch):
     """One training forward and backward: the losses, the gradients by name, and each matcher call's
     matches as sets of (query, target) pairs per image."""
     matches = []
-    hook = model.criterion.matcher.register_forward_hook(
+    matcher = model.criterion.matcher
+    hook = matcher.register_forward_hook(
         lambda module, args, output: matches.append(
             [set(zip(rows.tolist(), cols.tolist())) for rows, cols in output]
         )
     )
+    real_assign = matcher.assign
+
+    def recorded_assign(*args, **kwargs):  # the criterion's dense path (the batched solver) calls this instead
+        assignment = real_assign(*args, **kwargs)
+        matches.append([{(query, target) for query, target in enumerate(row) if target >= 0}
+                        for row in assignment.tolist()])
+        return assignment
+
+    matcher.assign = recorded_assign
     try:
         output = model(batch)
         output.loss.backward()
     finally:
         hook.remove()
+        del matcher.assign
     losses = {name: value.detach() for name, value in output.losses.items()}
     losses["loss"] = output.loss.detach()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

@@ -1,4 +1,5 @@
-"""Where a training step's GPU time goes: the device time of its kernels by kind, from ``torch.profiler``.
+"""Where a training step's GPU time goes: the device time of its kernels by kind, from ``torch.profiler``, and
+what its host does meanwhile (synchronisations, copies, launches, the costliest host operations).
 
 The attention kernels are the part that the attention backend changes, so their share of the step bounds
 what any attention kernel can gain: with attention free, a step would still take its time minus that share.
@@ -51,9 +52,53 @@ def summarize_kernels(kernels: Iterable[Tuple[str, float]], steps: int, top: int
     }
 
 
+# Host-side CUDA calls, by what they say about the step: the host waiting for the device (a synchronisation,
+# or a copy, which waits for the work queued before it), and kernel launches (torch's and Triton's).
+HOST_WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
+                   "cuCtxSynchronize")
+HOST_COPY_PREFIXES = ("cudaMemcpy", "cuMemcpy")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+SCALAR_READ = "aten::_local_scalar_dense"  # .item(), bool(tensor), int(tensor): each one waits for the device
+
+
+def summarize_host(calls: Iterable[Tuple[str, float]], steps: int, top: int = 10) -> Dict[str, object]:
+    """``calls`` as (name, self host microseconds) pairs of the host-side events over ``steps`` profiled steps:
+    per step, the synchronisations and copies (count and ms: time the host spent waiting on the device or
+    copying), the kernel launches, the scalar reads (``.item()`` and the like) and the ``top`` host operations
+    by their own time (``aten::`` ops and the like, runtime calls excluded)."""
+    if steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    counts: Dict[str, int] = {}
+    times: Dict[str, float] = {}
+    for name, microseconds in calls:
+        counts[name] = counts.get(name, 0) + 1
+        times[name] = times.get(name, 0.0) + float(microseconds)
+
+    def per_step(names) -> Dict[str, float]:
+        return {"count": sum(counts[name] for name in names) / steps,
+                "ms": round(sum(times[name] for name in names) / 1e3 / steps, 4)}
+
+    waits = [name for name in counts if name in HOST_WAIT_CALLS]
+    copies = [name for name in counts if name.startswith(HOST_COPY_PREFIXES)]
+    launches = [name for name in counts if name in LAUNCH_CALLS]
+    runtime = set(waits) | set(copies) | set(launches)
+    operations = sorted((name for name in counts if name not in runtime and not name.startswith(("cuda", "cu"))),
+                        key=lambda name: -times[name])[:top]
+    return {
+        "synchronizations_per_step": per_step(waits),
+        "copies_per_step": per_step(copies),
+        "launches_per_step": per_step(launches),
+        "scalar_reads_per_step": per_step([SCALAR_READ] if SCALAR_READ in counts else []),
+        "heaviest_host_operations": [{"name": name, "calls_per_step": counts[name] / steps,
+                                      "self_ms_per_step": round(times[name] / 1e3 / steps, 4)}
+                                     for name in operations],
+    }
+
+
 def profile_steps(step: Callable[[int], None], steps: int, warmup: int = 1) -> Dict[str, object]:
-    """Run ``step(i)`` ``warmup`` times, then ``steps`` times under ``torch.profiler`` (CUDA), and
-    :func:`summarize_kernels` of the device kernels it ran."""
+    """Run ``step(i)`` ``warmup`` times, then ``steps`` times under ``torch.profiler`` (CUDA):
+    :func:`summarize_kernels` of the device kernels it ran, with :func:`summarize_host` of its host-side
+    events under ``"host"`` (the profiler's own cost inflates those times; the counts are exact)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -67,12 +112,19 @@ def profile_steps(step: Callable[[int], None], steps: int, warmup: int = 1) -> D
             step(warmup + index)
         torch.cuda.synchronize()
     kernels: List[Tuple[str, float]] = []
+    host: List[Tuple[str, float]] = []
     for event in profiler.events():
         # A record_function range (the optimiser's "Optimizer.step#AdamW.step", say) also appears on the device
         # as a user annotation spanning the kernels inside it, which are counted already: skip those spans.
-        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
+        if getattr(event, "is_user_annotation", False):
+            continue
+        if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels.append((event.name, event.device_time))
-    return summarize_kernels(kernels, steps)
+        else:
+            host.append((event.name, event.self_cpu_time_total))
+    summary = summarize_kernels(kernels, steps)
+    summary["host"] = summarize_host(host, steps)
+    return summary
 
 
 def attention_bound(step_ms: float, attention_ms: float, matcher_ms: float = 0.0) -> float:
@@ -92,4 +144,13 @@ def format_profile(contender: str, profile: Dict[str, object]) -> Sequence[str]:
              + ", ".join(f"{kind} {ms:.1f}" for kind, ms in kinds.items())]
     lines += [f"    {item['ms_per_step']:8.2f} ms  {item['kind']:<9} {item['name'][:100]}"
               for item in profile["heaviest_kernels"][:8]]
+    host = profile.get("host")
+    if host:
+        waits, copies = host["synchronizations_per_step"], host["copies_per_step"]
+        lines.append(f"  {contender}: host per step: {waits['count']:g} synchronizations ({waits['ms']:.1f} ms), "
+                     f"{copies['count']:g} copies ({copies['ms']:.1f} ms), "
+                     f"{host['scalar_reads_per_step']['count']:g} scalar reads, "
+                     f"{host['launches_per_step']['count']:g} kernel launches ({host['launches_per_step']['ms']:.1f} ms)")
+        lines += [f"    {item['self_ms_per_step']:8.2f} ms  host      {item['name'][:80]} "
+                  f"({item['calls_per_step']:g} calls)" for item in host["heaviest_host_operations"][:8]]
     return lines

@@ -165,24 +165,40 @@ def _synchronize(device: torch.device) -> None:
 
 @contextmanager
 def _timed_matcher(model, device, spent: List[float]):
-    """Adds the matcher's wall time (synchronised) of every call to ``spent``."""
+    """Adds the matcher's wall time (synchronised) of every call to ``spent``: its ``forward`` (DETR's
+    per-image matches) or its ``assign`` (the dense assignment the criterion asks the batched solver for),
+    counting a call made inside another once."""
     matcher = model.criterion.matcher
     starts: List[float] = []
 
-    def before(module, args):
+    def before(*_):
         _synchronize(device)
         starts.append(time.perf_counter())
 
-    def after(module, args, output):
+    def after(*_):
         _synchronize(device)
-        spent.append((time.perf_counter() - starts.pop()) * 1e3)
+        elapsed = (time.perf_counter() - starts.pop()) * 1e3
+        if not starts:
+            spent.append(elapsed)
 
     handles = [matcher.register_forward_pre_hook(before), matcher.register_forward_hook(after)]
+    real_assign = getattr(matcher, "assign", None)
+    if callable(real_assign):
+        def timed_assign(*args, **kwargs):
+            before()
+            try:
+                return real_assign(*args, **kwargs)
+            finally:
+                after()
+
+        matcher.assign = timed_assign
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        if callable(real_assign):
+            del matcher.assign
 
 
 def _step(model, optimizer, batch, amp: bool, device, marks: Optional[Dict[str, float]] = None) -> torch.Tensor:
@@ -305,6 +321,9 @@ def _print_profile(row: Dict[str, object]) -> None:
         row["median_ms"], attention_ms, row["stages"]["matcher"])
     print(f"    with its attention kernels ({attention_ms:.1f} ms) and matcher ({row['stages']['matcher']:.1f} ms) "
           f"free, this step could be at most {row['speedup_bound_without_attention_and_matcher']:.2f}x faster")
+    # Below 1, the device waits on the host for the rest of the step (launches, synchronisations, Python).
+    row["device_busy_fraction"] = row["kernel_profile"]["device_ms_per_step_total"] / row["median_ms"]
+    print(f"    the device ran kernels for {100 * row['device_busy_fraction']:.0f}% of the timed step")
 
 
 TORCHVISION_BACKBONE = "torch-scipy-torchvision-backbone"

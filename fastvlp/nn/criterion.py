@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fastvlp.nn.matched_pairs import (Match, MatchedPairs, PaddedTargets, pad_set_targets, pairs_from_assignment,
+                                      pairs_from_matches)
 from fastvlp.ops.boxes import box_cxcywh_to_xyxy, check_box_order, generalized_box_iou
 from fastvlp.ops.matching_cost import check_target_labels
 
 LOSSES = ("labels", "boxes", "cardinality", "attributes")
 ATTRIBUTE_LOSSES = ("softmax", "bce")
-Match = Tuple[Tensor, Tensor]
 
 
 def build_weight_dict(
@@ -178,34 +179,14 @@ class SetCriterion(nn.Module):
         return [matches[index * batch : (index + 1) * batch] for index in range(len(layers))]
 
     # ------------------------------------------------------------------ losses
+    # Each loss reads one layer's outputs and its MatchedPairs (fastvlp.nn.matched_pairs), whichever form the
+    # matches came in.
 
-    @staticmethod
-    def _prediction_index(matches: Sequence[Match], device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
-        """``(image, query)`` indices of the matched predictions; ``device`` is used for an empty batch."""
-        if not matches:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return empty, empty.clone()
-        batch_index = torch.cat([torch.full_like(source, image) for image, (source, _) in enumerate(matches)])
-        query_index = torch.cat([source for source, _ in matches])
-        return batch_index, query_index
-
-    @staticmethod
-    def _matched(targets, matches, key: str, empty: Callable[[], Tensor]) -> Tensor:
-        """``targets[i][key]`` at each image's matched target indices, concatenated (``empty()`` if no image).
-        The indices are moved to the targets' device: a no-op in ``forward``, which moved the targets."""
-        values = [target[key][index.to(target[key].device)] for target, (_, index) in zip(targets, matches)]
-        return torch.cat(values) if values else empty()
-
-    def loss_labels(self, outputs, targets, matches, counts, log: bool = True) -> Dict[str, Tensor]:
+    def loss_labels(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
         logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"pred_logits: expected {self.num_classes + 1} classes (with no-object), got {logits.shape[-1]}")
-        index = self._prediction_index(matches, logits.device)
-        empty = lambda: torch.zeros(0, dtype=torch.int64, device=logits.device)  # noqa: E731
-        # Labels of any integer dtype: index_put needs int64 like target_classes.
-        matched_labels = self._matched(targets, matches, "labels", empty).to(logits.device, torch.int64)
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[index] = matched_labels
+        target_classes = pairs.target_classes
         # cross_entropy computes half-precision logits in float32 (also under autocast).
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         if target_classes.numel():
@@ -217,28 +198,34 @@ class SetCriterion(nn.Module):
         losses = {"loss_ce": loss}
         if log:
             with torch.no_grad():
-                matched_logits = logits[index]
-                if matched_logits.shape[0]:
-                    accuracy = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
+                correct = pairs.select(logits).argmax(-1) == pairs.select(target_classes)
+                # float32, whichever way the pairs were gathered (a logging value).
+                if pairs.valid is not None:
+                    accuracy = (correct & pairs.valid).sum().float() / pairs.valid.sum().clamp(min=1) * 100
+                elif correct.shape[0]:
+                    accuracy = correct.float().mean() * 100
                 else:
-                    accuracy = logits.new_zeros(())
+                    accuracy = torch.zeros((), device=logits.device)
                 losses["class_error"] = 100 - accuracy
         return losses
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs, targets, matches, counts, log: bool = True) -> Dict[str, Tensor]:
+    def loss_cardinality(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
         """The L1 error of the number of predicted (not no-object) boxes: logging only, no gradient."""
         logits = outputs["pred_logits"]
         if logits.shape[0] == 0:  # an empty batch: l1_loss would average nothing to NaN
             return {"cardinality_error": logits.new_zeros((), dtype=torch.float32)}
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
-        expected = torch.as_tensor([len(target["labels"]) for target in targets], dtype=torch.float32, device=logits.device)
+        expected = pairs.num_targets.to(torch.float32)
         return {"cardinality_error": F.l1_loss(predicted, expected)}
 
-    def loss_boxes(self, outputs, targets, matches, counts, log: bool = True) -> Dict[str, Tensor]:
-        index = self._prediction_index(matches, outputs["pred_boxes"].device)
-        predicted = outputs["pred_boxes"][index]
-        target_boxes = self._matched(targets, matches, "boxes", lambda: predicted.new_zeros((0, 4))).to(predicted)
+    def loss_boxes(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
+        predicted = pairs.select(outputs["pred_boxes"])
+        target_boxes = pairs.target_boxes.to(predicted)
+        if pairs.valid is not None:
+            # An unmatched prediction takes its filler target's box: it adds exactly 0, and no NaN it may hold
+            # reaches the loss or the gradient.
+            predicted = torch.where(pairs.valid[:, None], predicted, target_boxes)
         num_boxes = counts[0]
         loss_bbox = F.l1_loss(predicted, target_boxes, reduction="none").sum() / num_boxes
         predicted_xyxy, target_xyxy = box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(target_boxes)
@@ -247,35 +234,25 @@ class SetCriterion(nn.Module):
             check_box_order("outputs['pred_boxes'] (matched)", predicted_xyxy, skip_non_finite=True)
             check_box_order("targets' boxes (matched)", target_xyxy, skip_non_finite=True)
         # Pairwise GIoU of each matched pair: [N, 1, 4] x [N, 1, 4] -> [N, 1, 1].
-        giou = generalized_box_iou(predicted_xyxy[:, None], target_xyxy[:, None], check_degenerate=False)
-        loss_giou = (1 - giou.flatten()).sum() / num_boxes
-        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        giou_loss = 1 - generalized_box_iou(predicted_xyxy[:, None], target_xyxy[:, None], check_degenerate=False).flatten()
+        if pairs.valid is not None:
+            giou_loss = torch.where(pairs.valid, giou_loss, 0)
+        return {"loss_bbox": loss_bbox, "loss_giou": giou_loss.sum() / num_boxes}
 
-    def loss_attributes(self, outputs, targets, matches, counts, log: bool = True) -> Dict[str, Tensor]:
+    def loss_attributes(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
         if "pred_attributes" not in outputs:
             raise ValueError("outputs: the 'attributes' loss needs 'pred_attributes'")
-        logits = outputs["pred_attributes"]
-        index = self._prediction_index(matches, logits.device)
-        matched_logits = logits[index]
-        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        wanted = []
-        for target, (_, target_index) in zip(targets, matches):
-            attributes = target.get("attributes")
-            if attributes is None:
-                attributes = logits.new_zeros((len(target["labels"]), logits.shape[-1]))
-            elif attributes.dim() != 2 or attributes.shape[1] != logits.shape[-1]:
-                raise ValueError(f"targets: 'attributes' must be [N, {logits.shape[-1]}], got {list(attributes.shape)}")
-            wanted.append(attributes[target_index.to(attributes.device)].to(device=logits.device, dtype=compute_dtype))
-        wanted = torch.cat(wanted) if wanted else logits.new_zeros((0, logits.shape[-1]), dtype=compute_dtype)
+        wanted = pairs.target_attributes
         labelled = wanted.sum(1)
-        keep = (labelled > 0).to(compute_dtype)  # objects without attributes contribute 0
-        log_input = matched_logits.to(compute_dtype)
+        keep = labelled > 0  # objects without attributes (and unmatched predictions) contribute 0
+        # Their logits are replaced by 0 so that no NaN they may hold reaches the loss or the gradient.
+        log_input = torch.where(keep[:, None], pairs.select(outputs["pred_attributes"]).to(wanted.dtype), 0)
         if self.attribute_loss == "softmax":
             distribution = wanted / labelled.clamp(min=1)[:, None]
             per_object = -(distribution * F.log_softmax(log_input, dim=-1)).sum(-1)
         else:
             per_object = F.binary_cross_entropy_with_logits(log_input, wanted, reduction="none").sum(-1)
-        return {"loss_attr": (per_object * keep).sum() / counts[1]}
+        return {"loss_attr": torch.where(keep, per_object, 0).sum() / counts[1]}
 
     _LOSS_FUNCTIONS = {
         "labels": "loss_labels",
@@ -317,6 +294,43 @@ class SetCriterion(nn.Module):
             moved.append(target)
         return moved
 
+    def _assigns_densely(self) -> bool:
+        """Whether the matcher gives the whole batch's matches as one dense assignment (the batched solver's
+        :meth:`~fastvlp.nn.HungarianMatcher.assign`), so that the pairs are gathered for every image at once.
+        Any other matcher's per-image matches are gathered image by image, as DETR does."""
+        return getattr(self.matcher, "backend", None) == "fastvlp" and callable(getattr(self.matcher, "assign", None))
+
+    def assign(self, layers: Sequence[Mapping[str, Tensor]], padded: PaddedTargets) -> List[Tensor]:
+        """Each layer's ``[B, Q]`` assignment on ``padded`` targets (see :meth:`_assigns_densely`), all layers in
+        one solver call when ``match_layers_together`` allows."""
+        self.last_match_device = layers[0]["pred_logits"].device
+        same_queries = len({tuple(layer["pred_logits"].shape) for layer in layers}) == 1
+        if not (self.match_layers_together and same_queries and len(layers) > 1):
+            return [self.matcher.assign(layer["pred_logits"], layer["pred_boxes"], padded.labels, padded.boxes,
+                                        padded.counts) for layer in layers]
+        repeats = len(layers)
+        stacked = {key: torch.cat([layer[key].detach() for layer in layers]) for key in ("pred_logits", "pred_boxes")}
+        assignment = self.matcher.assign(stacked["pred_logits"], stacked["pred_boxes"], padded.labels.repeat(repeats, 1),
+                                         padded.boxes.repeat(repeats, 1, 1), padded.counts.repeat(repeats))
+        batch = len(padded.sizes)
+        return [assignment[index * batch : (index + 1) * batch] for index in range(repeats)]
+
+    def _padded_counts(self, padded: PaddedTargets, device) -> Tensor:
+        """:meth:`_counts` from padded targets (padding rows carry no attributes)."""
+        counts = torch.tensor([float(sum(padded.sizes)), 0.0], device=device)
+        if padded.attributes is not None:
+            counts[1] = padded.attributes.ne(0).any(-1).sum().to(counts.dtype)
+        return _world_average(counts).clamp(min=1)
+
+    def _attribute_layout(self, outputs: Mapping[str, Tensor]) -> Tuple[Optional[int], torch.dtype]:
+        """(number of attributes, dtype the attribute loss computes in), or (None, float32) without that loss."""
+        if "attributes" not in self.losses:
+            return None, torch.float32
+        if "pred_attributes" not in outputs:
+            raise ValueError("outputs: the 'attributes' loss needs 'pred_attributes'")
+        logits = outputs["pred_attributes"]
+        return logits.shape[-1], torch.float64 if logits.dtype == torch.float64 else torch.float32
+
     def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
         _check_outputs(outputs, "outputs")
         if isinstance(targets, Mapping) or len(targets) != outputs["pred_logits"].shape[0]:
@@ -326,20 +340,30 @@ class SetCriterion(nn.Module):
                 raise ValueError(f"targets[{image}]: expected a dict with 'labels' and 'boxes'")
         check_target_labels([target["labels"] for target in targets], self.num_classes,
                             f" (num_classes={self.num_classes}; {self.num_classes} is the no-object class)")
-        targets = self._targets_on(targets, outputs["pred_logits"].device)
         auxiliary = list(outputs.get("aux_outputs", ()))
         for index, aux in enumerate(auxiliary):
             _check_outputs(aux, f"outputs['aux_outputs'][{index}]")
         layers = [outputs] + auxiliary
-        matches = self.match(layers, targets)
-        counts = self._counts(targets, outputs["pred_logits"].device)
+        device = outputs["pred_logits"].device
+        num_attributes, attribute_dtype = self._attribute_layout(outputs)
+        if self._assigns_densely():
+            padded = pad_set_targets(targets, device, num_attributes, attribute_dtype)
+            pairs = [pairs_from_assignment(assignment, padded, self.num_classes)
+                     for assignment in self.assign(layers, padded)]
+            counts = self._padded_counts(padded, device)
+        else:
+            targets = self._targets_on(targets, device)
+            pairs = [pairs_from_matches(layer_matches, targets, self.num_classes, tuple(layer["pred_logits"].shape[:2]),
+                                        device, num_attributes, attribute_dtype)
+                     for layer, layer_matches in zip(layers, self.match(layers, targets))]
+            counts = self._counts(targets, device)
 
         losses: Dict[str, Tensor] = {}
-        for layer_index, (layer, layer_matches) in enumerate(zip(layers, matches)):
+        for layer_index, (layer, layer_pairs) in enumerate(zip(layers, pairs)):
             suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
             for loss in self.losses:
                 # Logging-only values (class_error) are reported for the last layer only, as in DETR.
-                values = getattr(self, self._LOSS_FUNCTIONS[loss])(layer, targets, layer_matches, counts, log=layer_index == 0)
+                values = getattr(self, self._LOSS_FUNCTIONS[loss])(layer, layer_pairs, counts, log=layer_index == 0)
                 losses.update({name + suffix: value for name, value in values.items()})
         return losses
 

@@ -73,27 +73,38 @@ class HungarianMatcher(nn.Module):
         labels, boxes, counts = pad_targets(
             [target["labels"] for target in targets], [target["boxes"] for target in targets], device
         )
-        cost = matching_cost(pred_logits, pred_boxes, labels, boxes, self.cost_class, self.cost_bbox, self.cost_giou)
         sizes = [len(target["labels"]) for target in targets]
         if self.backend == "scipy":
+            cost = matching_cost(pred_logits, pred_boxes, labels, boxes, self.cost_class, self.cost_bbox, self.cost_giou)
             return _match_with_scipy(cost, sizes, device)
+        return _split_assignment(self.assign(pred_logits, pred_boxes, labels, boxes, counts), sizes)
+
+    @torch.no_grad()
+    def assign(self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, target_labels: torch.Tensor,
+               target_boxes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The matches as one ``[B, Q]`` int64 tensor on the inputs' device, without a host sync: the target
+        (column) matched to each prediction, or -1. Targets come padded (:func:`fastvlp.ops.pad_targets`:
+        ``[B, T]`` labels, ``[B, T, 4]`` boxes, ``[B]`` counts). Only the batched solver gives this form
+        (``backend="fastvlp"``); a problem it failed on (``check_finite=False``) gets the placeholder matches
+        described in the class docstring."""
+        if self.backend != "fastvlp":
+            raise ValueError(f"assign: needs backend='fastvlp' (the batched solver), this matcher has {self.backend!r}")
+        cost = matching_cost(pred_logits, pred_boxes, target_labels, target_boxes, self.cost_class, self.cost_bbox,
+                             self.cost_giou)
         assignment = batched_linear_sum_assignment(cost, num_cols=counts, check_finite=self.check_finite)
-        return _split_assignment(assignment, sizes)
+        # A failed problem has no matched row: prediction i takes target i for i < min(Q, T) instead.
+        rows = torch.arange(assignment.shape[1], device=assignment.device)
+        placeholder = torch.where(rows < counts.to(assignment.device)[:, None], rows, -1)
+        return torch.where((assignment < 0).all(1, keepdim=True), placeholder, assignment)
 
 
 def _split_assignment(assignment: torch.Tensor, sizes: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """``[B, Q]`` row-to-column assignment -> per-image ``(rows, cols)`` without a host sync:
-    the number of matches per image, ``min(Q, T_b)``, is known on the host.
-
-    A problem the solver failed on (``check_finite=False``) has no matched row; it gets
-    row ``i`` to column ``i`` instead of ``-1``, which would index the last target."""
+    """``[B, Q]`` prediction-to-target assignment (-1: unmatched) -> per-image ``(rows, cols)`` without a host
+    sync: the number of matches per image, ``min(Q, T_b)``, is known on the host."""
     num_queries = assignment.shape[1]
-    unmatched = assignment < 0
     # Matched rows first, each group in row order: a stable sort on the "unmatched" flag.
-    order = torch.sort(unmatched.to(torch.uint8), dim=1, stable=True).indices
+    order = torch.sort((assignment < 0).to(torch.uint8), dim=1, stable=True).indices
     matched_cols = assignment.gather(1, order)
-    # A row with no match at all sorts to 0..Q-1, so its placeholder columns are its rows.
-    matched_cols = torch.where(unmatched.all(1, keepdim=True), order, matched_cols)
     matches = []
     for index, size in enumerate(sizes):
         count = min(num_queries, size)

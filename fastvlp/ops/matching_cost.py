@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
-
 from fastvlp.ops.boxes import box_cxcywh_to_xyxy, check_box_order, generalized_box_iou
+from fastvlp.ops.ragged import pad_ragged, ragged_index
 
 
 def check_target_labels(labels: Sequence[torch.Tensor], num_classes: int, bound: str = "") -> None:
@@ -25,7 +24,7 @@ def check_target_labels(labels: Sequence[torch.Tensor], num_classes: int, bound:
             raise TypeError(
                 f"targets[{index}]['labels']: expected an integer tensor of class indices, got {item.dtype}"
             )
-    on_host = [(index, item.reshape(-1)) for index, item in enumerate(labels)
+    on_host = [(index, item if item.dim() == 1 else item.reshape(-1)) for index, item in enumerate(labels)
                if item.device.type == "cpu" and item.numel()]
     if not on_host:
         return
@@ -69,15 +68,18 @@ def pad_targets(
             raise ValueError(
                 f"boxes[{index}]: expected {len(item_labels)} boxes like labels[{index}] (shape [T, 4]), got {got}"
             )
-    counts = torch.tensor([len(item) for item in labels], dtype=torch.int64)
+    sizes = [len(item) for item in labels]
+    counts = torch.tensor(sizes, dtype=torch.int64)
     if len(labels) == 0:
         return (torch.zeros((0, 0), dtype=torch.int64, device=device),
                 torch.zeros((0, 0, 4), device=device), counts.to(device))
-    padded_labels = pad_sequence([item.to(device, torch.int64) for item in labels], batch_first=True)
-    padded_boxes = pad_sequence(
-        [item.to(device).reshape(-1, 4) for item in boxes], batch_first=True, padding_value=0.5
-    )
-    return padded_labels, padded_boxes, counts.to(device)
+    # One concatenation and one indexed write per field, not a copy per image.
+    index = ragged_index(sizes, device)
+    flat_labels = torch.cat([item.to(device) for item in labels]).to(torch.int64)
+    flat_boxes = torch.cat([item.to(device) if item.dim() == 2 else item.to(device).reshape(-1, 4) for item in boxes])
+    length = max(sizes)
+    return (pad_ragged(flat_labels, index, len(sizes), length, 0),
+            pad_ragged(flat_boxes, index, len(sizes), length, 0.5), counts.to(device))
 
 
 def matching_cost(
