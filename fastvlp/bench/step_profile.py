@@ -147,10 +147,10 @@ def format_profile(contender: str, profile: Dict[str, object]) -> Sequence[str]:
     host = profile.get("host")
     if host:
         waits, copies = host["synchronizations_per_step"], host["copies_per_step"]
-        lines.append(f"  {contender}: host per step: {waits['count']:g} synchronizations ({waits['ms']:.1f} ms), "
-                     f"{copies['count']:g} copies ({copies['ms']:.1f} ms), "
-                     f"{host['scalar_reads_per_step']['count']:g} scalar reads, "
-                     f"{host['launches_per_step']['count']:g} kernel launches ({host['launches_per_step']['ms']:.1f} ms)")
+        lines.append(f"  {contender}: host per step: {waits['count']:.1f} synchronizations ({waits['ms']:.1f} ms), "
+                     f"{copies['count']:.1f} copies ({copies['ms']:.1f} ms), "
+                     f"{host['scalar_reads_per_step']['count']:.1f} scalar reads, "
+                     f"{host['launches_per_step']['count']:.0f} kernel launches ({host['launches_per_step']['ms']:.1f} ms)")
         lines += [f"    {item['self_ms_per_step']:8.2f} ms  host      {item['name'][:80]} "
-                  f"({item['calls_per_step']:g} calls)" for item in host["heaviest_host_operations"][:8]]
+                  f"({item['calls_per_step']:.0f} calls)" for item in host["heaviest_host_operations"][:8]]
     return lines
