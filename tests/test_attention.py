@@ -469,6 +469,45 @@ def test_empty_inputs():
     assert out.shape == (2, 0, 2, 16) and (grads[1] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_calls_without_gradients_skip_autograd_and_give_the_same_output(backend, monkeypatch):
+    from fastvlp.ops.fmha import custom_op
+
+    generator = torch.Generator().manual_seed(71)
+    q, k, v = (torch.randn(2, 37, 2, 16, generator=generator).to(DEVICE) for _ in range(3))
+    mask = torch.zeros(2, 37, dtype=torch.bool, device=DEVICE)
+    mask[1, 20:] = True
+    with torch.enable_grad():
+        expected = attention(*(t.requires_grad_() for t in (q, k, v)), key_padding_mask=mask, backend=backend)
+    q, k, v = (t.detach() for t in (q, k, v))
+    applied = []
+    real_apply = custom_op.EagerAttention.apply
+    monkeypatch.setattr(custom_op.EagerAttention, "apply", lambda *args: applied.append(1) or real_apply(*args))
+    with torch.no_grad():
+        in_no_grad = attention(q, k, v, key_padding_mask=mask, backend=backend)
+    plain = attention(q, k, v, key_padding_mask=mask, backend=backend)  # no input asks for a gradient
+    assert applied == [] and not in_no_grad.requires_grad
+    torch.testing.assert_close(in_no_grad, expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain, expected.detach(), rtol=0, atol=0)
+    attention(q.requires_grad_(), k, v, key_padding_mask=mask, backend=backend)  # a gradient asked for
+    assert applied == [1]
+
+
+def test_launches_switch_device_only_for_a_tensor_on_another_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from fastvlp.ops.fmha.forward_kernel import device_context
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def on(index):
+        return SimpleNamespace(is_cuda=True, get_device=lambda: index, device=torch.device("cuda", index))
+
+    assert isinstance(device_context(on(0)), type(device_context(torch.zeros(1))))  # no switch
+    switch = device_context(on(1))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+
+
 def test_select_backend_reasons():
     q, k, v = _inputs(1, 4, 4, 1, 16, torch.float32)
     forced = select_backend(q, k, v, backend="triton")

@@ -11,6 +11,11 @@ Interface as DETR's ``SetCriterion``: ``forward(outputs, targets)`` returns the 
 * ``targets``: one dict per image with ``labels`` ``[N]`` (any integer dtype, classes in
   ``[0, num_classes)``), ``boxes`` ``[N, 4]`` normalised cxcywh and optionally ``attributes`` ``[N, A]``
   (multi-hot, bool or float), on any device: they are moved to the predictions' device once.
+
+With fastvlp's batched solver as the matcher, the matches come as one dense ``[B, Q]`` assignment and the
+matched pairs of the whole batch are gathered at once (:mod:`fastvlp.nn.matched_pairs`), in a number of
+operations that does not depend on the batch size; with any other matcher (scipy's, DETR's own) they are
+gathered image by image from the per-image index lists, as DETR does. Both give the same losses.
 """
 from __future__ import annotations
 
@@ -100,7 +105,9 @@ class SetCriterion(nn.Module):
 
     Labels are validated (integer dtype; on the CPU also the class range, naming the image: on CUDA that
     would be a host sync). An empty batch gives zero losses that still backpropagate. Predicted boxes with
-    NaN or infinite coordinates give non-finite box losses on every device, not an error.
+    NaN or infinite coordinates give non-finite box losses on every device, not an error, when they are
+    matched; those of unmatched predictions (and the attribute logits of objects that do not count) reach
+    neither the losses nor the gradients.
     """
 
     def __init__(

@@ -213,4 +213,8 @@ def attention(
                  allow_tf32)
     if torch.compiler.is_compiling():
         return torch.ops.fastvlp.attention_forward(*arguments)[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Nothing to differentiate (inference, decoding): the forward alone, without autograd.Function's
+        # per-call cost, which is much of a small call's host time.
+        return custom_op.forward_impl(*arguments)[0]
     return custom_op.EagerAttention.apply(*arguments)

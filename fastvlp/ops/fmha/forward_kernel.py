@@ -222,9 +222,15 @@ def mask_arguments(key_padding_mask, q):
     return mask_bytes, mask_bytes.stride(0), mask_bytes.stride(1)
 
 
+_NO_SWITCH = contextlib.nullcontext()
+
+
 def device_context(t: torch.Tensor):
-    """Launch on the tensor's own GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on the tensor's own GPU (Triton launches on the current device); no switch when it is the
+    current one already, the usual case (switching there and back is host time on every call)."""
+    if not t.is_cuda or t.get_device() == torch.cuda.current_device():
+        return _NO_SWITCH
+    return torch.cuda.device(t.device)
 
 
 def attention_forward_triton(q, k, v, key_padding_mask, dropout_seed, causal, dropout_p, scale, allow_tf32,
