@@ -111,10 +111,10 @@ class CountOperations(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _operations(criterion, batch):
+def _operations(criterion, batch, layers=3):
     generator = torch.Generator().manual_seed(43)
     targets = random_targets([3 + image % 4 for image in range(batch)], generator)
-    outputs, _ = make_outputs(3, batch, 8, generator)
+    outputs, _ = make_outputs(layers, batch, 8, generator)
     criterion(outputs, targets)  # builds and caches the class weights, once per criterion
     with CountOperations() as counter:
         criterion(outputs, targets)
@@ -126,6 +126,14 @@ def test_dense_gathering_takes_a_fixed_number_of_operations():
     assert _operations(dense, 4) == _operations(dense, 32)
     # DETR's way grows with the batch: several operations per image and layer.
     assert _operations(per_image, 32) > _operations(per_image, 4) + 28 * 3
+
+
+def test_each_loss_runs_once_for_all_decoder_layers():
+    """Layers are stacked along the batch: a layer more costs only its share of stacking and splitting (a
+    few views), not another run of every loss."""
+    dense = make_criterion("fastvlp", num_aux=5)
+    fewer = make_criterion("fastvlp", num_aux=1)
+    assert _operations(dense, 4, layers=6) - _operations(fewer, 4, layers=2) <= 4 * 4
 
 
 def test_assign_needs_the_batched_solver_and_gives_placeholders_for_failed_problems():

@@ -15,7 +15,9 @@ Interface as DETR's ``SetCriterion``: ``forward(outputs, targets)`` returns the 
 With fastvlp's batched solver as the matcher, the matches come as one dense ``[B, Q]`` assignment and the
 matched pairs of the whole batch are gathered at once (:mod:`fastvlp.nn.matched_pairs`), in a number of
 operations that does not depend on the batch size; with any other matcher (scipy's, DETR's own) they are
-gathered image by image from the per-image index lists, as DETR does. Both give the same losses.
+gathered image by image from the per-image index lists, as DETR does. Both give the same losses. Either way,
+decoder layers whose outputs have one shape (the usual case) are stacked along the batch, so that each loss
+runs once for all of them rather than once a layer.
 """
 from __future__ import annotations
 
@@ -186,45 +188,44 @@ class SetCriterion(nn.Module):
         return [matches[index * batch : (index + 1) * batch] for index in range(len(layers))]
 
     # ------------------------------------------------------------------ losses
-    # Each loss reads one layer's outputs and its MatchedPairs (fastvlp.nn.matched_pairs), whichever form the
-    # matches came in.
+    # Each loss reads the outputs of L decoder layers stacked along the batch ([L * B, Q, ...], the last layer
+    # first) and their MatchedPairs (fastvlp.nn.matched_pairs), whichever form the matches came in, and gives
+    # one value per layer ([L]); a logging value of the last layer alone is a scalar.
 
     def loss_labels(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
         logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"pred_logits: expected {self.num_classes + 1} classes (with no-object), got {logits.shape[-1]}")
         target_classes = pairs.target_classes
+        layers = pairs.num_layers
         # cross_entropy computes half-precision logits in float32 (also under autocast).
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         if target_classes.numel():
-            loss = F.cross_entropy(
-                logits.transpose(1, 2).to(compute_dtype), target_classes, self.class_weights(compute_dtype, logits.device)
-            )
+            weights = self.class_weights(compute_dtype, logits.device)
+            weighted = F.cross_entropy(logits.transpose(1, 2).to(compute_dtype), target_classes, weights, reduction="none")
+            # Each layer's weighted mean, as cross_entropy's own reduction takes it.
+            loss = weighted.reshape(layers, -1).sum(1) / weights[target_classes].reshape(layers, -1).sum(1)
         else:  # no prediction at all: the weighted mean would be 0 / 0
-            loss = logits.sum().to(compute_dtype) * 0
+            loss = logits.sum().to(compute_dtype) * 0 + logits.new_zeros(layers, dtype=compute_dtype)
         losses = {"loss_ce": loss}
         if log:
-            with torch.no_grad():
-                correct = pairs.select(logits).argmax(-1) == pairs.select(target_classes)
-                # float32, whichever way the pairs were gathered (a logging value).
-                if pairs.valid is not None:
-                    accuracy = (correct & pairs.valid).sum().float() / pairs.valid.sum().clamp(min=1) * 100
-                elif correct.shape[0]:
-                    accuracy = correct.float().mean() * 100
-                else:
-                    accuracy = torch.zeros((), device=logits.device)
-                losses["class_error"] = 100 - accuracy
+            with torch.no_grad():  # the last layer's matched predictions (its rows come first)
+                batch = logits.shape[0] // layers
+                classes = target_classes[:batch]
+                matched = classes != self.num_classes
+                correct = (logits[:batch].argmax(-1) == classes) & matched
+                losses["class_error"] = 100 - correct.sum().float() / matched.sum().clamp(min=1) * 100
         return losses
 
     @torch.no_grad()
     def loss_cardinality(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
         """The L1 error of the number of predicted (not no-object) boxes: logging only, no gradient."""
         logits = outputs["pred_logits"]
-        if logits.shape[0] == 0:  # an empty batch: l1_loss would average nothing to NaN
-            return {"cardinality_error": logits.new_zeros((), dtype=torch.float32)}
+        if logits.shape[0] == 0:  # an empty batch: the mean would average nothing to NaN
+            return {"cardinality_error": logits.new_zeros(pairs.num_layers, dtype=torch.float32)}
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
-        expected = pairs.num_targets.to(torch.float32)
-        return {"cardinality_error": F.l1_loss(predicted, expected)}
+        errors = (predicted - pairs.num_targets.to(torch.float32)).abs()
+        return {"cardinality_error": errors.reshape(pairs.num_layers, -1).mean(1)}
 
     def loss_boxes(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
         predicted = pairs.select(outputs["pred_boxes"])
@@ -234,7 +235,7 @@ class SetCriterion(nn.Module):
             # reaches the loss or the gradient.
             predicted = torch.where(pairs.valid[:, None], predicted, target_boxes)
         num_boxes = counts[0]
-        loss_bbox = F.l1_loss(predicted, target_boxes, reduction="none").sum() / num_boxes
+        l1 = F.l1_loss(predicted, target_boxes, reduction="none").sum(1)
         predicted_xyxy, target_xyxy = box_cxcywh_to_xyxy(predicted), box_cxcywh_to_xyxy(target_boxes)
         if predicted.device.type == "cpu":  # the check reads data: a host sync on CUDA
             # Non-finite boxes pass as on CUDA: the loss becomes NaN, which a training loop can skip.
@@ -244,7 +245,7 @@ class SetCriterion(nn.Module):
         giou_loss = 1 - generalized_box_iou(predicted_xyxy[:, None], target_xyxy[:, None], check_degenerate=False).flatten()
         if pairs.valid is not None:
             giou_loss = torch.where(pairs.valid, giou_loss, 0)
-        return {"loss_bbox": loss_bbox, "loss_giou": giou_loss.sum() / num_boxes}
+        return {"loss_bbox": pairs.per_layer(l1) / num_boxes, "loss_giou": pairs.per_layer(giou_loss) / num_boxes}
 
     def loss_attributes(self, outputs, pairs: MatchedPairs, counts, log: bool = True) -> Dict[str, Tensor]:
         if "pred_attributes" not in outputs:
@@ -259,7 +260,7 @@ class SetCriterion(nn.Module):
             per_object = -(distribution * F.log_softmax(log_input, dim=-1)).sum(-1)
         else:
             per_object = F.binary_cross_entropy_with_logits(log_input, wanted, reduction="none").sum(-1)
-        return {"loss_attr": torch.where(keep, per_object, 0).sum() / counts[1]}
+        return {"loss_attr": pairs.per_layer(torch.where(keep, per_object, 0)) / counts[1]}
 
     _LOSS_FUNCTIONS = {
         "labels": "loss_labels",
@@ -353,25 +354,46 @@ class SetCriterion(nn.Module):
         layers = [outputs] + auxiliary
         device = outputs["pred_logits"].device
         num_attributes, attribute_dtype = self._attribute_layout(outputs)
-        if self._assigns_densely():
+        dense = self._assigns_densely()
+        if dense:
             padded = pad_set_targets(targets, device, num_attributes, attribute_dtype)
-            pairs = [pairs_from_assignment(assignment, padded, self.num_classes)
-                     for assignment in self.assign(layers, padded)]
+            assignments = self.assign(layers, padded)
             counts = self._padded_counts(padded, device)
         else:
             targets = self._targets_on(targets, device)
-            pairs = [pairs_from_matches(layer_matches, targets, self.num_classes, tuple(layer["pred_logits"].shape[:2]),
-                                        device, num_attributes, attribute_dtype)
-                     for layer, layer_matches in zip(layers, self.match(layers, targets))]
+            matches = self.match(layers, targets)
             counts = self._counts(targets, device)
 
-        losses: Dict[str, Tensor] = {}
-        for layer_index, (layer, layer_pairs) in enumerate(zip(layers, pairs)):
-            suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
+        # Layers of one shape are stacked along the batch, so that each loss runs once for all of them.
+        keys = ("pred_logits", "pred_boxes") + (("pred_attributes",) if num_attributes is not None else ())
+        same_shape = len({tuple(tuple(layer[key].shape) for key in keys if key in layer) for layer in layers}) == 1
+        groups = [list(range(len(layers)))] if same_shape else [[index] for index in range(len(layers))]
+        by_layer: List[Dict[str, Tensor]] = [{} for _ in layers]
+        for group in groups:
+            if len(group) == 1:
+                stacked = layers[group[0]]
+            else:
+                stacked = {key: torch.cat([layers[index][key] for index in group]) for key in keys if key in layers[0]}
+            if dense:
+                assignment = torch.cat([assignments[index] for index in group]) if len(group) > 1 else assignments[group[0]]
+                pairs = pairs_from_assignment(assignment, padded, self.num_classes, len(group))
+            else:
+                pairs = pairs_from_matches([match for index in group for match in matches[index]], targets,
+                                           self.num_classes, tuple(stacked["pred_logits"].shape[:2]), device,
+                                           num_attributes, attribute_dtype, len(group))
             for loss in self.losses:
                 # Logging-only values (class_error) are reported for the last layer only, as in DETR.
-                values = getattr(self, self._LOSS_FUNCTIONS[loss])(layer, layer_pairs, counts, log=layer_index == 0)
-                losses.update({name + suffix: value for name, value in values.items()})
+                values = getattr(self, self._LOSS_FUNCTIONS[loss])(stacked, pairs, counts, log=group[0] == 0)
+                for name, value in values.items():
+                    if value.dim() == 0:
+                        by_layer[0][name] = value
+                    else:
+                        for index, layer_value in zip(group, value.unbind(0)):
+                            by_layer[index][name] = layer_value
+        losses: Dict[str, Tensor] = {}
+        for index, layer_losses in enumerate(by_layer):
+            suffix = "" if index == 0 else f"_{index - 1}"
+            losses.update({name + suffix: value for name, value in layer_losses.items()})
         return losses
 
     def weighted_total(self, losses: Mapping[str, Tensor]) -> Tensor:

@@ -39,11 +39,13 @@ class PaddedTargets:
 
 @dataclass
 class MatchedPairs:
-    """``target_classes`` ``[B, Q]`` (no-object where unmatched); ``num_targets`` ``[B]``, each image's target
-    count (matched or not: an image may have more targets than predictions); ``select(t)`` takes a ``[B, Q, ...]`` output to
-    the pairs' rows ``[M, ...]``, in the order of ``target_boxes`` ``[M, 4]`` and ``target_attributes``
-    ``[M, A]`` (zero rows for objects without attributes; None when not asked for); ``valid`` ``[M]`` marks the
-    rows that are matched pairs (None: all are)."""
+    """The matched pairs of ``num_layers`` decoder layers stacked along the batch (``[L * B, Q, ...]`` outputs,
+    layer by layer). ``target_classes`` ``[L * B, Q]`` (no-object where unmatched); ``num_targets``
+    ``[L * B]``, each image's target count (matched or not: an image may have more targets than predictions);
+    ``select(t)`` takes a ``[L * B, Q, ...]`` output to the pairs' rows ``[M, ...]``, in the order of
+    ``target_boxes`` ``[M, 4]`` and ``target_attributes`` ``[M, A]`` (zero rows for objects without
+    attributes; None when not asked for); ``valid`` ``[M]`` marks the rows that are matched pairs (None: all
+    are); ``per_layer(x)`` sums a value per row ``[M]`` into one per layer ``[L]``."""
 
     target_classes: Tensor
     num_targets: Tensor
@@ -51,6 +53,8 @@ class MatchedPairs:
     target_boxes: Tensor
     target_attributes: Optional[Tensor]
     valid: Optional[Tensor]
+    num_layers: int
+    per_layer: Callable[[Tensor], Tensor]
 
 
 def _checked_attributes(target: Mapping[str, Tensor], num_attributes: int) -> Optional[Tensor]:
@@ -81,16 +85,28 @@ def pad_set_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.devic
     return PaddedTargets(labels, boxes, counts, sizes, attributes)
 
 
-def pairs_from_assignment(assignment: Tensor, padded: PaddedTargets, num_classes: int) -> MatchedPairs:
-    """The pairs of a ``[B, Q]`` assignment (target column or -1) on ``padded`` targets, every image at once."""
-    batch, queries = assignment.shape
+def _repeated(padded: PaddedTargets, times: int) -> PaddedTargets:
+    """``padded`` for ``times`` stacked layers: each layer's images face the same targets."""
+    if times == 1:
+        return padded
+    return PaddedTargets(padded.labels.repeat(times, 1), padded.boxes.repeat(times, 1, 1), padded.counts.repeat(times),
+                         padded.sizes * times,
+                         None if padded.attributes is None else padded.attributes.repeat(times, 1, 1))
+
+
+def pairs_from_assignment(assignment: Tensor, padded: PaddedTargets, num_classes: int,
+                          num_layers: int = 1) -> MatchedPairs:
+    """The pairs of a ``[L * B, Q]`` assignment (target column or -1; ``L = num_layers`` layers stacked) on
+    ``padded`` targets (``B`` images), every image of every layer at once."""
+    padded = _repeated(padded, num_layers)
+    rows, queries = assignment.shape
     matched = assignment >= 0
     valid = matched.reshape(-1)
     if padded.labels.shape[1] == 0:  # no image has a target: nothing to gather from
         target_classes = torch.full_like(assignment, num_classes)
-        target_boxes = padded.boxes.new_full((batch * queries, 4), FILLER_BOX)
+        target_boxes = padded.boxes.new_full((rows * queries, 4), FILLER_BOX)
         attributes = None if padded.attributes is None else padded.attributes.new_zeros(
-            (batch * queries, padded.attributes.shape[-1]))
+            (rows * queries, padded.attributes.shape[-1]))
     else:
         column = assignment.clamp(min=0)
         target_classes = torch.where(matched, padded.labels.gather(1, column), num_classes)
@@ -99,17 +115,21 @@ def pairs_from_assignment(assignment: Tensor, padded: PaddedTargets, num_classes
         attributes = None
         if padded.attributes is not None:
             gathered = padded.attributes.gather(1, column[..., None].expand(-1, -1, padded.attributes.shape[-1]))
-            attributes = torch.where(valid[:, None], gathered.reshape(batch * queries, -1), 0)
+            attributes = torch.where(valid[:, None], gathered.reshape(rows * queries, -1), 0)
     return MatchedPairs(target_classes, padded.counts,
-                        lambda output: output.reshape(batch * queries, *output.shape[2:]), target_boxes, attributes,
-                        valid)
+                        lambda output: output.reshape(rows * queries, *output.shape[2:]), target_boxes, attributes,
+                        valid, num_layers, lambda values: values.reshape(num_layers, values.shape[0] // num_layers).sum(1))
 
 
 def pairs_from_matches(matches: Sequence[Match], targets: Sequence[Mapping[str, Tensor]], num_classes: int,
                        queries_shape: Tuple[int, int], device: torch.device, num_attributes: Optional[int] = None,
-                       attribute_dtype: torch.dtype = torch.float32) -> MatchedPairs:
-    """The pairs of DETR's per-image matches, gathered image by image as DETR does. ``targets`` are on
-    ``device``; with ``num_attributes``, their attributes are gathered too, as ``attribute_dtype``."""
+                       attribute_dtype: torch.dtype = torch.float32, num_layers: int = 1) -> MatchedPairs:
+    """The pairs of DETR's per-image matches, gathered image by image as DETR does: ``matches`` holds
+    ``L * B`` images' (``L = num_layers`` layers stacked, ``queries_shape`` is ``(L * B, Q)``), ``targets``
+    the ``B`` images' targets, on ``device``. With ``num_attributes``, their attributes are gathered too, as
+    ``attribute_dtype``."""
+    batch = len(targets)
+    layer_targets = [targets[image % batch] for image in range(len(matches))] if batch else []
     if matches:
         image_index = torch.cat([torch.full_like(source, image) for image, (source, _) in enumerate(matches)])
         query_index = torch.cat([source for source, _ in matches])
@@ -119,7 +139,7 @@ def pairs_from_matches(matches: Sequence[Match], targets: Sequence[Mapping[str, 
     def gathered(field: Callable[[Mapping[str, Tensor]], Tensor], empty_shape) -> Tensor:
         """``field(target)`` at each image's matched target indices, concatenated."""
         values = []
-        for target, (_, index) in zip(targets, matches):
+        for target, (_, index) in zip(layer_targets, matches):
             value = field(target)
             values.append(value[index.to(value.device)])
         return torch.cat(values) if values else torch.zeros(empty_shape, device=device)
@@ -136,6 +156,9 @@ def pairs_from_matches(matches: Sequence[Match], targets: Sequence[Mapping[str, 
             return torch.zeros(len(target["labels"]), num_attributes, device=device) if given is None else given
 
         attributes = gathered(attributes_of, (0, num_attributes)).to(device, attribute_dtype)
-    num_targets = torch.as_tensor([len(target["labels"]) for target in targets], dtype=torch.int64, device=device)
+    num_targets = torch.as_tensor([len(target["labels"]) for target in layer_targets], dtype=torch.int64,
+                                  device=device)
+    layer_of_pair = torch.div(image_index, max(batch, 1), rounding_mode="floor")
     return MatchedPairs(target_classes, num_targets, lambda output: output[image_index, query_index], boxes,
-                        attributes, None)
+                        attributes, None, num_layers,
+                        lambda values: values.new_zeros(num_layers).index_add(0, layer_of_pair, values))
