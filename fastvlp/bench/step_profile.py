@@ -52,8 +52,9 @@ def summarize_kernels(kernels: Iterable[Tuple[str, float]], steps: int, top: int
     }
 
 
-# Host-side CUDA calls, by what they say about the step: the host waiting for the device (a synchronisation,
-# or a copy, which waits for the work queued before it), and kernel launches (torch's and Triton's).
+# Host-side CUDA calls, by what they say about the step: synchronisations (the host waits for the device),
+# copies (one to the host waits for the work queued before it; others are queued like kernels) and kernel
+# launches (torch's and Triton's).
 HOST_WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cuStreamSynchronize",
                    "cuCtxSynchronize")
 HOST_COPY_PREFIXES = ("cudaMemcpy", "cuMemcpy")
@@ -63,8 +64,8 @@ SCALAR_READ = "aten::_local_scalar_dense"  # .item(), bool(tensor), int(tensor):
 
 def summarize_host(calls: Iterable[Tuple[str, float]], steps: int, top: int = 10) -> Dict[str, object]:
     """``calls`` as (name, self host microseconds) pairs of the host-side events over ``steps`` profiled steps:
-    per step, the synchronisations and copies (count and ms: time the host spent waiting on the device or
-    copying), the kernel launches, the scalar reads (``.item()`` and the like) and the ``top`` host operations
+    per step, the synchronisations and copies (count, and ms of host time in those calls: waiting for the
+    device, or copying), the kernel launches, the scalar reads (``.item()`` and the like) and the ``top`` host operations
     by their own time (``aten::`` ops and the like, runtime calls excluded)."""
     if steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")

@@ -1,12 +1,14 @@
-"""One decoder layer's matched (prediction, target) pairs, in the form the set losses read, from either form of
-matches:
+"""The matched (prediction, target) pairs of one or more decoder layers, in the form the set losses read, from
+either form of matches:
 
 * DETR's per-image ``(prediction indices, target indices)`` lists, which any matcher returns: gathered image
-  by image, as DETR's ``SetCriterion`` does (a few operations per image);
+  by image, as DETR's ``SetCriterion`` does (a few operations per image and layer);
 * one dense ``[B, Q]`` assignment on padded targets, which the batched solver returns
   (:meth:`fastvlp.nn.HungarianMatcher.assign`): gathered for every image at once, in a fixed number of
   operations whatever the batch size. Its pairs are all ``B * Q`` predictions, with ``valid`` marking the
   matched ones; each unmatched one is paired with a valid box, so that it adds exactly nothing.
+
+Layers of one shape come stacked along the batch (``[L * B, Q, ...]``), so that each loss runs once for all.
 """
 from __future__ import annotations
 
