@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
+
 from fastvlp.ops.boxes import box_cxcywh_to_xyxy, check_box_order, generalized_box_iou
 from fastvlp.ops.ragged import pad_ragged, ragged_index
 
