@@ -189,3 +189,30 @@ def test_pad_ragged_equals_padding_image_by_image(sizes):
         torch.testing.assert_close(padded, pad_sequence(items, batch_first=True, padding_value=-7.0), rtol=0, atol=0)
     counter = collections.Counter(index[0].tolist())
     assert [counter[image] for image in range(len(sizes))] == sizes
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_matcher_returning_cpu_indices_works_with_cuda_outputs():
+    """DETR's own matcher returns its indices on the CPU; the per-image gathering moves them."""
+
+    class HostIndexMatcher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = HungarianMatcher(*COSTS, backend="scipy")
+
+        def forward(self, outputs, targets):
+            return [(rows.cpu(), cols.cpu()) for rows, cols in self.inner(outputs, targets)]
+
+    generator = torch.Generator().manual_seed(61)
+    targets = random_targets([2, 0, 4], generator)
+    outputs, _ = make_outputs(2, 3, 6, generator)
+    criterion = make_criterion("scipy", num_aux=1)
+    expected = criterion(outputs, targets)
+    criterion.matcher = HostIndexMatcher()
+    on_cuda = {key: value.detach().cuda() for key, value in outputs.items() if key != "aux_outputs"}
+    on_cuda["aux_outputs"] = [{key: value.detach().cuda() for key, value in layer.items()}
+                              for layer in outputs["aux_outputs"]]
+    losses = criterion.cuda()(on_cuda, targets)
+    for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_attr", "loss_ce_0", "loss_bbox_0"):
+        torch.testing.assert_close(losses[name].cpu(), expected[name].detach(), rtol=1e-9, atol=1e-12, msg=name)

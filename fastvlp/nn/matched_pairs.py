@@ -133,8 +133,9 @@ def pairs_from_matches(matches: Sequence[Match], targets: Sequence[Mapping[str, 
     batch = len(targets)
     layer_targets = [targets[image % batch] for image in range(len(matches))] if batch else []
     if matches:
-        image_index = torch.cat([torch.full_like(source, image) for image, (source, _) in enumerate(matches)])
-        query_index = torch.cat([source for source, _ in matches])
+        # On the outputs' device, whatever device the matcher returned them on (DETR's own returns CPU indices).
+        image_index = torch.cat([torch.full_like(source, image) for image, (source, _) in enumerate(matches)]).to(device)
+        query_index = torch.cat([source for source, _ in matches]).to(device)
     else:
         image_index = query_index = torch.zeros(0, dtype=torch.int64, device=device)
 
