@@ -66,7 +66,7 @@ def test_unmatched_predictions_pass_no_nan(dense):
     padded = pad_set_targets(targets, device, NUM_ATTRIBUTES, torch.float64)
     matches = criterion.matcher(outputs, targets)
     if dense:
-        pairs = pairs_from_assignment(criterion.assign([outputs], padded)[0], padded, NUM_CLASSES)
+        pairs = pairs_from_assignment(criterion.assign(outputs, padded), padded, NUM_CLASSES)
         counts = criterion._padded_counts(padded, device)
     else:
         pairs = pairs_from_matches(matches, targets, NUM_CLASSES, (2, 6), device, NUM_ATTRIBUTES, torch.float64)
@@ -93,7 +93,7 @@ def test_nan_in_a_matched_box_still_gives_a_nan_loss():
     outputs, _ = make_outputs(1, 2, 5, generator)
     criterion = _criteria(num_aux=0)[0]
     padded = pad_set_targets(targets, torch.device("cpu"))
-    pairs = pairs_from_assignment(criterion.assign([outputs], padded)[0], padded, NUM_CLASSES)
+    pairs = pairs_from_assignment(criterion.assign(outputs, padded), padded, NUM_CLASSES)
     rows, _ = criterion.matcher(outputs, targets)[1]
     boxes = outputs["pred_boxes"].detach().clone()
     boxes[1, rows[0]] = float("nan")

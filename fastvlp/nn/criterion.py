@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fastvlp.nn.matched_pairs import (Match, MatchedPairs, PaddedTargets, pad_set_targets, pairs_from_assignment,
-                                      pairs_from_matches)
+                                      pairs_from_matches, repeat_targets)
 from fastvlp.ops.boxes import box_cxcywh_to_xyxy, check_box_order, generalized_box_iou
 from fastvlp.ops.matching_cost import check_target_labels
 
@@ -176,16 +176,19 @@ class SetCriterion(nn.Module):
 
     # ------------------------------------------------------------------ matching
 
-    def match(self, layers: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]]) -> List[List[Match]]:
-        """Matches for each layer's outputs: ``[layer][image] -> (prediction indices, target indices)``."""
-        self.last_match_device = layers[0]["pred_logits"].device
-        same_queries = len({tuple(layer["pred_logits"].shape) for layer in layers}) == 1
-        if not (self.match_layers_together and same_queries and len(layers) > 1):
-            return [self.matcher({k: layer[k] for k in ("pred_logits", "pred_boxes")}, targets) for layer in layers]
-        stacked = {key: torch.cat([layer[key].detach() for layer in layers]) for key in ("pred_logits", "pred_boxes")}
-        matches = self.matcher(stacked, list(targets) * len(layers))
+    def match(self, stacked: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]],
+              num_layers: int = 1) -> List[Match]:
+        """DETR's per-image matches of ``num_layers`` layers' outputs stacked along the batch: ``L * B`` pairs of
+        (prediction indices, target indices), layer by layer. One matcher call for all layers, or one a layer
+        without ``match_layers_together``."""
+        self.last_match_device = stacked["pred_logits"].device
+        outputs = {key: stacked[key] for key in ("pred_logits", "pred_boxes")}
+        if self.match_layers_together or num_layers == 1:
+            return self.matcher(outputs, list(targets) * num_layers)
         batch = len(targets)
-        return [matches[index * batch : (index + 1) * batch] for index in range(len(layers))]
+        return [match for index in range(num_layers)
+                for match in self.matcher({key: value[index * batch : (index + 1) * batch]
+                                           for key, value in outputs.items()}, targets)]
 
     # ------------------------------------------------------------------ losses
     # Each loss reads the outputs of L decoder layers stacked along the batch ([L * B, Q, ...], the last layer
@@ -308,20 +311,18 @@ class SetCriterion(nn.Module):
         Any other matcher's per-image matches are gathered image by image, as DETR does."""
         return getattr(self.matcher, "backend", None) == "fastvlp" and callable(getattr(self.matcher, "assign", None))
 
-    def assign(self, layers: Sequence[Mapping[str, Tensor]], padded: PaddedTargets) -> List[Tensor]:
-        """Each layer's ``[B, Q]`` assignment on ``padded`` targets (see :meth:`_assigns_densely`), all layers in
-        one solver call when ``match_layers_together`` allows."""
-        self.last_match_device = layers[0]["pred_logits"].device
-        same_queries = len({tuple(layer["pred_logits"].shape) for layer in layers}) == 1
-        if not (self.match_layers_together and same_queries and len(layers) > 1):
-            return [self.matcher.assign(layer["pred_logits"], layer["pred_boxes"], padded.labels, padded.boxes,
-                                        padded.counts) for layer in layers]
-        repeats = len(layers)
-        stacked = {key: torch.cat([layer[key].detach() for layer in layers]) for key in ("pred_logits", "pred_boxes")}
-        assignment = self.matcher.assign(stacked["pred_logits"], stacked["pred_boxes"], padded.labels.repeat(repeats, 1),
-                                         padded.boxes.repeat(repeats, 1, 1), padded.counts.repeat(repeats))
-        batch = len(padded.sizes)
-        return [assignment[index * batch : (index + 1) * batch] for index in range(repeats)]
+    def assign(self, stacked: Mapping[str, Tensor], padded: PaddedTargets, num_layers: int = 1) -> Tensor:
+        """The ``[L * B, Q]`` assignment (see :meth:`_assigns_densely`) of ``num_layers`` layers' outputs stacked
+        along the batch, on ``padded`` targets of as many rows (:func:`~fastvlp.nn.matched_pairs.repeat_targets`).
+        One solver call for all layers, or one a layer without ``match_layers_together``."""
+        logits, boxes = stacked["pred_logits"], stacked["pred_boxes"]
+        self.last_match_device = logits.device
+        if self.match_layers_together or num_layers == 1:
+            return self.matcher.assign(logits, boxes, padded.labels, padded.boxes, padded.counts)
+        batch = logits.shape[0] // num_layers
+        rows = [slice(index * batch, (index + 1) * batch) for index in range(num_layers)]
+        return torch.cat([self.matcher.assign(logits[row], boxes[row], padded.labels[row], padded.boxes[row],
+                                              padded.counts[row]) for row in rows])
 
     def _padded_counts(self, padded: PaddedTargets, device) -> Tensor:
         """:meth:`_counts` from padded targets (padding rows carry no attributes)."""
@@ -357,14 +358,12 @@ class SetCriterion(nn.Module):
         dense = self._assigns_densely()
         if dense:
             padded = pad_set_targets(targets, device, num_attributes, attribute_dtype)
-            assignments = self.assign(layers, padded)
             counts = self._padded_counts(padded, device)
         else:
             targets = self._targets_on(targets, device)
-            matches = self.match(layers, targets)
             counts = self._counts(targets, device)
 
-        # Layers of one shape are stacked along the batch, so that each loss runs once for all of them.
+        # Layers of one shape are stacked along the batch, so that the matching and each loss run once for all.
         keys = ("pred_logits", "pred_boxes") + (("pred_attributes",) if num_attributes is not None else ())
         same_shape = len({tuple(tuple(layer[key].shape) for key in keys if key in layer) for layer in layers}) == 1
         groups = [list(range(len(layers)))] if same_shape else [[index] for index in range(len(layers))]
@@ -375,12 +374,13 @@ class SetCriterion(nn.Module):
             else:
                 stacked = {key: torch.cat([layers[index][key] for index in group]) for key in keys if key in layers[0]}
             if dense:
-                assignment = torch.cat([assignments[index] for index in group]) if len(group) > 1 else assignments[group[0]]
-                pairs = pairs_from_assignment(assignment, padded, self.num_classes, len(group))
+                repeated = repeat_targets(padded, len(group))
+                pairs = pairs_from_assignment(self.assign(stacked, repeated, len(group)), repeated, self.num_classes,
+                                              len(group))
             else:
-                pairs = pairs_from_matches([match for index in group for match in matches[index]], targets,
-                                           self.num_classes, tuple(stacked["pred_logits"].shape[:2]), device,
-                                           num_attributes, attribute_dtype, len(group))
+                pairs = pairs_from_matches(self.match(stacked, targets, len(group)), targets, self.num_classes,
+                                           tuple(stacked["pred_logits"].shape[:2]), device, num_attributes,
+                                           attribute_dtype, len(group))
             for loss in self.losses:
                 # Logging-only values (class_error) are reported for the last layer only, as in DETR.
                 values = getattr(self, self._LOSS_FUNCTIONS[loss])(stacked, pairs, counts, log=group[0] == 0)

@@ -87,8 +87,8 @@ def pad_set_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.devic
     return PaddedTargets(labels, boxes, counts, sizes, attributes)
 
 
-def _repeated(padded: PaddedTargets, times: int) -> PaddedTargets:
-    """``padded`` for ``times`` stacked layers: each layer's images face the same targets."""
+def repeat_targets(padded: PaddedTargets, times: int) -> PaddedTargets:
+    """``padded`` for ``times`` layers stacked along the batch: each layer's images face the same targets."""
     if times == 1:
         return padded
     return PaddedTargets(padded.labels.repeat(times, 1), padded.boxes.repeat(times, 1, 1), padded.counts.repeat(times),
@@ -99,8 +99,7 @@ def _repeated(padded: PaddedTargets, times: int) -> PaddedTargets:
 def pairs_from_assignment(assignment: Tensor, padded: PaddedTargets, num_classes: int,
                           num_layers: int = 1) -> MatchedPairs:
     """The pairs of a ``[L * B, Q]`` assignment (target column or -1; ``L = num_layers`` layers stacked) on
-    ``padded`` targets (``B`` images), every image of every layer at once."""
-    padded = _repeated(padded, num_layers)
+    ``padded`` targets of as many rows (:func:`repeat_targets`), every image of every layer at once."""
     rows, queries = assignment.shape
     matched = assignment >= 0
     valid = matched.reshape(-1)
