@@ -87,7 +87,7 @@ train_step() {  # the paper's 6-r50 model on 800x1333-class images: batch 32, or
   local batch
   for batch in 32 16 8 4; do
     if $PYTHON -m fastvlp.bench.train_step --preset e2e-vlp-6-r50 --image-size 800x1216 --batch-size $batch \
-         --amp --repeats 20 --profile-steps 3 --torchvision-backbone --out-dir "$RESULTS_ROOT" >"$LOG_DIR/train-step-b$batch.log" 2>&1; then
+         --amp --repeats 20 --profile-steps 3 --torchvision-backbone --cuda-graph --out-dir "$RESULTS_ROOT" >"$LOG_DIR/train-step-b$batch.log" 2>&1; then
       tail -n 40 "$LOG_DIR/train-step-b$batch.log"; return 0
     fi
     grep -q "OutOfMemoryError" "$LOG_DIR/train-step-b$batch.log" || { tail -n 40 "$LOG_DIR/train-step-b$batch.log"; return 1; }

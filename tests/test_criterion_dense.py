@@ -67,7 +67,7 @@ def test_unmatched_predictions_pass_no_nan(dense):
     matches = criterion.matcher(outputs, targets)
     if dense:
         pairs = pairs_from_assignment(criterion.assign(outputs, padded), padded, NUM_CLASSES)
-        counts = criterion._padded_counts(padded, device)
+        counts = criterion._padded_counts(padded)
     else:
         pairs = pairs_from_matches(matches, targets, NUM_CLASSES, (2, 6), device, NUM_ATTRIBUTES, torch.float64)
         counts = criterion._counts(targets, device)
@@ -97,7 +97,7 @@ def test_nan_in_a_matched_box_still_gives_a_nan_loss():
     rows, _ = criterion.matcher(outputs, targets)[1]
     boxes = outputs["pred_boxes"].detach().clone()
     boxes[1, rows[0]] = float("nan")
-    losses = criterion.loss_boxes(dict(outputs, pred_boxes=boxes), pairs, criterion._padded_counts(padded, "cpu"))
+    losses = criterion.loss_boxes(dict(outputs, pred_boxes=boxes), pairs, criterion._padded_counts(padded))
     assert torch.isnan(losses["loss_bbox"]) and torch.isnan(losses["loss_giou"])
 
 

@@ -38,14 +38,16 @@ import gc
 import os
 import threading
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastvlp.bench.captured_train_step import CUDA_GRAPH, static_batches, time_captured
 from fastvlp.bench.common import (
     MIN_CUDA_WARMUP_S, device_error, device_name, min_warmup_seconds, result_row, spin_up, summarize,
-    unsettled_rows_note, warm_up, write_results,
+    unavailable_row, unsettled_rows_note, warm_up, write_results,
 )
 from fastvlp.train.optim import build_optimizer
 
@@ -347,31 +349,50 @@ def as_torchvision_backbone(model):
 
 def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeats: int = 5, warmup: int = 2,
         device: str = "cpu", amp: bool = False, seed: int = 0, profile_steps: int = 0,
-        torchvision_backbone: bool = False) -> List[Dict[str, object]]:
+        torchvision_backbone: bool = False, cuda_graph: bool = False) -> List[Dict[str, object]]:
     """One row per contender, fastvlp's first, then torch/scipy, then with ``torchvision_backbone`` torch/scipy
-    again with :func:`as_torchvision_backbone`. Each records its first step's loss and, from the second
-    contender on, how far that is from the first contender's (same weights, same batch)."""
+    again with :func:`as_torchvision_backbone`, then with ``cuda_graph`` (CUDA only) fastvlp's step captured in
+    a CUDA graph (:mod:`fastvlp.bench.captured_train_step`). Each records its first step's loss and, from the
+    second contender on, how far that is from the first contender's (same weights, same batch)."""
     from fastvlp.models import E2EVLP, get_preset
 
     device = torch.device(device)
     torch.manual_seed(seed)
     config = get_preset(preset, attention_backend="fastvlp", matcher_backend="fastvlp")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: a CUDA graph needs a CUDA device, got {device}")
     fast = E2EVLP(config).to(device)
+    initial = copy.deepcopy(fast.state_dict())
     baseline = E2EVLP(config.replace(attention_backend="torch", matcher_backend="scipy")).to(device)
-    baseline.load_state_dict(copy.deepcopy(fast.state_dict()))
+    baseline.load_state_dict(initial)
     contenders = [("fastvlp", fast), ("torch-scipy", baseline)]
     if torchvision_backbone:
         plain = E2EVLP(config.replace(attention_backend="torch", matcher_backend="scipy")).to(device)
-        plain.load_state_dict(copy.deepcopy(fast.state_dict()))
+        plain.load_state_dict(initial)
         contenders.append((TORCHVISION_BACKBONE, as_torchvision_backbone(plain)))
+    if cuda_graph:
+        graphed = E2EVLP(config).to(device)
+        graphed.load_state_dict(initial)
+        contenders.append((CUDA_GRAPH, graphed))
     generator = torch.Generator().manual_seed(seed)
     batches = [synthetic_batch(config, batch_size, *image_size, generator, device) for _ in range(2)]
     rows = []
     shape = f"{preset} B{batch_size} {image_size[0]}x{image_size[1]}"
     spin_up(device)  # before the first contender, which would otherwise be timed while the GPU's clocks rise
     for contender, model in contenders:
-        measured = time_contender(model, batches, repeats, warmup, amp, device, profile_steps,
-                                  min_warmup_seconds(device))
+        if contender == CUDA_GRAPH:
+            try:
+                measured = time_captured(model, static_batches(model, batches), repeats, warmup, amp, device,
+                                         min_warmup_seconds(device))
+            except Exception as error:  # reported, never dropped; the eager rows stand
+                traceback.print_exc()
+                rows.append(unavailable_row("train-step", contender, shape, f"failed: {type(error).__name__}: {error}",
+                                            device=device.type, amp=amp, batch_size=batch_size, stages={}))
+                print(f"  {contender:<12} failed: {type(error).__name__}: {error}")
+                continue
+        else:
+            measured = time_contender(model, batches, repeats, warmup, amp, device, profile_steps,
+                                      min_warmup_seconds(device))
         row = result_row("train-step", contender, shape, measured.pop("raw_ms"), device=device.type, amp=amp,
                          batch_size=batch_size, **measured)
         row["images_per_s"] = batch_size / (row["median_ms"] / 1e3)
@@ -420,8 +441,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--torchvision-backbone", action="store_true",
                         help=f"add a {TORCHVISION_BACKBONE} row: torch/scipy with the ResNet in NCHW and "
                              "torchvision's FrozenBatchNorm2d (float32 outputs under autocast)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help=f"add a {CUDA_GRAPH} row: fastvlp's step captured once in a CUDA graph and replayed")
     parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     args = parser.parse_args(argv)
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        parser.error("--cuda-graph needs a CUDA device")
     if args.profile_steps < 0:
         parser.error("--profile-steps must be >= 0")
     try:
@@ -441,19 +466,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.repeats < 6:
         print(f"  ({args.repeats} repeats: too few for a drift figure, so unsettled rows cannot be told)")
     rows = run(args.preset, args.batch_size, (height, width), args.repeats, args.warmup, args.device, args.amp,
-               profile_steps=args.profile_steps, torchvision_backbone=args.torchvision_backbone)
+               profile_steps=args.profile_steps, torchvision_backbone=args.torchvision_backbone,
+               cuda_graph=args.cuda_graph)
     speedup = rows[1]["median_ms"] / rows[0]["median_ms"]
     print(f"fastvlp step vs torch/scipy step: {speedup:.2f}x" + unsettled_rows_note(rows[:2])
           + f"; first-step losses differ by {rows[1]['first_step_loss_diff_to_first_contender']:.3g}")
     if args.torchvision_backbone:
         print(f"torch/scipy step with fastvlp's backbone vs torchvision's: "
-              f"{rows[2]['median_ms'] / rows[1]['median_ms']:.2f}x" + unsettled_rows_note(rows[1:]))
+              f"{rows[2]['median_ms'] / rows[1]['median_ms']:.2f}x" + unsettled_rows_note(rows[1:3]))
+    if args.cuda_graph and rows[-1]["median_ms"] is not None:
+        print(f"fastvlp step captured in a CUDA graph vs torch/scipy step: "
+              f"{rows[1]['median_ms'] / rows[-1]['median_ms']:.2f}x"
+              + unsettled_rows_note([rows[1], rows[-1]]))
     path = write_results("train_step", rows, device_name(args.device), args.out_dir,
                          extra={"preset": args.preset, "image_size": f"{height}x{width}", "amp": args.amp,
                                 "repeats": args.repeats, "warmup": args.warmup,
                                 "min_warmup_s": min_warmup_seconds(torch.device(args.device)),
                                 "profile_steps": args.profile_steps,
-                                "torchvision_backbone": args.torchvision_backbone},
+                                "torchvision_backbone": args.torchvision_backbone, "cuda_graph": args.cuda_graph},
                          table_columns=("contender", "shape", "median_ms", "p10_ms", "p90_ms", "drift", "images_per_s",
                                         memory_column(args.device), "first_step_loss",
                                         "first_step_loss_diff_to_first_contender", "stages"))

@@ -16,6 +16,7 @@ from fastvlp.models.presets import (
     preset_parameter_counts,
 )
 from fastvlp.models.pretraining_batch import PretrainingBatch, make_pretraining_batch, mismatch_texts
+from fastvlp.models.static_batch import with_static_targets
 from fastvlp.models.text_embeddings import TextEmbeddings
 from fastvlp.models.transformer import TransformerDecoder, TransformerEncoder
 
@@ -47,6 +48,7 @@ __all__ = [
     "make_pretraining_batch",
     "mask_tokens",
     "mismatch_texts",
+    "with_static_targets",
     "preset_parameter_counts",
     "token_cross_entropy",
 ]

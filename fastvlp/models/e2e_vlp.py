@@ -24,6 +24,7 @@ from fastvlp.models.heads import DetectionHeads, ImageTextMatchingHead, TokenPre
 from fastvlp.models.masking import IGNORE_INDEX
 from fastvlp.models.outputs import DetectionOutput, EncoderOutput, PretrainingOutput
 from fastvlp.models.pretraining_batch import PretrainingBatch
+from fastvlp.models.static_batch import with_static_targets
 from fastvlp.models.text_embeddings import TextEmbeddings
 from fastvlp.models.transformer import TransformerDecoder, TransformerEncoder
 from fastvlp.nn.criterion import SetCriterion, build_weight_dict
@@ -267,13 +268,12 @@ class E2EVLP(nn.Module):
             output.itm_logits = self.itm_logits(encoded)
             losses["loss_itm"] = F.cross_entropy(output.itm_logits.float(), batch.itm_labels)
             weighted.append(config.itm_loss_weight * losses["loss_itm"])
-        if batch.targets is not None:
-            matched = [True] * batch.batch_size if batch.itm_labels is None else (batch.itm_labels == 1).tolist()
-            rows = [i for i, target in enumerate(batch.targets) if target is not None and matched[i]]
-            if rows:
-                output.detection_rows = torch.tensor(rows, dtype=torch.int64, device=encoded.memory.device)
+        if batch.targets is not None or batch.padded_targets is not None:
+            rows, targets = self._detection_rows(batch, encoded.memory.device)
+            if rows.numel():
+                output.detection_rows = rows
                 output.detection = self.detect(encoded.select(output.detection_rows))
-                detection_losses = self.criterion(output.detection.as_dict(), [batch.targets[i] for i in rows])
+                detection_losses = self.criterion(output.detection.as_dict(), targets)
                 losses["loss_det"] = self.criterion.weighted_total(detection_losses)
                 losses.update(detection_losses)
                 weighted.append(config.detection_loss_weight * losses["loss_det"])
@@ -290,6 +290,28 @@ class E2EVLP(nn.Module):
         if weighted:
             output.loss = torch.stack(weighted).sum()
         return output
+
+    def static_batch(self, batch: PretrainingBatch, max_targets: int) -> PretrainingBatch:
+        """``batch`` (on the host) with its detection rows chosen and their targets padded to ``max_targets``
+        objects (:func:`~fastvlp.models.static_batch.with_static_targets`): the form whose forward reads nothing
+        back from the device, for a captured training step."""
+        return with_static_targets(batch, max_targets, self.config.num_classes, self.config.num_attributes or None)
+
+    def _detection_rows(self, batch: PretrainingBatch, device: torch.device):
+        """The rows that go to detection (matched pairs with targets) on ``device``, and their targets: the
+        batch's padded ones where it carries them and the batched solver matches (nothing is read back from the
+        device), else DETR's per-image dicts."""
+        if batch.padded_targets is not None and self.criterion._assigns_densely():
+            return batch.detection_rows.to(device), batch.padded_targets
+        if batch.detection_rows is not None and batch.targets is not None:
+            rows = batch.detection_rows.tolist()
+        else:
+            if batch.targets is None:
+                raise ValueError("batch: padded_targets need the batched solver (matcher_backend='fastvlp'); "
+                                 "give targets too for any other matcher")
+            matched = [True] * batch.batch_size if batch.itm_labels is None else (batch.itm_labels == 1).tolist()
+            rows = [i for i, target in enumerate(batch.targets) if target is not None and matched[i]]
+        return torch.tensor(rows, dtype=torch.int64, device=device), [batch.targets[i] for i in rows]
 
     # ------------------------------------------------------------------ introspection and optimisation
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastvlp.models.masking import IGNORE_INDEX, mask_tokens
+from fastvlp.nn.matched_pairs import PaddedTargets
 
 Target = Optional[Dict[str, Tensor]]
 
@@ -28,6 +29,10 @@ class PretrainingBatch:
     ``targets``: one dict per image (``labels`` ``[N]``, ``boxes`` ``[N, 4]`` normalised cxcywh,
     optionally ``attributes`` ``[N, A]`` multi-hot), or None for an image without detection annotations.
     Detection runs on the rows whose pair is matched and whose target is not None.
+    ``detection_rows`` ``[M]`` int64 and ``padded_targets`` (those rows' targets padded to a fixed length, a
+    :class:`~fastvlp.nn.matched_pairs.PaddedTargets`) are that choice made beforehand on the host
+    (:func:`~fastvlp.models.static_batch.with_static_targets`), so that the forward reads nothing back from the
+    device and a batch of fixed shapes can be replayed in a CUDA graph; give both or neither.
     """
 
     images: Tensor
@@ -40,6 +45,8 @@ class PretrainingBatch:
     caption_ids: Optional[Tensor] = None
     caption_attention_mask: Optional[Tensor] = None
     targets: Optional[List[Target]] = None
+    detection_rows: Optional[Tensor] = None
+    padded_targets: Optional[PaddedTargets] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +86,14 @@ class PretrainingBatch:
             for index, target in enumerate(self.targets):
                 if target is not None and (not isinstance(target, Mapping) or "labels" not in target or "boxes" not in target):
                     raise ValueError(f"targets[{index}]: expected None or a dict with 'labels' and 'boxes'")
+        if (self.detection_rows is None) != (self.padded_targets is None):
+            raise ValueError("detection_rows and padded_targets: give both or neither")
+        if self.detection_rows is not None:
+            rows = self.detection_rows
+            if not isinstance(rows, Tensor) or rows.dim() != 1 or rows.dtype != torch.int64:
+                raise ValueError(f"detection_rows: expected an int64 tensor [M], got {getattr(rows, 'shape', type(rows))}")
+            if not isinstance(self.padded_targets, PaddedTargets) or self.padded_targets.labels.shape[0] != rows.shape[0]:
+                raise ValueError(f"padded_targets: expected a PaddedTargets of {rows.shape[0]} rows like detection_rows")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PretrainingBatch":
@@ -92,7 +107,7 @@ class PretrainingBatch:
         """A copy with every tensor (targets included) on ``device``."""
 
         def move(value):
-            if isinstance(value, Tensor):
+            if isinstance(value, (Tensor, PaddedTargets)):
                 return value.to(device, non_blocking=non_blocking)
             if isinstance(value, Mapping):
                 return {key: move(item) for key, item in value.items()}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,37 @@ def _check_outputs(outputs: Mapping[str, Tensor], name: str) -> None:
         raise ValueError(
             f"{name}: expected pred_logits [B, Q, C] and pred_boxes [B, Q, 4], got {list(logits.shape)} and {list(boxes.shape)}"
         )
+
+
+def _check_padded_targets(padded: PaddedTargets, batch: int, dense: bool) -> None:
+    """Raise naming what is wrong with padded targets handed to the criterion (their values are not read: on CUDA
+    that would be a host sync)."""
+    if not dense:
+        raise ValueError("targets: padded targets need the batched solver (HungarianMatcher(backend='fastvlp')); "
+                         "give DETR's per-image dicts to any other matcher")
+    length = padded.labels.shape[1] if padded.labels.dim() == 2 else -1
+    if padded.labels.shape != (batch, length) or padded.labels.dtype != torch.int64:
+        raise ValueError(f"targets.labels: expected int64 [{batch}, T], got {padded.labels.dtype} {list(padded.labels.shape)}")
+    if padded.boxes.shape != (batch, length, 4):
+        raise ValueError(f"targets.boxes: expected [{batch}, {length}, 4], got {list(padded.boxes.shape)}")
+    if padded.counts.shape != (batch,) or padded.counts.dtype != torch.int64:
+        raise ValueError(f"targets.counts: expected int64 [{batch}], got {padded.counts.dtype} {list(padded.counts.shape)}")
+    if padded.attributes is not None and padded.attributes.shape[:2] != (batch, length):
+        raise ValueError(f"targets.attributes: expected [{batch}, {length}, A], got {list(padded.attributes.shape)}")
+
+
+def _padded_for_losses(padded: PaddedTargets, device: torch.device, num_attributes: Optional[int],
+                       attribute_dtype: torch.dtype) -> PaddedTargets:
+    """``padded`` on ``device`` with its attributes as the attribute loss reads them (zeros where it has none)."""
+    padded = padded.to(device)
+    if num_attributes is None:
+        return PaddedTargets(padded.labels, padded.boxes, padded.counts, padded.sizes)
+    attributes = padded.attributes
+    if attributes is None:
+        attributes = padded.boxes.new_zeros((*padded.labels.shape, num_attributes), dtype=attribute_dtype)
+    elif attributes.shape[-1] != num_attributes:
+        raise ValueError(f"targets.attributes: expected {num_attributes} attributes, got {attributes.shape[-1]}")
+    return PaddedTargets(padded.labels, padded.boxes, padded.counts, padded.sizes, attributes.to(attribute_dtype))
 
 
 class SetCriterion(nn.Module):
@@ -324,12 +355,13 @@ class SetCriterion(nn.Module):
         return torch.cat([self.matcher.assign(logits[row], boxes[row], padded.labels[row], padded.boxes[row],
                                               padded.counts[row]) for row in rows])
 
-    def _padded_counts(self, padded: PaddedTargets, device) -> Tensor:
-        """:meth:`_counts` from padded targets (padding rows carry no attributes)."""
-        counts = torch.tensor([float(sum(padded.sizes)), 0.0], device=device)
-        if padded.attributes is not None:
-            counts[1] = padded.attributes.ne(0).any(-1).sum().to(counts.dtype)
-        return _world_average(counts).clamp(min=1)
+    def _padded_counts(self, padded: PaddedTargets) -> Tensor:
+        """:meth:`_counts` from padded targets (padding rows carry no attributes), computed on the device from
+        the device's counts: nothing is copied from the host, so a CUDA graph can replay it."""
+        num_boxes = padded.counts.sum().to(torch.float32)
+        with_attributes = (padded.attributes.ne(0).any(-1).sum().to(torch.float32) if padded.attributes is not None
+                           else torch.zeros_like(num_boxes))
+        return _world_average(torch.stack((num_boxes, with_attributes))).clamp(min=1)
 
     def _attribute_layout(self, outputs: Mapping[str, Tensor]) -> Tuple[Optional[int], torch.dtype]:
         """(number of attributes, dtype the attribute loss computes in), or (None, float32) without that loss."""
@@ -340,15 +372,21 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_attributes"]
         return logits.shape[-1], torch.float64 if logits.dtype == torch.float64 else torch.float32
 
-    def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
+    def forward(self, outputs: Mapping, targets: Union[Sequence[Mapping[str, Tensor]], PaddedTargets]) -> Dict[str, Tensor]:
+        """The losses of ``outputs`` (and their ``aux_outputs``) against ``targets``: DETR's per-image dicts, or,
+        with the batched solver, targets already padded (:class:`PaddedTargets`, e.g. to a fixed length by
+        :func:`fastvlp.models.with_static_targets`; their labels are trusted to lie in ``[0, num_classes)``)."""
         _check_outputs(outputs, "outputs")
-        if isinstance(targets, Mapping) or len(targets) != outputs["pred_logits"].shape[0]:
+        if isinstance(targets, PaddedTargets):
+            _check_padded_targets(targets, outputs["pred_logits"].shape[0], self._assigns_densely())
+        elif isinstance(targets, Mapping) or len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"targets: expected a list of {outputs['pred_logits'].shape[0]} dicts (one per image)")
-        for image, target in enumerate(targets):
-            if not isinstance(target, Mapping) or "labels" not in target or "boxes" not in target:
-                raise ValueError(f"targets[{image}]: expected a dict with 'labels' and 'boxes'")
-        check_target_labels([target["labels"] for target in targets], self.num_classes,
-                            f" (num_classes={self.num_classes}; {self.num_classes} is the no-object class)")
+        else:
+            for image, target in enumerate(targets):
+                if not isinstance(target, Mapping) or "labels" not in target or "boxes" not in target:
+                    raise ValueError(f"targets[{image}]: expected a dict with 'labels' and 'boxes'")
+            check_target_labels([target["labels"] for target in targets], self.num_classes,
+                                f" (num_classes={self.num_classes}; {self.num_classes} is the no-object class)")
         auxiliary = list(outputs.get("aux_outputs", ()))
         for index, aux in enumerate(auxiliary):
             _check_outputs(aux, f"outputs['aux_outputs'][{index}]")
@@ -356,9 +394,12 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         num_attributes, attribute_dtype = self._attribute_layout(outputs)
         dense = self._assigns_densely()
-        if dense:
+        if isinstance(targets, PaddedTargets):
+            padded = _padded_for_losses(targets, device, num_attributes, attribute_dtype)
+            counts = self._padded_counts(padded)
+        elif dense:
             padded = pad_set_targets(targets, device, num_attributes, attribute_dtype)
-            counts = self._padded_counts(padded, device)
+            counts = self._padded_counts(padded)
         else:
             targets = self._targets_on(targets, device)
             counts = self._counts(targets, device)

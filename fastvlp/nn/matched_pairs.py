@@ -13,7 +13,7 @@ Layers of one shape come stacked along the batch (``[L * B, Q, ...]``), so that 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -28,15 +28,29 @@ FILLER_BOX = 0.5
 
 @dataclass
 class PaddedTargets:
-    """A batch's targets padded to its largest object count ``T``: ``labels`` ``[B, T]`` int64, ``boxes``
-    ``[B, T, 4]``, ``counts`` ``[B]`` (on the device), ``sizes`` (the same counts, on the host) and
-    ``attributes`` ``[B, T, A]`` (0 for images without attribute annotations), or None when not asked for."""
+    """A batch's targets padded to its largest object count, or to a fixed one, ``T``: ``labels`` ``[B, T]``
+    int64, ``boxes`` ``[B, T, 4]``, ``counts`` ``[B]`` int64 (on the device), ``attributes`` ``[B, T, A]`` (0 for
+    images without attribute annotations, None when not asked for) and ``sizes`` (the counts on the host, where
+    known). Nothing in the losses reads ``sizes``: padded targets carried by a batch of fixed shapes can be
+    replayed in a CUDA graph."""
 
     labels: Tensor
     boxes: Tensor
     counts: Tensor
-    sizes: List[int]
+    sizes: Optional[List[int]] = None
     attributes: Optional[Tensor] = None
+
+    def to(self, device, non_blocking: bool = False) -> "PaddedTargets":
+        """A copy with every tensor on ``device``."""
+        moved = {name: value.to(device, non_blocking=non_blocking) for name, value in self.tensors().items()}
+        return PaddedTargets(sizes=self.sizes, **moved)
+
+    def tensors(self) -> Dict[str, Tensor]:
+        """The tensors by field name (``attributes`` only where present)."""
+        named = {"labels": self.labels, "boxes": self.boxes, "counts": self.counts}
+        if self.attributes is not None:
+            named["attributes"] = self.attributes
+        return named
 
 
 @dataclass
@@ -67,11 +81,12 @@ def _checked_attributes(target: Mapping[str, Tensor], num_attributes: int) -> Op
 
 
 def pad_set_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.device,
-                    num_attributes: Optional[int] = None, attribute_dtype: torch.dtype = torch.float32) -> PaddedTargets:
-    """``targets`` (DETR's per-image dicts) padded on ``device``; with ``num_attributes``, their attributes too,
-    as ``attribute_dtype``."""
+                    num_attributes: Optional[int] = None, attribute_dtype: torch.dtype = torch.float32,
+                    length: Optional[int] = None) -> PaddedTargets:
+    """``targets`` (DETR's per-image dicts) padded on ``device`` to their largest object count, or to ``length``;
+    with ``num_attributes``, their attributes too, as ``attribute_dtype``."""
     labels, boxes, counts = pad_targets([target["labels"] for target in targets],
-                                        [target["boxes"] for target in targets], device)
+                                        [target["boxes"] for target in targets], device, length)
     sizes = [len(target["labels"]) for target in targets]
     attributes = None
     if num_attributes is not None:
@@ -92,7 +107,7 @@ def repeat_targets(padded: PaddedTargets, times: int) -> PaddedTargets:
     if times == 1:
         return padded
     return PaddedTargets(padded.labels.repeat(times, 1), padded.boxes.repeat(times, 1, 1), padded.counts.repeat(times),
-                         padded.sizes * times,
+                         None if padded.sizes is None else padded.sizes * times,
                          None if padded.attributes is None else padded.attributes.repeat(times, 1, 1))
 
 

@@ -1,7 +1,7 @@
 """DETR's matching cost, built for a whole batch at once on padded targets."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -41,10 +41,12 @@ def check_target_labels(labels: Sequence[torch.Tensor], num_classes: int, bound:
 
 
 def pad_targets(
-    labels: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], device: torch.device
+    labels: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], device: torch.device,
+    length: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack ragged per-image targets into ``[B, T]`` labels and ``[B, T, 4]`` cxcywh boxes,
-    padded to the largest ``T`` in the batch (not the sum), and the ``[B]`` target counts.
+    padded to the largest ``T`` in the batch (not the sum), or to ``length`` when given (a fixed
+    shape from batch to batch), and the ``[B]`` target counts.
 
     Padding boxes are ``(0.5, 0.5, 0.5, 0.5)``, a valid box, so that no NaN is computed
     even outside the extent the solver reads. Raises ``ValueError`` naming the image when
@@ -70,15 +72,18 @@ def pad_targets(
                 f"boxes[{index}]: expected {len(item_labels)} boxes like labels[{index}] (shape [T, 4]), got {got}"
             )
     sizes = [len(item) for item in labels]
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < max(sizes, default=0)):
+        raise ValueError(f"length: expected an int of at least the largest target count ({max(sizes, default=0)}), "
+                         f"got {length!r}")
     counts = torch.tensor(sizes, dtype=torch.int64)
     if len(labels) == 0:
-        return (torch.zeros((0, 0), dtype=torch.int64, device=device),
-                torch.zeros((0, 0, 4), device=device), counts.to(device))
+        return (torch.zeros((0, length or 0), dtype=torch.int64, device=device),
+                torch.full((0, length or 0, 4), 0.5, device=device), counts.to(device))
     # One concatenation and one indexed write per field, not a copy per image.
     index = ragged_index(sizes, device)
     flat_labels = torch.cat([item.to(device) for item in labels]).to(torch.int64)
     flat_boxes = torch.cat([item.to(device) if item.dim() == 2 else item.to(device).reshape(-1, 4) for item in boxes])
-    length = max(sizes)
+    length = max(sizes) if length is None else length
     return (pad_ragged(flat_labels, index, len(sizes), length, 0),
             pad_ragged(flat_boxes, index, len(sizes), length, 0.5), counts.to(device))
 
