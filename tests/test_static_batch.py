@@ -5,6 +5,7 @@ import torch
 
 from fastvlp.bench.train_step import synthetic_batch
 from fastvlp.models import E2EVLP, get_preset, with_static_targets
+from fastvlp.models.static_batch import pad_batch
 from fastvlp.nn.matched_pairs import PaddedTargets, pad_set_targets
 from fastvlp.ops.matching_cost import pad_targets
 from fastvlp.train.host_reads import HostReadRecorder
@@ -112,3 +113,27 @@ def test_padded_targets_move_and_pad_to_a_fixed_length():
     assert isinstance(moved, PaddedTargets) and moved.sizes == [2, 0, 1]
     assert set(moved.tensors()) == {"labels", "boxes", "counts", "attributes"}
     assert moved.attributes.shape == (3, 4, 3) and not moved.attributes.any()
+
+
+def test_padding_to_fixed_shapes_keeps_the_losses():
+    """Texts padded to a fixed length give the same losses (the masks keep the padding out); images padded to a
+    larger canvas are masked where padded."""
+    torch.manual_seed(0)
+    config = get_preset("tiny", attention_backend="fastvlp", matcher_backend="fastvlp", frozen_batch_norm=True)
+    model = E2EVLP(config).double().train()
+    batch = synthetic_batch(config, 4, 64, 96, torch.Generator().manual_seed(5), "cpu")
+    batch.images = batch.images.double()
+    short = 24  # texts and captions cut short, so that padding them to max_text_len adds positions
+    batch = type(batch)(**{**vars(batch), **{name: getattr(batch, name)[:, :short] for name in (
+        "input_ids", "text_attention_mask", "mlm_labels", "caption_ids", "caption_attention_mask")}})
+    padded = pad_batch(batch, (96, 128), config.max_text_len, config.pad_token_id)
+    assert padded.images.shape == (4, 3, 96, 128) and padded.pixel_mask[:, 64:].all() and padded.pixel_mask[:, :, 96:].all()
+    assert padded.input_ids.shape[1] == padded.caption_ids.shape[1] == config.max_text_len
+    assert not padded.text_attention_mask[:, short:].any() and (padded.input_ids[:, short:] == config.pad_token_id).all()
+    assert (padded.mlm_labels[:, batch.input_ids.shape[1]:] == -100).all()
+    eager = model(model.static_batch(batch, 20))
+    fixed = model(model.static_batch(pad_batch(batch, (64, 96), config.max_text_len, config.pad_token_id), 20))
+    for name, value in eager.losses.items():
+        torch.testing.assert_close(fixed.losses[name], value, rtol=1e-9, atol=1e-9, msg=name)
+    assert pad_batch(batch, (32, 128), config.max_text_len, config.pad_token_id) is None
+    assert pad_batch(batch, (96, 128), short - 1, config.pad_token_id) is None

@@ -222,6 +222,11 @@ def _config(config: ScaleConfig | str, name: str = "config") -> ScaleConfig:
     raise ValueError(f"{name}: expected a ScaleConfig or one of {sorted(SCALE_PRESETS)}, got {config!r}")
 
 
+def scale_config(scale: ScaleConfig | str) -> ScaleConfig:
+    """The ScaleConfig of `scale` (a ScaleConfig or a preset name)."""
+    return _config(scale, "scale")
+
+
 def check_scale(scale: ScaleConfig | str, name: str = "scale") -> None:
     """Raise ValueError naming `name` unless `scale` is a ScaleConfig or the name of one."""
     _config(scale, name)

@@ -48,7 +48,7 @@ def _check_capturable(model, optimizer, example: PretrainingBatch) -> torch.devi
     if example.targets is not None and example.padded_targets is None:
         raise ValueError("example: its targets are not padded to a fixed length; pass model.static_batch(batch, "
                          "max_targets)")
-    for index, group in enumerate(optimizer.param_groups):
+    for index, group in enumerate(optimizer.param_groups if optimizer is not None else ()):
         if "capturable" not in group:
             raise ValueError(f"optimizer: param group {index} has no 'capturable' setting "
                              f"({type(optimizer).__name__} cannot step inside a CUDA graph)")
@@ -58,7 +58,13 @@ def _check_capturable(model, optimizer, example: PretrainingBatch) -> torch.devi
 class CapturedTrainingStep:
     """``model``'s pre-training step (forward, backward, gradient clipping at ``clip_max_norm``, ``optimizer``'s
     step; bf16 autocast with ``amp``) captured on ``example``'s shapes. ``step(batch)`` copies ``batch`` into
-    the graph's inputs, replays it and returns the step's output, whose tensors the next replay overwrites.
+    the graph's inputs, replays it and returns the step's output, whose tensors the next replay overwrites;
+    ``grad_norm`` holds the gradients' norm before clipping (with ``clip_max_norm``).
+
+    With ``optimizer=None`` the graph ends after the clipping and leaves the gradients in the parameters'
+    ``.grad`` (written, not accumulated: replays overwrite them), for a caller that steps the optimizer itself,
+    e.g. after checking the loss. It must not set them to None (``zero_grad(set_to_none=False)`` is fine): the
+    graph writes to those tensors.
 
     Capturing runs ``warmup_steps`` eager steps first (kernel compilation, autotuning, the optimizer's state),
     then puts the weights, the optimizer's state and the random number generators back as they were: the first
@@ -66,7 +72,7 @@ class CapturedTrainingStep:
     capturing: a non-finite matching cost gives placeholder matches and a NaN loss, which the caller sees.
     """
 
-    def __init__(self, model, optimizer: torch.optim.Optimizer, example: PretrainingBatch, *, amp: bool = False,
+    def __init__(self, model, optimizer: Optional[torch.optim.Optimizer], example: PretrainingBatch, *, amp: bool = False,
                  clip_max_norm: Optional[float] = None, warmup_steps: int = 3):
         self.device = _check_capturable(model, optimizer, example)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
@@ -81,15 +87,16 @@ class CapturedTrainingStep:
             self.static.padded_targets = dataclasses.replace(
                 padded, **{name: value.clone() for name, value in padded.tensors().items()})
         self.inputs = batch_tensors(self.static)
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups if optimizer is not None else ():
             group["capturable"] = True
         matcher = model.criterion.matcher
         check_finite, matcher.check_finite = matcher.check_finite, False
         try:
             self._warm_up(warmup_steps)
             self.graph = torch.cuda.CUDAGraph()
-            optimizer.zero_grad(set_to_none=True)  # the graph's backward writes the gradients, not accumulates
-            with torch.cuda.graph(self.graph):
+            model.zero_grad(set_to_none=True)  # the graph's backward writes the gradients, not accumulates
+            # Thread-local: a DataLoader's pin-memory thread may allocate pinned memory while this thread captures.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output, self.grad_norm = self._eager_step(self.static)
         finally:
             matcher.check_finite = check_finite
@@ -102,27 +109,29 @@ class CapturedTrainingStep:
         norm = None
         if self.clip_max_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
         return output, norm
 
     def _warm_up(self, steps: int) -> None:
         """Run ``steps`` eager steps on a side stream, as capture requires, and undo what they changed."""
         model, optimizer = self.model, self.optimizer
         weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        states = optimizer.state if optimizer is not None else {}
         known = {id(p): {key: value.clone() if isinstance(value, Tensor) else value for key, value in state.items()}
-                 for p, state in optimizer.state.items()}
+                 for p, state in states.items()}
         rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
                 self._eager_step(self.static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         with torch.no_grad():
             for name, value in model.state_dict().items():
                 value.copy_(weights[name])
-            for p, state in optimizer.state.items():
+            for p, state in states.items():
                 before = known.get(id(p))
                 for key, value in state.items():
                     if not isinstance(value, Tensor):
@@ -151,6 +160,12 @@ class CapturedTrainingStep:
             static.copy_(given[name], non_blocking=True)
         self.graph.replay()
         return self.output
+
+    def accepts(self, batch: PretrainingBatch) -> bool:
+        """Whether ``batch`` has every tensor the graph reads, each with the captured shape and dtype."""
+        given = batch_tensors(batch)
+        return all(name in given and given[name].shape == static.shape and given[name].dtype == static.dtype
+                   for name, static in self.inputs.items())
 
     @property
     def input_names(self) -> List[str]:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastvlp.train import checkpoint as ckpt
 from fastvlp.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, resolve_device
+from fastvlp.train.graph_steps import GraphSteps, cuda_graph_problem
 from fastvlp.train.metrics_log import MetricsLog
 from fastvlp.train.optim import BACKBONE_GROUPS, TRANSFORMER_GROUPS, group_learning_rate
 from fastvlp.train.sampler import ResumableBatchSampler
@@ -59,7 +60,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class LoopOptions:
     """The loop's own settings (the command-line options every training command shares). ``warmup_steps``
-    is the schedule's warm-up, recorded so that a resume with another one is refused (None: not checked)."""
+    is the schedule's warm-up, recorded so that a resume with another one is refused (None: not checked).
+    ``cuda_graph`` replays each step's forward and backward from a CUDA graph (:mod:`fastvlp.train.graph_steps`)."""
 
     max_steps: int
     stop_after: Optional[int] = None
@@ -74,6 +76,7 @@ class LoopOptions:
     max_consecutive_nonfinite: int = 5
     progress: bool = True
     description: str = "train"
+    cuda_graph: bool = False
 
 
 # How many images whose detection targets leave objects out RUN/train.log names (all are counted).
@@ -90,7 +93,9 @@ class TrainingJob:
     those lists under ``"skipped"``, and may list under ``"dropped_objects"`` the ``(index, unlabelled,
     outside_image, path)`` of records whose target left objects out (counted once per record, logged); ``build_batch(collated, generator)`` returns something with
     ``.to(device)``. ``save_files(directory)`` writes the task's own files (tokenizer, label spaces,
-    ``task.json``) into each checkpoint. ``corpus`` maps keys of :data:`CORPUS_SETTINGS` to what the
+    ``task.json``) into each checkpoint. ``fixed_shapes(batch)``, where the task has it, gives the built batch
+    in shapes fixed from batch to batch (or None for a batch that does not fit them): what ``cuda_graph`` steps
+    replay. ``corpus`` maps keys of :data:`CORPUS_SETTINGS` to what the
     dataset was read from (its resolved data folder, the SHA-256 of its exclusion file or None, its size):
     recorded in ``trainer_state.json`` and compared on resume.
     """
@@ -104,6 +109,7 @@ class TrainingJob:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     save_files: Callable[[Path], None]
     clip_max_norm: float = 0.1
+    fixed_shapes: Optional[Callable[[Any], Optional[Any]]] = None
     skipped_while_indexing: int = 0
     run_info: Dict[str, Any] = field(default_factory=dict)
     corpus: Dict[str, Any] = field(default_factory=dict)
@@ -337,6 +343,7 @@ def run_training(
     trainer: Dict[str, Any] = {
         "step": 0, "nonfinite_skipped": 0, "consecutive_nonfinite": 0, "unreadable_indices": [], "samples_seen": 0,
         "dropped_objects": {},  # record index (a str, as JSON keys are) -> objects its targets leave out
+        "cuda_graph_fallbacks": 0,  # --cuda-graph steps whose batch did not fit the graph's shapes
     }
     unknown = sorted(set(job.corpus) - {key for key, _ in CORPUS_SETTINGS})
     if unknown:
@@ -364,6 +371,15 @@ def run_training(
             logger.info("dropped %d metrics lines logged after the checkpoint at step %d or torn", dropped, step)
         (run_dir / RUN_INFO).write_text(json.dumps(job.run_info, indent=1, default=str), encoding="utf-8")
 
+    graph = None
+    if options.cuda_graph:
+        problem = cuda_graph_problem(context.device, options.grad_accum, context.world_size,
+                                     getattr(getattr(getattr(model, "criterion", None), "matcher", None), "backend", None),
+                                     job.fixed_shapes is not None)
+        if problem:
+            raise ValueError(problem)
+        graph = GraphSteps(model, job.fixed_shapes, job.clip_max_norm if job.clip_max_norm > 0 else float("inf"),
+                           amp=True)
     wrapped: torch.nn.Module = model
     if context.is_distributed:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
@@ -434,18 +450,25 @@ def run_training(
                     if str(entry[0]) not in trainer["dropped_objects"]:
                         new_dropped.append(tuple(entry))
                 batch = job.build_batch(collated, step_generator(options.seed, context.rank, step, micro))
-                batch = batch.to(context.device)
-                sync = micro == options.grad_accum - 1 or not context.is_distributed
-                with (contextlib.nullcontext() if sync else wrapped.no_sync()):
-                    with autocast:
-                        output = wrapped(batch)
-                    (output.loss / options.grad_accum).backward()
+                replayed = graph.run(batch) if graph is not None else None
+                if replayed is not None:  # forward, backward and clipping, from the graph
+                    output, graph_norm = replayed
+                else:
+                    if graph is not None:  # the graph's gradient tensors stay; an eager step accumulates into them
+                        optimizer.zero_grad(set_to_none=False)
+                        trainer["cuda_graph_fallbacks"] += 1
+                    batch = batch.to(context.device)
+                    sync = micro == options.grad_accum - 1 or not context.is_distributed
+                    with (contextlib.nullcontext() if sync else wrapped.no_sync()):
+                        with autocast:
+                            output = wrapped(batch)
+                        (output.loss / options.grad_accum).backward()
                 for position, key in enumerate(loss_keys):
                     value = output.loss if key == "loss" else output.losses.get(key)
                     if value is not None:
                         sums[2 * position] += float(value.detach())
                         sums[2 * position + 1] += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
+            grad_norm = graph_norm if replayed is not None else torch.nn.utils.clip_grad_norm_(parameters, clip)
             sums[-3] = float(grad_norm)
             sums[-2] = len(new_unreadable)
             sums[-1] = len(new_dropped)
@@ -480,7 +503,7 @@ def run_training(
             lr = group_learning_rate(optimizer, TRANSFORMER_GROUPS)
             lr_backbone = group_learning_rate(optimizer, BACKBONE_GROUPS)
             if not finite:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graph is None)
                 trainer["nonfinite_skipped"] += 1
                 trainer["consecutive_nonfinite"] += 1
                 logger.warning("non-finite loss or gradient (loss %s, grad norm %s) at step %d: update skipped "
@@ -494,7 +517,7 @@ def run_training(
                 continue
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graph is None)
             step += 1
             trainer["step"] = step
             trainer["consecutive_nonfinite"] = 0
@@ -511,6 +534,8 @@ def run_training(
                     "nonfinite_skipped": trainer["nonfinite_skipped"], "epoch": sampler.epoch,
                     "samples_seen": trainer["samples_seen"], "step_time_s": round(elapsed, 4),
                 }
+                if graph is not None:
+                    record["cuda_graph_fallbacks"] = trainer["cuda_graph_fallbacks"]
                 if not logged_backends:  # the first line this process writes says which kernels ran
                     record["backends"] = backends
                     logged_backends = True

@@ -5,23 +5,27 @@ and hands them to the shared loop, :func:`fastvlp.train.loop.run_training`.
 """
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from fastvlp.data.exclusion import read_excluded_images
 from fastvlp.data.tokenizer import WordPieceTokenizer
-from fastvlp.data.transforms import (ScaleConfig, check_scale, default_scale, scale_from_record, scale_record,
-                                     train_transform)
+from fastvlp.data.transforms import (ScaleConfig, check_scale, default_scale, scale_config, scale_from_record,
+                                     scale_record, train_transform)
 from fastvlp.models.backbone import Backbone
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import PRESETS, get_preset
+from fastvlp.models.pretraining_batch import PretrainingBatch
+from fastvlp.models.static_batch import pad_batch
 from fastvlp.train import checkpoint as ckpt
 from fastvlp.train.distributed import DistributedContext, barrier, init_distributed
+from fastvlp.train.graph_steps import cuda_graph_problem
 from fastvlp.train.loop import (
     RESUMABLE_CONFIG_FIELDS,
     LoopOptions,
@@ -96,6 +100,9 @@ class PretrainOptions:
     config_overrides: Dict[str, Any] = field(default_factory=dict)
     max_consecutive_nonfinite: int = 5
     progress: bool = True
+    cuda_graph: bool = False
+    max_targets: Optional[int] = None
+    pad_to: Optional[Tuple[int, int]] = None
 
     def validate(self) -> None:
         """Check every option, and read the files they name, before anything is written (ValueError,
@@ -107,6 +114,17 @@ class PretrainOptions:
         check_config_overrides(get_preset(self.preset), self.config_overrides)
         config = get_preset(self.preset, **_backend_changes(self))
         check_attention_backend(config.attention_backend, device)
+        if self.max_targets is not None and (isinstance(self.max_targets, bool) or not isinstance(self.max_targets, int)
+                                             or self.max_targets < 1):
+            raise ValueError(f"max_targets: expected a positive int, got {self.max_targets!r}")
+        if self.pad_to is not None and (not isinstance(self.pad_to, tuple) or len(self.pad_to) != 2 or any(
+                isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in self.pad_to)):
+            raise ValueError(f"pad_to: expected (height, width), two positive ints, got {self.pad_to!r}")
+        if self.cuda_graph:
+            problem = cuda_graph_problem(device, self.grad_accum, int(os.environ.get("WORLD_SIZE", "1")),
+                                         config.matcher_backend)
+            if problem:
+                raise ValueError(problem)
         if self.scale is not None:
             check_scale(self.scale)
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.max_steps:
@@ -216,6 +234,7 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
         ckpt.write_preset(directory, options.preset, scale_record(scale))
 
     job = TrainingJob(
+        fixed_shapes=fixed_shape_batches(model, scale, options.max_targets or config.num_queries, options.pad_to),
         model=model,
         dataset=PretrainingSamples(corpus.records, train_transform(scale), classes, attributes, category_map,
                                    seed=options.seed),
@@ -241,8 +260,27 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
         grad_accum=options.grad_accum, seed=options.seed, warmup_steps=warmup, save_every=options.save_every,
         keep_last=options.keep_last, log_every=options.log_every, num_workers=options.num_workers,
         max_consecutive_nonfinite=options.max_consecutive_nonfinite, progress=options.progress, description="pretrain",
+        cuda_graph=options.cuda_graph,
     )
     return run_training(loop, job, context, run_dir, resume_from)
+
+
+def fixed_shape_batches(model: E2EVLP, scale: Union[str, ScaleConfig], max_targets: int,
+                        pad_to: Optional[Tuple[int, int]] = None):
+    """What ``--cuda-graph`` replays: a pre-training batch with its images padded to ``pad_to`` (default: the
+    largest the scale makes, ``max_size`` square), its texts to ``max_text_len`` and its detection targets to
+    ``max_targets`` objects, or None for a batch with a larger image or more objects in an image."""
+    canvas = pad_to or (scale_config(scale).max_size,) * 2
+    config = model.config
+
+    def fix(batch: PretrainingBatch) -> Optional[PretrainingBatch]:
+        padded = pad_batch(batch, canvas, config.max_text_len, config.pad_token_id)
+        if padded is None or max((len(target["labels"]) for target in batch.targets if target is not None),
+                                 default=0) > max_targets:
+            return None
+        return model.static_batch(padded, max_targets)
+
+    return fix
 
 
 def _backend_changes(options: PretrainOptions) -> Dict[str, Any]:

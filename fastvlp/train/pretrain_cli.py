@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a field of the preset's E2EVLPConfig (repeatable), e.g. --set d_model=64")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each step's forward and backward from one CUDA graph (CUDA, one process, "
+                             "--grad-accum 1, the fastvlp matcher): batches are padded to fixed shapes (images to "
+                             "the scale's largest side squared, texts to max_text_len, targets to --max-targets); "
+                             "one that does not fit runs eagerly and is counted")
+    parser.add_argument("--pad-to", default=None, metavar="HxW",
+                        help="with --cuda-graph, the image canvas every batch is padded to (default: the scale's "
+                             "largest side, squared); a batch with a larger image runs eagerly")
+    parser.add_argument("--max-targets", type=int, default=None,
+                        help="with --cuda-graph, objects an image's detection target is padded to (default: the "
+                             "preset's num_queries)")
     return parser
 
 
@@ -94,6 +105,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides = parse_overrides(args.overrides)
     except ValueError as error:
         parser.error(str(error))
+    pad_to = None
+    if args.pad_to is not None:
+        try:
+            pad_to = tuple(int(side) for side in args.pad_to.lower().split("x"))
+        except ValueError:
+            parser.error(f"argument --pad-to: expected HxW, e.g. 800x1333, got {args.pad_to!r}")
     from fastvlp.train.distributed import launched_by_torchrun, shutdown_distributed
     from fastvlp.train.pretrain import NonFiniteLossError, PretrainOptions, RunExistsError, run_pretraining
 
@@ -106,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warmup_steps=args.warmup_steps, attention_backend=args.attention_backend,
         matcher_backend=args.matcher_backend, device=args.device, num_workers=args.num_workers,
         exclude_images=args.exclude_images, backbone_weights=args.backbone_weights, vocab=args.vocab,
-        scale=args.scale, progress=not args.no_progress, config_overrides=overrides,
+        scale=args.scale, progress=not args.no_progress, config_overrides=overrides, cuda_graph=args.cuda_graph,
+        max_targets=args.max_targets, pad_to=pad_to,
     )
     try:  # a bad option is a usage error before any work, not a failure of the run
         options.validate()
