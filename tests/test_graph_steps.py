@@ -44,6 +44,8 @@ def test_fixed_shape_batches_pad_to_the_scale_and_refuse_crowded_images():
     fixed = fixed_shape_batches(model, "tiny", largest)(batch)
     assert fixed.images.shape[2:] == (160, 160) and fixed.input_ids.shape[1] == config.max_text_len
     assert fixed.padded_targets.labels.shape[1] == largest
+    assert fixed.targets is None  # the graph reads the padded targets only: the per-image dicts are not copied
+    assert fixed.images.device == next(model.parameters()).device
     assert fixed_shape_batches(model, "tiny", largest - 1)(batch) is None
 
 

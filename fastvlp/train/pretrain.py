@@ -5,6 +5,7 @@ and hands them to the shared loop, :func:`fastvlp.train.loop.run_training`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -267,18 +268,24 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
 
 def fixed_shape_batches(model: E2EVLP, scale: Union[str, ScaleConfig], max_targets: int,
                         pad_to: Optional[Tuple[int, int]] = None):
-    """What ``--cuda-graph`` replays: a pre-training batch with its images padded to ``pad_to`` (default: the
-    largest the scale makes, ``max_size`` square), its texts to ``max_text_len`` and its detection targets to
-    ``max_targets`` objects, or None for a batch with a larger image or more objects in an image."""
+    """What ``--cuda-graph`` replays: a pre-training batch (on the host) moved to the model's device with its images
+    padded to ``pad_to`` (default: the largest the scale makes, ``max_size`` square), its texts to
+    ``max_text_len`` and its detection targets to ``max_targets`` objects, or None for a batch with a larger
+    image, a longer text or more objects in an image. The detection rows and padded targets are made on the
+    host, where the labels are; the images are padded on the device, after the copy from pinned memory, which
+    on the host would cost a pass over the whole canvas and a copy from pageable memory."""
     canvas = pad_to or (scale_config(scale).max_size,) * 2
     config = model.config
 
     def fix(batch: PretrainingBatch) -> Optional[PretrainingBatch]:
-        padded = pad_batch(batch, canvas, config.max_text_len, config.pad_token_id)
-        if padded is None or max((len(target["labels"]) for target in batch.targets if target is not None),
-                                 default=0) > max_targets:
+        lengths = [batch.input_ids.shape[1]] + ([] if batch.caption_ids is None else [batch.caption_ids.shape[1]])
+        if batch.images.shape[2] > canvas[0] or batch.images.shape[3] > canvas[1] \
+                or max(lengths) > config.max_text_len \
+                or max((len(target["labels"]) for target in batch.targets if target is not None), default=0) > max_targets:
             return None
-        return model.static_batch(padded, max_targets)
+        static = dataclasses.replace(model.static_batch(batch, max_targets), targets=None)  # the graph reads no dicts
+        device = next(model.parameters()).device
+        return pad_batch(static.to(device, non_blocking=True), canvas, config.max_text_len, config.pad_token_id)
 
     return fix
 
