@@ -13,7 +13,7 @@ length, the same number of detection rows, targets padded to one ``max_targets``
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -68,7 +68,8 @@ class CapturedTrainingStep:
 
     Capturing runs ``warmup_steps`` eager steps first (kernel compilation, autotuning, the optimizer's state),
     then puts the weights, the optimizer's state and the random number generators back as they were: the first
-    replayed step starts where the model stood. The matcher's finiteness check, a host sync, is off while
+    replayed step starts where the model stood (state the warm-up created is zeroed, as an Adam-family
+    optimizer's starts). The matcher's finiteness check, a host sync, is off while
     capturing: a non-finite matching cost gives placeholder matches and a NaN loss, which the caller sees.
     """
 
@@ -143,31 +144,29 @@ class CapturedTrainingStep:
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state(rng[1], self.device)
 
-    def step(self, batch: PretrainingBatch) -> PretrainingOutput:
-        """One optimiser step on ``batch`` (same shapes as the example; on the host or the device). Raises
-        ``ValueError`` naming the first field whose shape or dtype differs."""
-        given = batch_tensors(batch)
-        missing = sorted(set(self.inputs) - set(given))
-        if missing:
-            raise ValueError(f"batch: has no {missing[0]}, which the captured step reads "
-                             "(pass model.static_batch(batch, max_targets))")
+    def _mismatch(self, given: Dict[str, Tensor]) -> Optional[str]:
+        """What keeps a batch with tensors ``given`` from the graph, or None."""
         for name, static in self.inputs.items():
-            value = given[name]
+            value = given.get(name)
+            if value is None:
+                return f"batch: has no {name}, which the captured step reads (pass model.static_batch(batch, max_targets))"
             if value.shape != static.shape or value.dtype != static.dtype:
-                raise ValueError(f"batch.{name}: {value.dtype} {list(value.shape)} differs from the captured "
-                                 f"{static.dtype} {list(static.shape)}; a captured step replays one shape")
+                return (f"batch.{name}: {value.dtype} {list(value.shape)} differs from the captured {static.dtype} "
+                        f"{list(static.shape)}; a captured step replays one shape")
+        return None
+
+    def accepts(self, batch: PretrainingBatch) -> bool:
+        """Whether ``batch`` has every tensor the graph reads, each with the captured shape and dtype."""
+        return self._mismatch(batch_tensors(batch)) is None
+
+    def step(self, batch: PretrainingBatch) -> PretrainingOutput:
+        """The captured step on ``batch`` (the example's shapes; on the host or the device). Raises ``ValueError``
+        naming the first field that is missing or whose shape or dtype differs."""
+        given = batch_tensors(batch)
+        problem = self._mismatch(given)
+        if problem:
+            raise ValueError(problem)
         for name, static in self.inputs.items():
             static.copy_(given[name], non_blocking=True)
         self.graph.replay()
         return self.output
-
-    def accepts(self, batch: PretrainingBatch) -> bool:
-        """Whether ``batch`` has every tensor the graph reads, each with the captured shape and dtype."""
-        given = batch_tensors(batch)
-        return all(name in given and given[name].shape == static.shape and given[name].dtype == static.dtype
-                   for name, static in self.inputs.items())
-
-    @property
-    def input_names(self) -> List[str]:
-        """The batch fields the graph reads."""
-        return list(self.inputs)
