@@ -185,6 +185,9 @@ export FASTVLP_BENCH_GPU_TESTS
 # attention beside today's; every tile of each kernel; the end-to-end query time; the host-time diagnosis), so that a short lease still measures what matters most. The attention and end-to-end benchmarks
 # rewrite their files after every scenario or row, so a step cut at its cap keeps what it timed.
 step bench-train-step 300 bash -c train_step
+# fastvlp pretrain itself, eager and --cuda-graph, on the same synthetic data (each run's logged step times).
+step bench-pretrain-graph 300 $PYTHON -m fastvlp.bench.pretrain_graph --preset e2e-vlp-6-r50 --num-images 320 \
+  --steps 30 --batch-size 32 --num-workers 12 --out-dir "$RESULTS_ROOT"
 step bench-lsap 150 $PYTHON -m fastvlp bench lsap --device cuda --out-dir "$RESULTS_ROOT"
 step bench-generation 200 $PYTHON -m fastvlp bench generation --preset e2e-vlp-6-r50 --device cuda --batch-size 16 \
   --max-length 20 --repeats 6 --out-dir "$RESULTS_ROOT"
