@@ -75,7 +75,9 @@ class PretrainOptions:
     from the checkpoint: ``preset`` and ``config_overrides`` must agree with it, except the attention and
     matcher backends; its tokenizer and weights come from the checkpoint too (``vocab`` and
     ``backbone_weights`` are refused); ``data`` and ``exclude_images`` must give the corpus it started on,
-    and ``scale``, when given, the scale it was trained at."""
+    and ``scale``, when given, the scale it was trained at. ``cuda_graph`` replays each step from a CUDA graph
+    on batches padded to ``pad_to`` (height, width; default the scale's ``max_size`` squared), ``max_text_len``
+    tokens and ``max_targets`` objects (default the preset's ``num_queries``): :func:`fixed_shape_batches`."""
 
     preset: str
     data: Path
