@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Dict, NoReturn, Optional, Sequence
+from typing import Dict, NoReturn, Optional, Sequence, Tuple
 
 USAGE = """usage: fastvlp <command> [<args>]
 
@@ -57,6 +57,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
     return value
+
+
+def parse_height_width(text: str) -> Tuple[int, int]:
+    """``"HxW"`` -> ``(H, W)``; ValueError unless it is two integers joined by ``x`` (their values are the
+    caller's to check)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise ValueError(f"expected HxW, e.g. 800x1333, got {text!r}")
+    try:
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"expected HxW, e.g. 800x1333, got {text!r}") from None
 
 
 def usage_error(parser: argparse.ArgumentParser, error: Exception, aliases: Optional[Dict[str, str]] = None) -> NoReturn:

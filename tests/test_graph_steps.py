@@ -107,3 +107,12 @@ def test_pad_to_sets_the_canvas_and_is_checked(tmp_path):
     data = write_corpus(tmp_path, num_images=4)
     with pytest.raises(ValueError, match="pad_to"):
         small_options(data, tmp_path / "run", pad_to=(64, 0)).validate()
+
+
+def test_height_width_parsing():
+    from fastvlp.cli import parse_height_width
+
+    assert parse_height_width("800x1333") == (800, 1333) and parse_height_width("64X96") == (64, 96)
+    for text in ("800", "axb", "1x2x3", "x5", ""):
+        with pytest.raises(ValueError, match="expected HxW"):
+            parse_height_width(text)

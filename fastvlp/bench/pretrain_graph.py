@@ -74,6 +74,7 @@ def run(preset: str = "tiny", num_images: int = 64, steps: int = 10, batch_size:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
+    from fastvlp.cli import parse_height_width
     from fastvlp.models.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m fastvlp.bench.pretrain_graph", description=__doc__.split("\n\n")[0])
@@ -96,12 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--modes cuda-graph needs a CUDA device")
     if args.num_images < 1 or args.steps < 2 or args.batch_size < 1 or args.num_workers < 0:
         parser.error("--num-images and --batch-size must be >= 1, --steps >= 2, --num-workers >= 0")
-    pad_to = None
-    if args.pad_to is not None:
-        try:
-            pad_to = tuple(int(side) for side in args.pad_to.lower().split("x"))
-        except ValueError:
-            parser.error(f"--pad-to must look like 800x1333, got {args.pad_to!r}")
+    try:
+        pad_to = None if args.pad_to is None else parse_height_width(args.pad_to)
+    except ValueError as error:
+        parser.error(f"--pad-to: {error}")
     print(f"fastvlp pretrain, {args.preset}, batch {args.batch_size}, {args.steps} steps on {args.num_images} "
           f"synthetic images, on {device_name(args.device)}:")
     rows = run(args.preset, args.num_images, args.steps, args.batch_size, args.num_workers, args.device, modes, pad_to)

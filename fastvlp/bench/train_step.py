@@ -413,7 +413,9 @@ MIN_IMAGE_SIDE = 64
 
 def parse_image_size(text: str):
     """``HxW`` -> (height, width); ValueError unless both are integers of at least :data:`MIN_IMAGE_SIDE`."""
-    height, width = (int(side) for side in text.lower().split("x"))
+    from fastvlp.cli import parse_height_width
+
+    height, width = parse_height_width(text)
     if height < MIN_IMAGE_SIDE or width < MIN_IMAGE_SIDE:
         raise ValueError(text)
     return height, width

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fastvlp.cli import usage_error
+from fastvlp.cli import parse_height_width, usage_error
 from fastvlp.data.transforms import SCALE_PRESETS
 from fastvlp.models.presets import list_presets
 from fastvlp.nn.matcher import MATCHER_BACKENDS
@@ -108,9 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pad_to = None
     if args.pad_to is not None:
         try:
-            pad_to = tuple(int(side) for side in args.pad_to.lower().split("x"))
-        except ValueError:
-            parser.error(f"argument --pad-to: expected HxW, e.g. 800x1333, got {args.pad_to!r}")
+            pad_to = parse_height_width(args.pad_to)
+        except ValueError as error:
+            parser.error(f"argument --pad-to: {error}")
     from fastvlp.train.distributed import launched_by_torchrun, shutdown_distributed
     from fastvlp.train.pretrain import NonFiniteLossError, PretrainOptions, RunExistsError, run_pretraining
 
