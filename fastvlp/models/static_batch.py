@@ -1,10 +1,11 @@
 """Pre-training batches whose every shape is fixed, so that a training step can be captured once in a CUDA graph
 and replayed (:class:`fastvlp.train.captured_step.CapturedTrainingStep`).
 
-The eager forward decides on the device which rows go to detection (matched pairs with annotations) and pads
-their targets to the batch's largest object count: reading the ITM labels back and copying the row list and the
-counts from the host are host synchronisations, and the padded length changes from batch to batch. Here both
-are done beforehand on the host, where the data already is, with the targets padded to a fixed ``max_targets``.
+The eager forward decides during the step which rows go to detection (matched pairs with annotations) and pads
+their targets to the batch's largest object count: reading the ITM labels back from the device is a host
+synchronisation, copies of host data (the row list, the target counts) cannot be captured, and the padded length
+changes from batch to batch. Here both are done beforehand on the host, where the data already is, with the
+targets padded to a fixed ``max_targets``.
 """
 from __future__ import annotations
 
