@@ -91,6 +91,8 @@ def test_static_batch_errors_name_the_argument():
     batch.targets = None
     with pytest.raises(ValueError, match="batch: has no detection targets"):
         with_static_targets(batch, 4, 10)
+    with pytest.raises(ValueError, match="max_targets"):
+        model.static_batch(model.static_batch(_model_and_batch()[1], None), -2)
     static = model.static_batch(_model_and_batch()[1], largest)
     with pytest.raises(ValueError, match="detection_rows and padded_targets"):
         type(static)(**{**vars(static), "padded_targets": None})
@@ -137,3 +139,20 @@ def test_padding_to_fixed_shapes_keeps_the_losses():
         torch.testing.assert_close(fixed.losses[name], value, rtol=1e-9, atol=1e-9, msg=name)
     assert pad_batch(batch, (32, 128), config.max_text_len, config.pad_token_id) is None
     assert pad_batch(batch, (96, 128), short - 1, config.pad_token_id) is None
+
+
+def test_pretraining_pads_targets_on_the_host_for_the_batched_solver():
+    from fastvlp.train.pretrain import targets_padded_on_host
+
+    model, batch = _model_and_batch()
+    build = targets_padded_on_host(lambda collated, generator: batch, model)
+    built = build(None, None)
+    assert built.targets is None and built.padded_targets is not None
+    largest = max(len(target["labels"]) for target, label in zip(batch.targets, batch.itm_labels.tolist()) if label == 1)
+    assert built.padded_targets.labels.shape == (len(built.detection_rows), largest)
+    eager, _ = _losses_and_grads(model, batch)
+    padded, _ = _losses_and_grads(model, built)
+    for name, value in eager.losses.items():
+        assert torch.equal(padded.losses[name], value), name
+    scipy_model, _ = _model_and_batch(matcher="scipy")
+    assert targets_padded_on_host(build, scipy_model) is build  # DETR's per-image targets for any other matcher

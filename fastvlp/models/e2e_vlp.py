@@ -291,10 +291,10 @@ class E2EVLP(nn.Module):
             output.loss = torch.stack(weighted).sum()
         return output
 
-    def static_batch(self, batch: PretrainingBatch, max_targets: int) -> PretrainingBatch:
+    def static_batch(self, batch: PretrainingBatch, max_targets: Optional[int]) -> PretrainingBatch:
         """``batch`` (on the host) with its detection rows chosen and their targets padded to ``max_targets``
-        objects (:func:`~fastvlp.models.static_batch.with_static_targets`): the form whose forward reads nothing
-        back from the device, for a captured training step."""
+        objects, or to their own largest count with None (:func:`~fastvlp.models.static_batch.with_static_targets`):
+        the form whose forward reads nothing back from the device, which a captured training step needs."""
         return with_static_targets(batch, max_targets, self.config.num_classes, self.config.num_attributes or None)
 
     def _detection_rows(self, batch: PretrainingBatch, device: torch.device):

@@ -21,23 +21,24 @@ from fastvlp.nn.matched_pairs import pad_set_targets
 from fastvlp.ops.matching_cost import check_target_labels
 
 
-def with_static_targets(batch: PretrainingBatch, max_targets: int, num_classes: int,
+def with_static_targets(batch: PretrainingBatch, max_targets: Optional[int], num_classes: int,
                         num_attributes: Optional[int] = None) -> PretrainingBatch:
     """``batch`` with ``detection_rows`` and ``padded_targets`` filled in: the rows whose pair is matched and
-    whose target is not None, and their targets padded to ``max_targets`` objects (attributes too, as float32,
-    with ``num_attributes``). Call it on the host, before the batch moves to the device: on a GPU, reading the
+    whose target is not None, and their targets padded to ``max_targets`` objects (None: to those rows' own
+    largest count, as the eager forward pads them; attributes too, as float32, with ``num_attributes``). Call it on the host, before the batch moves to the device: on a GPU, reading the
     ITM labels would synchronise. Raises ``ValueError`` naming ``batch`` when it has no targets, ``max_targets``
     when an image has more objects, and the image whose labels lie outside ``[0, num_classes)``."""
     if not isinstance(batch, PretrainingBatch):
         raise TypeError(f"batch: expected a PretrainingBatch, got {type(batch).__name__}")
     if batch.targets is None:
         raise ValueError("batch: has no detection targets to pad")
-    if isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 0:
-        raise ValueError(f"max_targets: expected a non-negative int, got {max_targets!r}")
+    if max_targets is not None and (isinstance(max_targets, bool) or not isinstance(max_targets, int) or max_targets < 0):
+        raise ValueError(f"max_targets: expected a non-negative int or None, got {max_targets!r}")
     matched = [True] * batch.batch_size if batch.itm_labels is None else (batch.itm_labels == 1).tolist()
     rows = [index for index, target in enumerate(batch.targets) if target is not None and matched[index]]
     chosen = [batch.targets[index] for index in rows]
     largest = max((len(target["labels"]) for target in chosen), default=0)
+    max_targets = largest if max_targets is None else max_targets
     if largest > max_targets:
         raise ValueError(f"max_targets: an image of this batch has {largest} objects, more than {max_targets}")
     check_target_labels([target["labels"] for target in chosen], num_classes, f" (num_classes={num_classes})")

@@ -242,7 +242,9 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
         dataset=PretrainingSamples(corpus.records, train_transform(scale), classes, attributes, category_map,
                                    seed=options.seed),
         collate=collate_pretraining_samples,
-        build_batch=BatchBuilder(tokenizer, config.mlm_probability, config.itm_negative_ratio),
+        build_batch=(BatchBuilder(tokenizer, config.mlm_probability, config.itm_negative_ratio) if options.cuda_graph
+                     else targets_padded_on_host(BatchBuilder(tokenizer, config.mlm_probability,
+                                                              config.itm_negative_ratio), model)),
         loss_keys=LOSS_KEYS,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, warmup, options.max_steps),
@@ -266,6 +268,23 @@ def _pretrain(options: PretrainOptions, context: DistributedContext, run_dir: Pa
         cuda_graph=options.cuda_graph,
     )
     return run_training(loop, job, context, run_dir, resume_from)
+
+
+def targets_padded_on_host(build_batch, model: E2EVLP):
+    """``build_batch`` followed, where the model matches with the batched solver, by the batch's detection rows
+    and targets padded on the host to its own largest object count (:meth:`E2EVLP.static_batch`), without the
+    per-image target dicts: the batch then moves to the device in a few copies rather than three an image, and
+    the forward reads nothing back from the device. DETR's per-image targets stay for any other matcher."""
+    if model.config.matcher_backend != "fastvlp":
+        return build_batch
+
+    def build(collated, generator) -> PretrainingBatch:
+        batch = build_batch(collated, generator)
+        if batch.targets is None:
+            return batch
+        return dataclasses.replace(model.static_batch(batch, None), targets=None)
+
+    return build
 
 
 def fixed_shape_batches(model: E2EVLP, scale: Union[str, ScaleConfig], max_targets: int,
