@@ -223,3 +223,18 @@ def test_the_matcher_is_timed_once_per_call_in_either_form(backend):
         model.criterion.matcher(outputs, [batch.targets[int(row)] for row in output.detection_rows])
         assert len(spent) == 2
     assert "assign" not in vars(model.criterion.matcher)  # the method is the class's again
+
+
+def test_contenders_get_batches_as_the_trainer_builds_them():
+    import torch
+
+    from fastvlp.bench.train_step import as_trainer_builds, synthetic_batch
+    from fastvlp.models import E2EVLP, get_preset
+
+    torch.manual_seed(0)
+    config = get_preset("tiny", matcher_backend="fastvlp")
+    fast, plain = E2EVLP(config), E2EVLP(config.replace(attention_backend="torch", matcher_backend="scipy"))
+    batches = [synthetic_batch(config, 4, 64, 96, torch.Generator().manual_seed(1), "cpu")]
+    (built,) = as_trainer_builds(fast, batches)
+    assert built.targets is None and built.padded_targets is not None and torch.equal(built.images, batches[0].images)
+    assert as_trainer_builds(plain, batches) is batches

@@ -24,6 +24,11 @@ step costs does not depend on what the pixels show. ``--torchvision-backbone`` a
 with the ResNet run as torchvision runs it (:func:`as_torchvision_backbone`), which measures what the
 backbone's channels-last layout on CUDA and its dtype-keeping frozen batch norm save in the same run.
 
+Each contender gets the batches in the form ``fastvlp pretrain`` builds for its matcher: for the batched
+solver (fastvlp's rows) with the detection rows chosen and the targets padded to each batch's own largest
+object count beforehand (:meth:`~fastvlp.models.E2EVLP.static_batch`), for scipy's with DETR's per-image
+targets; the images, texts and objects are the same.
+
 The GPU is spun up once before the first contender, and each contender warms up for at least ``--warmup``
 whole optimiser steps and, on a GPU, ``MIN_CUDA_WARMUP_S`` seconds of them (``warmup_steps`` in the row).
 From 6 repeats on, each row has a ``drift`` (the median of its first half of steps over its second) and
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
 import gc
 import os
 import threading
@@ -331,6 +337,14 @@ def _print_profile(row: Dict[str, object]) -> None:
 TORCHVISION_BACKBONE = "torch-scipy-torchvision-backbone"
 
 
+def as_trainer_builds(model, batches):
+    """``batches`` as ``fastvlp pretrain`` hands them to ``model``: with the batched solver, targets padded
+    beforehand to each batch's own largest count and no per-image dicts; DETR's per-image targets otherwise."""
+    if model.criterion.matcher.backend != "fastvlp":
+        return batches
+    return [dataclasses.replace(model.static_batch(batch, None), targets=None) for batch in batches]
+
+
 def as_torchvision_backbone(model):
     """``model`` (changed in place) with its ResNet run as torchvision's own modules run it: in the default
     NCHW layout on every device, and with torchvision's ``FrozenBatchNorm2d``, whose float32 scale turns
@@ -391,8 +405,8 @@ def run(preset: str = "tiny", batch_size: int = 8, image_size=(128, 128), repeat
                 print(f"  {contender:<12} failed: {type(error).__name__}: {error}")
                 continue
         else:
-            measured = time_contender(model, batches, repeats, warmup, amp, device, profile_steps,
-                                      min_warmup_seconds(device))
+            measured = time_contender(model, as_trainer_builds(model, batches), repeats, warmup, amp, device,
+                                      profile_steps, min_warmup_seconds(device))
         row = result_row("train-step", contender, shape, measured.pop("raw_ms"), device=device.type, amp=amp,
                          batch_size=batch_size, **measured)
         row["images_per_s"] = batch_size / (row["median_ms"] / 1e3)
