@@ -85,9 +85,10 @@ def pad_set_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.devic
                     length: Optional[int] = None) -> PaddedTargets:
     """``targets`` (DETR's per-image dicts) padded on ``device`` to their largest object count, or to ``length``;
     with ``num_attributes``, their attributes too, as ``attribute_dtype``."""
-    labels, boxes, counts = pad_targets([target["labels"] for target in targets],
-                                        [target["boxes"] for target in targets], device, length)
     sizes = [len(target["labels"]) for target in targets]
+    index = ragged_index(sizes, device) if targets else None  # one index for every field
+    labels, boxes, counts = pad_targets([target["labels"] for target in targets],
+                                        [target["boxes"] for target in targets], device, length, index)
     attributes = None
     if num_attributes is not None:
         rows = []
@@ -98,7 +99,7 @@ def pad_set_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.devic
         # One conversion for the batch (multi-hot bool or float rows concatenate to float where they mix).
         flat = torch.cat(rows).to(attribute_dtype) if rows else torch.zeros(0, num_attributes, dtype=attribute_dtype,
                                                                              device=device)
-        attributes = pad_ragged(flat, ragged_index(sizes, device), len(sizes), labels.shape[1], 0)
+        attributes = pad_ragged(flat, index, len(sizes), labels.shape[1], 0)
     return PaddedTargets(labels, boxes, counts, sizes, attributes)
 
 

@@ -42,11 +42,12 @@ def check_target_labels(labels: Sequence[torch.Tensor], num_classes: int, bound:
 
 def pad_targets(
     labels: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], device: torch.device,
-    length: Optional[int] = None,
+    length: Optional[int] = None, ragged: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack ragged per-image targets into ``[B, T]`` labels and ``[B, T, 4]`` cxcywh boxes,
     padded to the largest ``T`` in the batch (not the sum), or to ``length`` when given (a fixed
-    shape from batch to batch), and the ``[B]`` target counts.
+    shape from batch to batch), and the ``[B]`` target counts. ``ragged`` is the targets'
+    :func:`~fastvlp.ops.ragged.ragged_index` on ``device`` where the caller has built it already.
 
     Padding boxes are ``(0.5, 0.5, 0.5, 0.5)``, a valid box, so that no NaN is computed
     even outside the extent the solver reads. Raises ``ValueError`` naming the image when
@@ -80,7 +81,7 @@ def pad_targets(
         return (torch.zeros((0, length or 0), dtype=torch.int64, device=device),
                 torch.full((0, length or 0, 4), 0.5, device=device), counts.to(device))
     # One concatenation and one indexed write per field, not a copy per image.
-    index = ragged_index(sizes, device)
+    index = ragged_index(sizes, device) if ragged is None else ragged
     flat_labels = torch.cat([item.to(device) for item in labels]).to(torch.int64)
     flat_boxes = torch.cat([item.to(device) if item.dim() == 2 else item.to(device).reshape(-1, 4) for item in boxes])
     length = max(sizes) if length is None else length
