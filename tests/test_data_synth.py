@@ -11,7 +11,7 @@ from PIL import Image
 
 from fastvlp.data.synth import main as synth_main
 from fastvlp.data.synth import write_synthetic_dataset
-from fastvlp.data.synth.palette import COLOURS, SHAPES, NUMBER_WORDS
+from fastvlp.data.synth.palette import BACKGROUNDS, COLOURS, SHAPES, NUMBER_WORDS
 from fastvlp.data.synth.scene import is_left_of, sample_scene
 from fastvlp.data.synth.splits import held_out_size
 from fastvlp.data.synth.statements import make_statement
@@ -151,28 +151,54 @@ def _instances_with_colours(synth_dir):
     return out
 
 
+def _background_tint(path: Path) -> str:
+    """The named tint nearest to the median of the image's outermost pixel ring (shapes keep off the edge)."""
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    ring = np.concatenate((pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]))
+    median = np.median(ring, axis=0)
+    return min(BACKGROUNDS, key=lambda name: float(((median - np.array(BACKGROUNDS[name])) ** 2).sum()))
+
+
 def test_captions_follow_from_pixels(synth_dir):
     captions = defaultdict(list)
     for split in ("train", "val"):
         for a in _json(synth_dir / f"coco/annotations/captions_{split}.json")["annotations"]:
             captions[a["image_id"]].append(a["caption"].lower())
+    forms = Counter()
     for image, objects in _instances_with_colours(synth_dir):
         colours = {colour for _, colour, _ in objects}
         shapes = Counter(name for name, _, _ in objects)
+        path = next(synth_dir / "coco/images" / split / image["file_name"] for split in ("train", "val")
+                    if (synth_dir / "coco/images" / split / image["file_name"]).is_file())
+        tint = _background_tint(path)
         for caption in captions[image["id"]]:
             words = set(re.findall(r"[a-z]+", caption))
             assert words & set(COLOURS) <= colours, (caption, colours)
+            # Every caption names the background, and names it right.
+            assert words & set(BACKGROUNDS) == {tint}, (caption, tint)
             named_shapes = {s for s in SHAPES if s in words or s + "s" in words}
             assert named_shapes <= set(shapes), (caption, shapes)
-            total = re.match(r"(\w+) shapes:", caption)
+            total = re.match(r"(\w+) shapes on (\w+):", caption)
             if total:
-                assert NUMBER_WORDS.index(total.group(1)) == len(objects)
-            count = re.match(r"there (?:is|are) (\w+) (\w+?)s? in the image", caption)
+                forms["total"] += 1
+                assert NUMBER_WORDS.index(total.group(1)) == len(objects) and total.group(2) == tint
+            count = re.match(r"there (?:is|are) (\w+) (\w+?)s? on the (\w+) background", caption)
             if count:
+                forms["count"] += 1
                 expected = shapes[count.group(2)]
                 assert count.group(1) in (NUMBER_WORDS[expected], "a", "an") and (expected == 1) == (
                     count.group(1) in ("a", "an")
                 )
+    # The checks above ran on both forms.
+    assert forms["total"] and forms["count"], forms
+
+
+def test_background_tints_are_far_from_every_shape_colour_and_from_each_other():
+    tints = list(BACKGROUNDS.values())
+    for tint in tints:
+        assert min(sum((a - b) ** 2 for a, b in zip(tint, colour)) ** 0.5 for colour in COLOURS.values()) > 60
+    assert min(sum((a - b) ** 2 for a, b in zip(s, t)) ** 0.5 for i, s in enumerate(tints) for t in tints[i + 1:]) > 30
+    assert not set(BACKGROUNDS) & set(COLOURS)
 
 
 def test_vqa_answers_follow_from_pixels(synth_dir):

@@ -59,12 +59,17 @@ def tokenizer(task, training):
 
 
 @pytest.fixture(scope="module")
-def model(task, tokenizer):
+def model(task, training, tokenizer):
     config = get_preset("tiny", vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, **SMALL_MODEL)
     torch.manual_seed(0)
     model = task.build_model(config, {"num_negatives": 3})
-    with torch.no_grad():  # a wider score range than a fresh head's, so that pairs (and the loss's two directions) differ clearly
-        model.head.score.weight.mul_(100.0)
+    # A wider score range than a fresh head's, so that pairs (and the loss's two directions) differ clearly,
+    # yet short of saturating the sigmoid: the score logits of a training batch get a spread of 2.
+    batch = training_batch(task, training, tokenizer)
+    with torch.no_grad():
+        encoded = model.vlp.encode(batch["images"], batch["pixel_mask"], batch["input_ids"], batch["text_attention_mask"])
+        logits = model.head.score(encoded.cls_hidden)
+        model.head.score.weight.mul_(2.0 / logits.std().clamp(min=1e-6))
     return model
 
 

@@ -1,5 +1,6 @@
 """A small caption grammar. Every caption is a true statement about the drawn scene: its colours, shapes,
-counts, sizes and left/right/above/below relations all come from the scene's objects."""
+counts, sizes and left/right/above/below relations all come from the scene's objects, and every caption
+names the background's tint."""
 
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ def inventory(scene: Scene) -> str:
 
 def _inventory_caption(rng: np.random.Generator, scene: Scene) -> str:
     forms = (
-        "{items} on a {texture} background",
-        "an image of {items}",
-        "a {texture} background with {items}",
-        "a picture showing {items}",
+        "{items} on a {texture} {tint} background",
+        "an image of {items} on {tint}",
+        "a {texture} {tint} background with {items}",
+        "a picture showing {items} on {tint}",
     )
-    return forms[int(rng.integers(len(forms)))].format(items=inventory(scene), texture=scene.texture)
+    return forms[int(rng.integers(len(forms)))].format(items=inventory(scene), texture=scene.texture,
+                                                       tint=scene.background_name)
 
 
 def _count_caption(rng: np.random.Generator, scene: Scene) -> str:
@@ -53,15 +55,16 @@ def _count_caption(rng: np.random.Generator, scene: Scene) -> str:
     n = scene.count(shape)
     others = len(scene.objects) - n
     if others and rng.random() < 0.5:
-        return f"{_group_phrase(n, None, shape)} and {number_word(others)} other {noun('shape', others)}"
+        return (f"{_group_phrase(n, None, shape)} and {number_word(others)} other {noun('shape', others)} "
+                f"on {scene.background_name}")
     verb = "is" if n == 1 else "are"
-    return f"there {verb} {_group_phrase(n, None, shape)} in the image"
+    return f"there {verb} {_group_phrase(n, None, shape)} on the {scene.background_name} background"
 
 
 def _total_caption(rng: np.random.Generator, scene: Scene) -> str:
     groups = Counter(obj.shape for obj in scene.objects)
     kinds = join_words([_group_phrase(n, None, shape) for shape, n in groups.items()])
-    return f"{number_word(len(scene.objects))} shapes: {kinds}"
+    return f"{number_word(len(scene.objects))} shapes on {scene.background_name}: {kinds}"
 
 
 def _relation_caption(rng: np.random.Generator, scene: Scene) -> str | None:
@@ -78,7 +81,7 @@ def _relation_caption(rng: np.random.Generator, scene: Scene) -> str | None:
         return None
     a, relation, b = pairs[int(rng.integers(len(pairs)))]
     verb = " is" if rng.random() < 0.5 else ""
-    return f"{object_phrase(a)}{verb} {relation} {object_phrase(b)}"
+    return f"{object_phrase(a)}{verb} {relation} {object_phrase(b)} on {scene.background_name}"
 
 
 def _attribute_caption(rng: np.random.Generator, scene: Scene) -> str | None:
@@ -87,19 +90,20 @@ def _attribute_caption(rng: np.random.Generator, scene: Scene) -> str | None:
         return None
     obj = single[int(rng.integers(len(single)))]
     if rng.random() < 0.5:
-        return f"the {obj.shape} is {obj.colour}"
-    return f"the {obj.shape} in this picture is {obj.size} and {obj.colour}"
+        return f"the {obj.shape} on {scene.background_name} is {obj.colour}"
+    return f"the {obj.shape} in this {scene.background_name} picture is {obj.size} and {obj.colour}"
 
 
 def _colour_caption(rng: np.random.Generator, scene: Scene) -> str:
     colours = list(dict.fromkeys(obj.colour for obj in scene.objects))
-    return f"{join_words(colours)} shapes on a {scene.texture} background"
+    return f"{join_words(colours)} shapes on a {scene.texture} {scene.background_name} background"
 
 
 def _sized_caption(rng: np.random.Generator, scene: Scene) -> str:
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
     others = len(scene.objects) - 1
-    return f"{object_phrase(obj, with_size=True)} and {number_word(others)} other {noun('shape', others)}"
+    return (f"{object_phrase(obj, with_size=True)} and {number_word(others)} other {noun('shape', others)} "
+            f"on {scene.background_name}")
 
 
 CAPTION_TEMPLATES = {

@@ -1,7 +1,8 @@
 """The closed vocabulary of the synthetic scenes: shape kinds, colours, sizes and number words.
 
 Colours are far apart in RGB so that a colour word can be recovered from the pixels even after JPEG
-compression; backgrounds are light and unnamed, so every colour word in a caption names a shape.
+compression. Backgrounds are light tints with names of their own, which no shape takes, so a colour word
+in a caption names either a shape or, unambiguously, the background.
 """
 
 SHAPES = ("circle", "square", "triangle", "diamond", "pentagon", "star")
@@ -17,6 +18,21 @@ COLOURS = {
     "black": (25, 25, 25),
 }
 COLOUR_NAMES = tuple(COLOURS)
+
+# Light tints, far from every shape colour and from each other. Every caption names its image's background,
+# as captions of real photographs name their scene: a caption drawn from another image then usually
+# contradicts something visible in every grid cell.
+BACKGROUNDS = {
+    "white": (246, 246, 246),
+    "grey": (188, 188, 188),
+    "pink": (250, 196, 214),
+    "cyan": (180, 236, 246),
+    "lime": (214, 246, 168),
+    "cream": (248, 234, 190),
+}
+BACKGROUND_NAMES = tuple(BACKGROUNDS)
+# Each background is drawn within this many levels of its tint, per channel.
+BACKGROUND_JITTER = 6
 
 # Ranges of an object's side, as fractions of the image's short side, drawn for each size. The word an object
 # finally gets is read from its side after packing (see scene._size_word), whose thresholds lie between these.

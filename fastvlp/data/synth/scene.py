@@ -1,4 +1,4 @@
-"""Scene model of the synthetic images: a few flat shapes, none overlapping, on a light background.
+"""Scene model of the synthetic images: a few flat shapes, none overlapping, on a light background of a named tint.
 
 A scene is sampled from a `ScenePlan` so that the VQA generator can choose its answers first (the colour of
 the one object of its kind, and how many copies of another kind there are) and the scene is built to match.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastvlp.data.synth.palette import COLOUR_NAMES, SHAPES, SIZES, TEXTURES
+from fastvlp.data.synth.palette import BACKGROUND_JITTER, BACKGROUNDS, COLOUR_NAMES, SHAPES, SIZES, TEXTURES
 
 MIN_COUNTED = 1
 MAX_COUNTED = 4
@@ -61,6 +61,7 @@ class Scene:
     width: int
     height: int
     background: tuple[int, int, int]
+    background_name: str
     texture: str
     texture_period: int
     texture_direction: str
@@ -205,11 +206,14 @@ def sample_scene(rng: np.random.Generator, plan: ScenePlan | None = None) -> Sce
     objects = _place(rng, kinds, width, height)
     objects = [objects[i] for i in rng.permutation(len(objects))]  # annotation order is not role order
 
-    background = tuple(int(v) for v in rng.integers(226, 251, size=3))
+    background_name = str(rng.choice(list(BACKGROUNDS)))
+    jitter = rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1, size=3)
+    background = tuple(int(min(255, max(0, c + int(d)))) for c, d in zip(BACKGROUNDS[background_name], jitter))
     return Scene(
         width=width,
         height=height,
         background=background,
+        background_name=background_name,
         texture=str(rng.choice(TEXTURES)),
         texture_period=int(rng.integers(7, 14)),
         texture_direction=str(rng.choice(("horizontal", "vertical", "diagonal"))),
