@@ -8,10 +8,10 @@
   the image).
 
 ``--image-features colour-oracle`` replaces the ResNet with a fixed, exact colour detector: each image token
-holds the fraction of its cell (``--oracle-stride`` pixels) covered by each palette colour. Half of the
-mismatched pairs name a colour their image lacks, and most captions name colours, so a model that reads these
-tokens can beat chance; if it still does not, what is slow is learning to read the image tokens through
-attention, not the backbone.
+holds which palette colours and which background tint its cell (``--oracle-stride`` pixels) shows. Every
+caption names its background's tint, so most mismatched pairs name a tint their image lacks, and a model that
+reads these tokens can beat chance; if it still does not, what is slow is learning to compare the text with
+the image tokens through attention, not the backbone.
 
     python scripts/learnability.py --data DATA [--objective caption] [--image-features colour-oracle] [--steps 1000]
 """

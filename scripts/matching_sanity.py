@@ -44,7 +44,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = E2EVLP(config)
         if args.image_features == "colour-oracle":
-            use_colour_oracle(model, args.oracle_stride)
+            # Solid palette colours leave no background: the palette channels alone.
+            use_colour_oracle(model, args.oracle_stride, tints=False)
         losses = train_matching(model, tokenizer, args.steps, args.batch_size, data_seed)
         means = window_means(losses, args.window)
         print(f"data seed {data_seed}: " + " ".join(f"{(i + 1) * args.window}:{m:.3f}" for i, m in enumerate(means)))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from train_helpers import SMALL_MODEL
 
-from fastvlp.data.synth.palette import COLOURS
+from fastvlp.data.synth.palette import BACKGROUNDS, COLOURS
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastvlp.eval.colour_oracle import ColourOracle, use_colour_oracle
@@ -52,14 +52,30 @@ def test_colour_oracle_marks_the_colours_present_in_each_cell():
     pixels[0, :, 20:, 40:45] = PALETTE[blue][:, None, None]  # a thin strip in the second and third columns
     oracle = ColourOracle(32, "out")
     cells = oracle(_normalise(pixels))["out"]
-    assert cells.shape == (1, len(COLOUR_NAMES), 2, 3)  # ceil(40/32) x ceil(70/32)
+    assert cells.shape == (1, len(COLOUR_NAMES) + len(BACKGROUNDS), 2, 3)  # ceil(40/32) x ceil(70/32)
     expected = torch.zeros_like(cells)
+    expected[0, len(COLOUR_NAMES) + list(BACKGROUNDS).index("white"), :, 1:] = 1  # the near-white rest
     expected[0, red, :, 0] = 1
     expected[0, blue, 0, 1] = 1  # rows 20..31 of columns 40..44: 60 of the cell's 1024 pixels
     expected[0, blue, 1, 1] = 1  # rows 32..39: 40 of the 256 pixels of a cell cut short by the image's edge
     assert torch.equal(cells, expected)
+    assert torch.equal(ColourOracle(32, "out", tints=False)(_normalise(pixels))["out"], expected[:, :len(COLOUR_NAMES)])
     with pytest.raises(ValueError, match="stride"):
         ColourOracle(0, "out")
+
+
+def test_colour_oracle_reads_each_background_tint_through_its_texture():
+    tints = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 255
+    pixels = torch.empty(1, 3, 32, 32 * len(BACKGROUNDS))
+    for index, tint in enumerate(tints):
+        cell = pixels[0, :, :, 32 * index: 32 * (index + 1)]
+        cell[:] = tint[:, None, None]
+        cell[:, ::4] = (tint - 18 / 255)[:, None, None]  # stripes as drawing.py draws them: 18 levels darker
+    cells = ColourOracle(32, "out")(_normalise(pixels))["out"]
+    expected = torch.zeros_like(cells)
+    for index in range(len(BACKGROUNDS)):
+        expected[0, len(COLOURS) + index, 0, index] = 1
+    assert torch.equal(cells, expected)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +98,7 @@ def test_train_matching_steps_the_itm_objective_deterministically(tokenizer, ora
     model = _model(tokenizer, oracle)
     if oracle:
         assert isinstance(model.backbone.body, ColourOracle)
-        assert model.backbone.input_proj.in_channels == len(COLOUR_NAMES)
+        assert model.backbone.input_proj.in_channels == len(COLOUR_NAMES) + len(BACKGROUNDS)
     before = model.itm_head.classifier.weight.detach().clone()
     losses = train_matching(model, tokenizer, steps=3, batch_size=4, data_seed=1)
     assert len(losses) == 3 and all(math.isfinite(x) and 0.2 < x < 2.0 for x in losses)
