@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastvlp.data.synth.palette import COLOURS, SHAPES
+from fastvlp.data.synth.palette import BACKGROUNDS, COLOURS, SHAPES
 from fastvlp.eval.itm_ceiling import (MAX_COUNT, MatchingProbe, object_colours, phrase_token_ids, scene_features,
                                       text_features)
 
@@ -17,8 +17,9 @@ def _box(x0, y0, x1, y1, width, height):
 
 
 def _scene(height=40, width=60):
-    """A light image with a red object and two blue ones, and one box over bare background."""
-    image = torch.full((3, height, width), 0.9) + 0.02 * torch.rand(3, height, width)
+    """A pink image with a red object and two blue ones, and one box over bare background."""
+    pink = torch.tensor(BACKGROUNDS["pink"]) / 255
+    image = pink[:, None, None] + 0.02 * torch.rand(3, height, width) - 0.01
     _paint(image, "red", 2, 2, 12, 12)
     _paint(image, "blue", 20, 5, 30, 15)
     _paint(image, "blue", 40, 20, 52, 34)
@@ -44,10 +45,13 @@ def test_scene_features_counts_pairs_and_reads_boxes_in_the_unpadded_extent():
     target = {"labels": torch.tensor([0, 1, 1, 2]), "boxes": boxes}
     features = scene_features([target, None], padded.expand(2, -1, -1, -1), mask.expand(2, -1, -1), names)
     num_colours, num_shapes = len(COLOURS), len(SHAPES)
-    assert features.shape == (2, num_colours + num_shapes * (MAX_COUNT + 1) + num_colours * num_shapes)
+    num_tints = len(BACKGROUNDS)
+    assert features.shape == (2, num_colours + num_shapes * (MAX_COUNT + 1) + num_colours * num_shapes + num_tints)
     colours = features[0, :num_colours]
     counts = features[0, num_colours:num_colours + num_shapes * (MAX_COUNT + 1)].view(num_shapes, MAX_COUNT + 1)
-    pairs = features[0, -num_colours * num_shapes:].view(num_colours, num_shapes)
+    pairs = features[0, -num_colours * num_shapes - num_tints:-num_tints].view(num_colours, num_shapes)
+    # Both images' background: pink, read from the ring of outermost pixels of each image's own extent.
+    assert torch.equal(features[:, -num_tints:], torch.eye(num_tints)[[list(BACKGROUNDS).index("pink")] * 2])
     red, blue = COLOUR_NAMES.index("red"), COLOUR_NAMES.index("blue")
     assert colours.nonzero().flatten().tolist() == sorted([red, blue])
     assert counts.argmax(1).tolist() == [
@@ -59,7 +63,7 @@ def test_scene_features_counts_pairs_and_reads_boxes_in_the_unpadded_extent():
         [(red, SHAPES.index("square")), (blue, SHAPES.index("circle"))]
     )
     # An image without annotations: no colours or pairs, every count zero.
-    assert features[1, :num_colours].sum() == 0 and features[1, -num_colours * num_shapes:].sum() == 0
+    assert features[1, :num_colours].sum() == 0 and features[1, -num_colours * num_shapes - num_tints:-num_tints].sum() == 0
 
 
 def test_scene_features_rejects_mismatched_arguments():

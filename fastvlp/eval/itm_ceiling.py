@@ -6,8 +6,9 @@ The reference matcher is a small MLP over exact features of the pair it is given
 mismatches and MLM masking as pre-training):
 
 * scene features: which palette colours are present, how many objects of each shape there are (one-hot,
-  0 to ``MAX_COUNT`` and more), and which (colour, shape) pairs occur. Shapes come from the detection
-  targets' labels; each object's colour is the palette colour that covers most of its box's pixels;
+  0 to ``MAX_COUNT`` and more), which (colour, shape) pairs occur, and the background's tint (one-hot).
+  Shapes come from the detection targets' labels; each object's colour is the palette colour that covers
+  most of its box's pixels; the tint is the one nearest to the median of the image's outermost pixels;
 * text features: which vocabulary tokens the text holds, and which "colour shape" phrases (singular or
   plural) it contains.
 """
@@ -18,7 +19,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastvlp.data.synth.palette import COLOURS, SHAPES
+from fastvlp.data.synth.palette import BACKGROUNDS, COLOURS, SHAPES
 
 MAX_COUNT = 4
 # RGB distance (0..1 a channel) under which a pixel counts as a palette colour after JPEG and resizing.
@@ -52,7 +53,7 @@ def object_colours(pixels: Tensor, boxes: Tensor) -> Tensor:
 
 def scene_features(targets: Sequence[Dict[str, Tensor]], pixels: Tensor, pixel_mask: Tensor,
                    class_names: Sequence[str]) -> Tensor:
-    """``[B, colours + shapes * (MAX_COUNT + 1) + colours * shapes]`` exact scene features (see the module
+    """``[B, colours + shapes * (MAX_COUNT + 1) + colours * shapes + tints]`` exact scene features (see the module
     docstring). ``targets``: detection targets with ``labels`` and ``boxes`` normalised to each image's own
     size (None for an image without annotations); ``pixels``: ``[B, 3, H, W]`` in 0..1, padded at the bottom
     and right where ``pixel_mask`` ``[B, H, W]`` is True; ``class_names``: the label space's names."""
@@ -62,6 +63,7 @@ def scene_features(targets: Sequence[Dict[str, Tensor]], pixels: Tensor, pixel_m
         raise ValueError(f"pixel_mask: expected shape {[pixels.shape[0], *pixels.shape[2:]]}, got {list(pixel_mask.shape)}")
     shape_of_class = {i: SHAPES.index(name) for i, name in enumerate(class_names) if name in SHAPES}
     num_colours, num_shapes = len(COLOURS), len(SHAPES)
+    tints = torch.tensor(list(BACKGROUNDS.values()), dtype=pixels.dtype) / 255
     rows = []
     for target, image, mask in zip(targets, pixels, pixel_mask):
         image = image[:, : int((~mask[:, 0]).sum()), : int((~mask[0]).sum())]  # the image's own extent
@@ -79,8 +81,16 @@ def scene_features(targets: Sequence[Dict[str, Tensor]], pixels: Tensor, pixel_m
                     if colour >= 0:
                         pairs[colour, shape] = 1
         count_one_hot = torch.nn.functional.one_hot(counts.clamp(max=MAX_COUNT), MAX_COUNT + 1).float().flatten()
-        rows.append(torch.cat((colour_present, count_one_hot, pairs.flatten())))
+        rows.append(torch.cat((colour_present, count_one_hot, pairs.flatten(), background_tint(image, tints))))
     return torch.stack(rows)
+
+
+def background_tint(image: Tensor, tints: Tensor) -> Tensor:
+    """One-hot ``[tints]``: the tint nearest to the median colour of ``image``'s (``[3, H, W]``, 0..1)
+    outermost ring of pixels, which the synthetic scenes keep clear of shapes."""
+    ring = torch.cat((image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]), dim=1)
+    nearest = (ring.median(dim=1).values[None] - tints).norm(dim=1).argmin()
+    return torch.nn.functional.one_hot(nearest, len(tints)).to(image.dtype)
 
 
 def phrase_token_ids(encode) -> List[List[int]]:
