@@ -30,7 +30,6 @@ BACKGROUNDS = {
     "lime": (214, 246, 168),
     "cream": (248, 234, 190),
 }
-BACKGROUND_NAMES = tuple(BACKGROUNDS)
 # Each background is drawn within this many levels of its tint, per channel.
 BACKGROUND_JITTER = 6
 

@@ -1,4 +1,4 @@
-"""Scene model of the synthetic images: a few flat shapes, none overlapping, on a light background of a named tint.
+"""Scene model of the synthetic images: a few flat shapes, none overlapping, on a named light tint.
 
 A scene is sampled from a `ScenePlan` so that the VQA generator can choose its answers first (the colour of
 the one object of its kind, and how many copies of another kind there are) and the scene is built to match.
