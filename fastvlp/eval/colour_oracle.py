@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from fastvlp.data.synth.palette import BACKGROUNDS, COLOURS
 from fastvlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fastvlp.eval.itm_ceiling import COLOUR_TOLERANCE, palette_tensor
+from fastvlp.eval.itm_ceiling import COLOUR_TOLERANCE, palette_tensor, tint_tensor
 
 # Share of a cell's pixels a colour must cover to count as present there: stray pixels at blended edges
 # stay below it, the smallest shapes (about 15 pixels across) are well above it.
@@ -24,9 +24,9 @@ class ColourOracle(nn.Module):
     ``len(COLOURS)`` channels) or a background tint (the last ``len(BACKGROUNDS)``) is present and 0
     elsewhere (``[B, colours + tints, ceil(H / stride), ceil(W / stride)]``), under the key the backbone
     reads. A pixel near no palette colour belongs to its nearest tint (texture marks, a little darker than
-    their background, stay nearest to it); ``tints=False`` leaves the tint channels out. Presence rather than the covered fraction, so that the tokens
-    differ between images by as much as the projection's weights, not by the few per cent that a shape
-    covers of a cell."""
+    their background, stay nearest to it); ``tints=False`` leaves the tint channels out. Presence rather
+    than the covered fraction, so that the tokens differ between images by as much as the projection's
+    weights, not by the few per cent that a shape covers of a cell."""
 
     def __init__(self, stride: int, output_key: str, tints: bool = True):
         super().__init__()
@@ -34,20 +34,19 @@ class ColourOracle(nn.Module):
             raise ValueError(f"stride: expected a positive int, got {stride!r}")
         self.stride, self.output_key, self.with_tints = stride, output_key, bool(tints)
         self.register_buffer("palette", palette_tensor())
-        self.register_buffer("tints", torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 255)
+        self.register_buffer("tints", tint_tensor())
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN)[:, None, None])
         self.register_buffer("std", torch.tensor(IMAGENET_STD)[:, None, None])
 
     def forward(self, images: Tensor):
         pixels = images * self.std + self.mean
         distance = (pixels[:, None] - self.palette[None, :, :, None, None]).norm(dim=2)
-        covered = distance < COLOUR_TOLERANCE
-        if not self.with_tints:
-            return {self.output_key: (F.avg_pool2d(covered.float(), self.stride, self.stride, ceil_mode=True) >= PRESENCE_SHARE).float()}
-        tint_distance = (pixels[:, None] - self.tints[None, :, :, None, None]).norm(dim=2)
-        nearest_tint = F.one_hot(tint_distance.argmin(1), len(self.tints)).permute(0, 3, 1, 2).bool()
-        tinted = nearest_tint & ~covered.any(1, keepdim=True)
-        share = F.avg_pool2d(torch.cat((covered, tinted), 1).float(), self.stride, self.stride, ceil_mode=True)
+        present = distance < COLOUR_TOLERANCE
+        if self.with_tints:
+            tint_distance = (pixels[:, None] - self.tints[None, :, :, None, None]).norm(dim=2)
+            nearest_tint = F.one_hot(tint_distance.argmin(1), len(self.tints)).permute(0, 3, 1, 2).bool()
+            present = torch.cat((present, nearest_tint & ~present.any(1, keepdim=True)), 1)
+        share = F.avg_pool2d(present.float(), self.stride, self.stride, ceil_mode=True)
         return {self.output_key: (share >= PRESENCE_SHARE).float()}
 
 

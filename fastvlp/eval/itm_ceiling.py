@@ -31,6 +31,11 @@ def palette_tensor() -> Tensor:
     return torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
 
 
+def tint_tensor() -> Tensor:
+    """``[tints, 3]`` background tints' RGB in 0..1, in ``BACKGROUNDS`` order."""
+    return torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 255
+
+
 def object_colours(pixels: Tensor, boxes: Tensor) -> Tensor:
     """Palette index of each box's dominant colour (-1 where no pixel of the box is near a palette colour).
 
@@ -63,7 +68,7 @@ def scene_features(targets: Sequence[Dict[str, Tensor]], pixels: Tensor, pixel_m
         raise ValueError(f"pixel_mask: expected shape {[pixels.shape[0], *pixels.shape[2:]]}, got {list(pixel_mask.shape)}")
     shape_of_class = {i: SHAPES.index(name) for i, name in enumerate(class_names) if name in SHAPES}
     num_colours, num_shapes = len(COLOURS), len(SHAPES)
-    tints = torch.tensor(list(BACKGROUNDS.values()), dtype=pixels.dtype) / 255
+    tints = tint_tensor().to(pixels.dtype)
     rows = []
     for target, image, mask in zip(targets, pixels, pixel_mask):
         image = image[:, : int((~mask[:, 0]).sum()), : int((~mask[0]).sum())]  # the image's own extent
