@@ -40,8 +40,9 @@ for spec in vqa:300 nlvr2:400 caption:400 retrieval:400 detection:800; do
     name=$task; [ "$seed" = "$FIRST_SEED" ] || name=$task.seed$seed
     $FASTVLP finetune --task "$task" --init "$INIT" --data "$DATA" --out "$OUT/$name" --max-steps "$steps" \
       --batch-size 16 --device "$DEVICE" --num-workers "$NUM_WORKERS" --seed "$seed"
+    predictions=(); [ "$task" = vqa ] && predictions=(--predictions "$OUT/$name.predictions.json")
     $FASTVLP evaluate --task "$task" --checkpoint "$OUT/$name/checkpoints/step-$steps" --data "$DATA" \
-      --device "$DEVICE" --out "$OUT/$name.eval.json"
+      --device "$DEVICE" --out "$OUT/$name.eval.json" "${predictions[@]}"
   done
 done
 $PYTHON "$(dirname "$0")/downstream_table.py" "$OUT" "$DATA"

@@ -1,6 +1,8 @@
 """Print the downstream check's table: each task's metrics from OUT/<task>.eval.json next to its target and,
 for VQA and captioning, the trivial baselines computed from the data. Runs of further seeds
-(OUT/<task>.seed<N>.eval.json) add each seed's value and the mean over all seeds.
+(OUT/<task>.seed<N>.eval.json) add each seed's value and the mean over all seeds. With the VQA predictions
+(OUT/vqa.predictions.json), a second table gives VQA's accuracy for each kind of question of the synthetic
+set next to the question-type prior on the same questions.
 
     python scripts/downstream_table.py OUT DATA
 """
@@ -9,6 +11,8 @@ import sys
 from pathlib import Path
 
 from fastvlp.data.readers.vqa import read_vqa
+from fastvlp.data.synth.questions import QUESTION_KINDS, question_kind
+from fastvlp.eval import vqa_accuracy
 from fastvlp.train.tasks.caption import caption_baseline, read_caption_records
 from fastvlp.train.tasks.vqa import vqa_baselines
 
@@ -40,7 +44,27 @@ def main(out: Path, data: Path) -> None:
             values = [value, *others]
             shown += f" (other seeds: {', '.join(f'{v:.3f}' for v in others)}; mean {sum(values) / len(values):.3f})"
         print(f"| {task} | {name} | {shown} | {target} |")
+    predictions = out / "vqa.predictions.json"
+    if predictions.is_file():
+        print_vqa_by_kind(json.loads(predictions.read_text()), data)
 
+
+def print_vqa_by_kind(predictions, data: Path) -> None:
+    """VQA accuracy and the question-type prior's, for each kind of question of the synthetic grammar."""
+    train = read_vqa(data / "vqa", data / "coco", "train").records
+    records = {r.question_id: r for r in read_vqa(data / "vqa", data / "coco", "val").records}
+    scores, kinds = {}, {}
+    for prediction in predictions:
+        record = records[prediction["question_id"]]
+        kinds.setdefault(question_kind(record.question), []).append(record)
+        scores[record.question_id] = vqa_accuracy(prediction["answer"], list(record.answers))
+    print("\n| VQA question kind | questions | accuracy | question-type prior |\n|---|---|---|---|")
+    for kind in QUESTION_KINDS:
+        if kind in kinds:
+            mine = kinds[kind]
+            accuracy = sum(scores[r.question_id] for r in mine) / len(mine)
+            prior = vqa_baselines(train, mine)["question_type_prior"]
+            print(f"| {kind} | {len(mine)} | {accuracy:.3f} | {prior:.3f} |")
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

@@ -127,8 +127,8 @@ def test_vqa_nlvr2_karpathy_read_back(synth_dir):
             assert record.answers == tuple(x["answer"] for x in raw_by_id[record.question_id]["answers"])
             assert record.image_path.name == f"{record.image_id:012d}.jpg"
         per_image.update(record.image_id for record in result)
-    # Every image is asked four questions, a few of them a fifth (the yes/no deck's spare cards).
-    assert len(per_image) == NUM_IMAGES and set(per_image.values()) <= {4, 5}
+    # Every image is asked five questions, a few of them a sixth (the yes/no deck's spare cards).
+    assert len(per_image) == NUM_IMAGES and set(per_image.values()) <= {5, 6}
 
     rows = 0
     for split in ("train", "dev", "test1"):
@@ -623,6 +623,6 @@ def test_image_index_names_ids_hints_and_links(tmp_path):
 def test_synth_command_line(tmp_path, capsys):
     assert synth_main(["--out", str(tmp_path), "--num-images", "3", "--seed", "1", "--datasets", "coco,vqa"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    # A folder of one or two images has spare yes/no cards enough for a fifth question on each image.
-    assert summary["coco"] == {"train": 1, "val": 2} and summary["vqa"] == {"train": 5, "val": 10}
+    # A folder of one or two images has spare yes/no cards enough for a sixth question on each image.
+    assert summary["coco"] == {"train": 1, "val": 2} and summary["vqa"] == {"train": 6, "val": 12}
     assert len(read_coco_karpathy(tmp_path / "coco")) == 3

@@ -13,6 +13,7 @@ from fastvlp.data.synth import main as synth_main
 from fastvlp.data.synth import write_synthetic_dataset
 from fastvlp.data.synth.palette import BACKGROUNDS, COLOURS, SHAPES, NUMBER_WORDS
 from fastvlp.data.synth.scene import is_left_of, sample_scene
+from fastvlp.data.synth.questions import question_kind
 from fastvlp.data.synth.splits import held_out_size
 from fastvlp.data.synth.statements import make_statement
 
@@ -203,6 +204,9 @@ def test_background_tints_are_far_from_every_shape_colour_and_from_each_other():
 
 def test_vqa_answers_follow_from_pixels(synth_dir):
     objects_by_image = {image["id"]: objects for image, objects in _instances_with_colours(synth_dir)}
+    tints = {image["id"]: _background_tint(synth_dir / "coco/images" / split / image["file_name"])
+             for split in ("train", "val")
+             for image in _json(synth_dir / f"coco/annotations/instances_{split}.json")["images"]}
     for split in ("train", "val"):
         questions = {
             q["question_id"]: q
@@ -211,8 +215,8 @@ def test_vqa_answers_follow_from_pixels(synth_dir):
         annotations = _json(synth_dir / f"vqa/v2_mscoco_{split}_annotations.json")["annotations"]
         assert len(annotations) == len(questions)
         per_image = Counter(q["image_id"] for q in questions.values())
-        assert set(per_image.values()) <= {4, 5}
-        assert sum(per_image.values()) == 4 * len(per_image) + (-len(per_image)) % 4
+        assert set(per_image.values()) <= {5, 6}
+        assert sum(per_image.values()) == 5 * len(per_image) + (-len(per_image)) % 4
         for a in annotations:
             q = questions[a["question_id"]]
             assert q["image_id"] == a["image_id"] and len(a["answers"]) == 10
@@ -223,7 +227,12 @@ def test_vqa_answers_follow_from_pixels(synth_dir):
             colour = re.match(r"What color is the (\w+)\?", q["question"])
             many = re.match(r"How many (\w+)s ", q["question"])
             exists = re.match(r"Is there an? (\w+) (\w+)\?", q["question"])
-            if colour:
+            kind = question_kind(q["question"])
+            assert (kind == "background colour") == (colour is not None and colour.group(1) == "background")
+            assert (kind == "count") == bool(many) and (kind == "existence") == bool(exists)
+            if colour and colour.group(1) == "background":
+                assert answer == tints[a["image_id"]] and a["answer_type"] == "other"
+            elif colour:
                 (match,) = [c for name, c, _ in objects if name == colour.group(1)]
                 assert answer == match and a["answer_type"] == "other"
             elif many:
@@ -239,15 +248,25 @@ def test_vqa_answers_follow_from_pixels(synth_dir):
                 assert answer == ("yes" if holds else "no")
 
 
+def test_question_kind_rejects_what_the_grammar_does_not_ask():
+    with pytest.raises(ValueError, match="question"):
+        question_kind("Why is the sky blue?")
+    with pytest.raises(TypeError, match="question"):
+        question_kind(None)
+
+
 def test_vqa_answer_balance(tmp_path):
     write_synthetic_dataset(tmp_path, num_images=200, seed=int(np.random.randint(0, 10_000)), datasets=("coco", "vqa"))
     everything = []
     for split in ("train", "val"):
         annotations = _json(tmp_path / f"vqa/v2_mscoco_{split}_annotations.json")["annotations"]
         images = {a["image_id"] for a in annotations}
-        # Four questions an image; the yes/no deck is dealt out whole, so a few images get a fifth.
-        assert len(annotations) == 4 * len(images) + (-len(images)) % 4
-        assert set(Counter(a["image_id"] for a in annotations).values()) <= {4, 5}
+        # Five questions an image; the yes/no deck is dealt out whole, so a few images get a sixth.
+        assert len(annotations) == 5 * len(images) + (-len(images)) % 4
+        assert set(Counter(a["image_id"] for a in annotations).values()) <= {5, 6}
+        # Every image's background is asked about once (the tints are the only answers no shape gives).
+        tints = Counter(a["image_id"] for a in annotations if a["multiple_choice_answer"] in BACKGROUNDS)
+        assert set(tints) == images and set(tints.values()) == {1}
         by_type = defaultdict(Counter)
         for a in annotations:
             by_type[a["question_type"]][a["multiple_choice_answer"]] += 1

@@ -170,8 +170,8 @@ def test_evaluate_is_the_official_accuracy_of_its_predictions(task, model, token
     root, _ = data
     result = task.evaluate(model, tokenizer, root, "val", CPU, 8, SMALL_SCALE)
     records = {r.question_id: r for r in read_vqa(root / "vqa", root / "coco", "val").records}
-    # 9 validation images: four questions each, and the yes/no deck's 3 spare cards as fifth questions.
-    assert result.task == "vqa" and result.split == "val" and result.num_examples == len(records) == 4 * 9 + 3
+    # 9 validation images: five questions each, and the yes/no deck's 3 spare cards as sixth questions.
+    assert result.task == "vqa" and result.split == "val" and result.num_examples == len(records) == 5 * 9 + 3
     assert [p["question_id"] for p in result.predictions] == list(records)
     assert set(p["answer"] for p in result.predictions) <= set(model.task_state["answers"])
     assert len(set(p["answer"] for p in result.predictions)) > 1

@@ -2,10 +2,12 @@
 
 `plan_questions` deals the answers from shuffled decks (every colour, over both colour questions; every
 count 1..4; every (yes/no kind, answer) pair) equally often, separately within each group of images (each
-VQA split), so no answer dominates a split or one of its question types. Each image gets four questions: the colour of the one
-object of its kind, a count, the colour of a second single object, and a yes/no question (existence or a
-left/above relation). The yes/no deck is always dealt out whole, so yes and no are exactly even in each
-yes/no question type; the up to three cards beyond one per image become a fifth question of a few images.
+VQA split), so no answer dominates a split or one of its question types. Each image gets five questions: the
+colour of the one object of its kind, a count, the colour of a second single object, a yes/no question
+(existence or a left/above relation), and the colour of the background (one of the tints, which no shape
+takes; VQA v2 asks "What color is the background?" too, under the same question type as the objects'
+colours). The yes/no deck is always dealt out whole, so yes and no are exactly even in each yes/no question
+type; the up to three cards beyond one per image become a sixth question of a few images.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastvlp.data.synth.palette import COLOUR_NAMES, SHAPES, number_word, with_article
+from fastvlp.data.synth.palette import BACKGROUNDS, COLOUR_NAMES, SHAPES, number_word, with_article
 from fastvlp.data.synth.scene import MAX_COUNTED, MIN_COUNTED, Scene, ScenePlan, is_above, is_left_of
 
 ANSWERS_PER_QUESTION = 10
@@ -110,7 +112,7 @@ def _relation(rng: np.random.Generator, scene: Scene, answer: str) -> SynthQuest
 
 
 def ask_questions(rng: np.random.Generator, scene: Scene, plan: QuestionPlan) -> list[SynthQuestion]:
-    """The questions of an image built from `plan` (four, or five with a spare yes/no card); every answer is
+    """The questions of an image built from `plan` (five, or six with a spare yes/no card); every answer is
     read off the scene."""
     named = scene.only(scene.named_shape)
     partner = scene.only(scene.partner_shape)
@@ -129,6 +131,10 @@ def ask_questions(rng: np.random.Generator, scene: Scene, plan: QuestionPlan) ->
     for kind, answer in plan.yes_no:
         make = _existence if kind == "existence" else _relation
         questions.append(make(rng, scene, answer))
+    # Last, and drawing nothing from `rng`: the other questions and their annotator answers stay as they were.
+    questions.append(
+        SynthQuestion("What color is the background?", "what color is the", "other", scene.background_name)
+    )
     return questions
 
 
@@ -142,7 +148,8 @@ def _noisy_answer(rng: np.random.Generator, answer: str, answer_type: str) -> st
         return str(value + 1 if value == 0 or rng.random() < 0.5 else value - 1)
     if rng.random() < 0.4:
         return f"{'dark' if rng.random() < 0.5 else 'light'} {answer}"
-    others = [c for c in COLOUR_NAMES if c != answer]
+    names = tuple(BACKGROUNDS) if answer in BACKGROUNDS else COLOUR_NAMES  # a tint is mistaken for a tint
+    others = [c for c in names if c != answer]
     return others[int(rng.integers(len(others)))]
 
 
@@ -158,3 +165,21 @@ def annotator_answers(rng: np.random.Generator, answer: str, answer_type: str) -
             text, confidence = answer, ("yes" if rng.random() < 0.9 else "maybe")
         answers.append({"answer": text, "answer_confidence": confidence, "answer_id": i + 1})
     return answers
+
+
+QUESTION_KINDS = ("background colour", "object colour", "count", "existence", "relation")
+
+
+def question_kind(question: str) -> str:
+    """Which of the synthetic grammar's questions `question` is, one of `QUESTION_KINDS`: VQA's question types
+    put the background's colour and the objects' colours under one type, and existence and relation
+    questions under yes/no, so the kinds tell apart what the types mix."""
+    if not isinstance(question, str):
+        raise TypeError(f"question: expected a str, got {type(question).__name__}")
+    if question == "What color is the background?":
+        return "background colour"
+    for prefix, kind in (("What color is the ", "object colour"), ("How many ", "count"),
+                         ("Is there ", "existence"), ("Is the ", "relation")):
+        if question.startswith(prefix):
+            return kind
+    raise ValueError(f"question: not one of the synthetic grammar's questions: {question!r}")
