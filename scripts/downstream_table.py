@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 from fastvlp.data.readers.vqa import read_vqa
-from fastvlp.data.synth.questions import QUESTION_KINDS, question_kind
-from fastvlp.eval import vqa_accuracy
+from fastvlp.eval.question_kinds import accuracy_by_question_kind
 from fastvlp.train.tasks.caption import caption_baseline, read_caption_records
 from fastvlp.train.tasks.vqa import vqa_baselines
 
@@ -51,20 +50,11 @@ def main(out: Path, data: Path) -> None:
 
 def print_vqa_by_kind(predictions, data: Path) -> None:
     """VQA accuracy and the question-type prior's, for each kind of question of the synthetic grammar."""
-    train = read_vqa(data / "vqa", data / "coco", "train").records
-    records = {r.question_id: r for r in read_vqa(data / "vqa", data / "coco", "val").records}
-    scores, kinds = {}, {}
-    for prediction in predictions:
-        record = records[prediction["question_id"]]
-        kinds.setdefault(question_kind(record.question), []).append(record)
-        scores[record.question_id] = vqa_accuracy(prediction["answer"], list(record.answers))
+    kinds = accuracy_by_question_kind(predictions, read_vqa(data / "vqa", data / "coco", "val").records,
+                                      read_vqa(data / "vqa", data / "coco", "train").records)
     print("\n| VQA question kind | questions | accuracy | question-type prior |\n|---|---|---|---|")
-    for kind in QUESTION_KINDS:
-        if kind in kinds:
-            mine = kinds[kind]
-            accuracy = sum(scores[r.question_id] for r in mine) / len(mine)
-            prior = vqa_baselines(train, mine)["question_type_prior"]
-            print(f"| {kind} | {len(mine)} | {accuracy:.3f} | {prior:.3f} |")
+    for kind, row in kinds.items():
+        print(f"| {kind} | {row['questions']} | {row['accuracy']:.3f} | {row['question_type_prior']:.3f} |")
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

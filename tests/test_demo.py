@@ -44,6 +44,11 @@ def test_results_are_the_evaluations_and_the_baselines_come_from_the_data(demo):
     expected = vqa_baselines(read_vqa(data / "vqa", data / "coco", "train").records,
                              read_vqa(data / "vqa", data / "coco", "val").records)
     assert results["baselines"]["vqa"] == pytest.approx(expected)
+    # Every validation question is of one kind of the synthetic grammar, and each kind's figures are its own.
+    kinds = results["vqa_question_kinds"]
+    val = read_vqa(data / "vqa", data / "coco", "val").records
+    assert sum(row["questions"] for row in kinds.values()) == len(val) and "background colour" in kinds
+    assert all(0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["question_type_prior"] <= 1.0 for row in kinds.values())
 
 
 def test_the_loss_plot_is_written(demo):
@@ -78,6 +83,17 @@ def test_results_table_puts_each_answer_type_next_to_its_prior():
     assert rows[("vqa", "yes_no", "0.730")].endswith("question-type prior 0.450")
     assert rows[("caption", "cider", "0.610")].endswith("most frequent caption 0.560")
     assert len(rows) == 4
+
+
+def test_results_table_adds_each_question_kind_next_to_its_prior():
+    kinds = {"background colour": {"questions": 9, "accuracy": 0.87, "question_type_prior": 0.0},
+             "count": {"questions": 4, "accuracy": 0.5, "question_type_prior": 0.25}}
+    table = results_table({"vqa": {"accuracy": 0.41}}, {"vqa": {"most_frequent_answer": 0.12, "question_type_prior": 0.23}},
+                          kinds)
+    rows = {tuple(line.split()[:3]): line for line in table.splitlines()[2:]}
+    assert rows[("vqa", "background_colour", "0.870")].endswith("question-type prior 0.000 (9 questions)")
+    assert rows[("vqa", "count", "0.500")].endswith("question-type prior 0.250 (4 questions)")
+    assert len(rows) == 3
 
 
 def test_missing_weights_or_vocabulary_are_refused_before_anything_is_written(tmp_path, capsys):

@@ -58,25 +58,32 @@ def _check_arguments(args) -> Optional[str]:
     return None
 
 
-def results_table(results: Dict[str, Dict[str, float]], baselines: Dict[str, Dict[str, float]]) -> str:
-    lines = [f"{'task':<8} {'metric':<9} {'model':>7}   baseline", "-" * 64]
+def results_table(results: Dict[str, Dict[str, float]], baselines: Dict[str, Dict[str, float]],
+                  question_kinds: Optional[Dict[str, Dict[str, float]]] = None) -> str:
+    """The demo's table; ``question_kinds`` (from :func:`fastvlp.eval.question_kinds.accuracy_by_question_kind`)
+    adds VQA's accuracy for each kind of synthetic question next to the question-type prior's."""
+    lines = [f"{'task':<8} {'metric':<17} {'model':>7}   baseline", "-" * 72]
     vqa = results.get("vqa", {})
     if "accuracy" in vqa:
         base = baselines.get("vqa", {})
-        lines.append(f"{'vqa':<8} {'accuracy':<9} {vqa['accuracy']:>7.3f}   most frequent answer "
+        lines.append(f"{'vqa':<8} {'accuracy':<17} {vqa['accuracy']:>7.3f}   most frequent answer "
                      f"{base.get('most_frequent_answer', float('nan')):.3f}, question-type prior "
                      f"{base.get('question_type_prior', float('nan')):.3f}")
         # Per answer type: which kinds of question the model answers better than the question alone does.
         for metric in sorted(m for m in vqa if m.startswith("accuracy_")):
             answer_type = metric[len("accuracy_"):]
             prior = base.get(f"question_type_prior_{answer_type}", float("nan"))
-            lines.append(f"{'vqa':<8} {answer_type:<9} {vqa[metric]:>7.3f}   question-type prior {prior:.3f}")
+            lines.append(f"{'vqa':<8} {answer_type:<17} {vqa[metric]:>7.3f}   question-type prior {prior:.3f}")
+        # Per kind of synthetic question: the answer types mix the background's colour with the objects'.
+        for kind, row in (question_kinds or {}).items():
+            lines.append(f"{'vqa':<8} {kind.replace(' ', '_'):<17} {row['accuracy']:>7.3f}   question-type prior "
+                         f"{row['question_type_prior']:.3f} ({row['questions']} questions)")
     caption = results.get("caption", {})
     for metric in ("cider", "bleu4", "meteor", "rouge_l", "distinct"):
         if metric in caption:
             base = baselines.get("caption", {}).get(metric)
             base_text = "" if base is None else f"most frequent caption {base:.3f}"
-            lines.append(f"{'caption':<8} {metric:<9} {caption[metric]:>7.3f}   {base_text}")
+            lines.append(f"{'caption':<8} {metric:<17} {caption[metric]:>7.3f}   {base_text}")
     return "\n".join(lines)
 
 
@@ -90,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from fastvlp.data.readers.vqa import read_vqa
     from fastvlp.data.synth import write_synthetic_dataset
+    from fastvlp.eval.question_kinds import accuracy_by_question_kind
     from fastvlp.inference import Predictor
     from fastvlp.train.finetune import FinetuneOptions, run_finetuning
     from fastvlp.train.loop import NonFiniteLossError, RunExistsError
@@ -122,21 +130,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastvlp demo: {error}", file=sys.stderr)
         return 1
 
-    results, baselines = {}, {}
+    results, baselines, predictions = {}, {}, {}
     for task, run in runs.items():
         evaluation = Predictor.from_checkpoint(run.checkpoint, device=args.device).evaluate(data)
-        results[task] = evaluation.metrics
+        results[task], predictions[task] = evaluation.metrics, evaluation.predictions
         (out / f"{task}_eval.json").write_text(json.dumps(evaluation.to_dict(), indent=1), encoding="utf-8")
-    baselines["vqa"] = vqa_baselines(read_vqa(data / "vqa", data / "coco", "train").records,
-                                     read_vqa(data / "vqa", data / "coco", "val").records)
+    vqa_train = read_vqa(data / "vqa", data / "coco", "train").records
+    vqa_val = read_vqa(data / "vqa", data / "coco", "val").records
+    baselines["vqa"] = vqa_baselines(vqa_train, vqa_val)
+    try:
+        question_kinds = accuracy_by_question_kind(predictions["vqa"] or [], vqa_val, vqa_train)
+    except ValueError:  # data of the user's own in OUT/data, not the synthetic grammar's questions
+        question_kinds = {}
     baselines["caption"] = caption_baseline(read_caption_records(data, "train").records,
                                             read_caption_records(data, "test").records)
-    (out / "results.json").write_text(json.dumps({"model": results, "baselines": baselines}, indent=1), encoding="utf-8")
+    summary = {"model": results, "baselines": baselines, "vqa_question_kinds": question_kinds}
+    (out / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     plot = out / "loss.png"
     reason = plot_runs({"pre-training": pretrained.metrics_path, "vqa": runs["vqa"].metrics_path,
                         "captioning": runs["caption"].metrics_path}, plot)
     print()
-    print(results_table(results, baselines))
+    print(results_table(results, baselines, question_kinds))
     print()
     print(f"results:     {out / 'results.json'}")
     print(f"checkpoints: {out / 'pretrain'}, {out / 'vqa'}, {out / 'caption'} (checkpoints/step-N)")
