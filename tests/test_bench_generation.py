@@ -58,9 +58,9 @@ def _fake_run(monkeypatch, captions_by_backend, logits_by_backend, raw_ms=(1.0,)
     monkeypatch.setattr(generation, "build_models", lambda preset, backends, device, seed: (
         {backend: SimpleNamespace(config=config, backend=backend) for backend in backends}, None))
 
-    def caption_row(model, backend, inputs, max_length, num_beams, use_cache):
-        order.append(("cache" if use_cache else "no-cache", backend))
-        row = common.result_row(f"caption-{use_cache}", backend, inputs.shape, timings(backend))
+    def caption_row(model, backend, inputs, max_length, num_beams, mode):
+        order.append((mode, backend))
+        row = common.result_row(f"caption-{mode}", backend, inputs.shape, timings(backend))
         row["tokens_per_s"] = 1.0
         return row, captions_by_backend[backend]
 
@@ -97,7 +97,7 @@ def test_float32_outputs_that_differ_from_the_first_backend_are_wrong_results(mo
     logits = {"fastvlp": torch.zeros(2, 3), "torch": torch.full((2, 3), 0.5)}
     _fake_run(monkeypatch, captions, logits)
     rows = {(row["name"], row["contender"]): row for row in _run()}
-    torch_caption = rows[("caption-True", "torch")]
+    torch_caption = rows[("caption-cache", "torch")]
     assert torch_caption["captions_equal_to_first_backend"] == 0.5
     assert torch_caption["status"] == "wrong result: 1 of 2 captions differ from fastvlp's in float32"
     assert rows[("vqa", "torch")]["max_abs_logit_diff_to_first_backend"] == 0.5
@@ -128,7 +128,7 @@ def test_the_printed_ratio_says_when_a_row_had_not_settled(monkeypatch, capsys):
     assert first["contender"] == "fastvlp" and first["drift"] == 2.0 and first["settled"] is False
     assert rows[1]["settled"] is True
     out = capsys.readouterr().out
-    assert "caption-True: fastvlp's speed-up over torch: 1.00x (unsettled: fastvlp drift 2.00)" in out
+    assert "caption-cache: fastvlp's speed-up over torch: 1.00x (unsettled: fastvlp drift 2.00)" in out
 
 
 def test_the_warm_up_has_a_time_floor_on_gpus_only():
@@ -166,3 +166,20 @@ def test_generation_bench_without_a_gpu_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(TINY + ["--device", "cuda", "--out-dir", str(tmp_path)])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_caption_mode_outside_the_three_is_refused():
+    with pytest.raises(ValueError, match="mode"):
+        generation.caption_row(None, "fastvlp", None, 4, 4, "graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_captured_decoding_is_measured_and_gives_the_cached_captions(tmp_path):
+    argv = [a if a != "cpu" else "cuda" for a in TINY]
+    assert main(argv + ["--out-dir", str(tmp_path)]) == 0
+    [json_path] = tmp_path.glob("*/generation.json")
+    rows = {(row["name"], row["contender"]): row for row in json.loads(json_path.read_text())["results"]}
+    for backend in ("fastvlp", "torch"):
+        graph = rows[("caption-beam4-cuda-graph", backend)]
+        assert graph["cuda_graph"] is True and graph["generated_tokens"] == 2 * 4
+        assert rows[("caption-beam4-cache", backend)]["cuda_graph"] is False

@@ -119,22 +119,32 @@ class Inputs:
     question_mask: torch.Tensor
 
 
-def caption_row(model, backend: str, inputs: Inputs, max_length: int, num_beams: int, use_cache: bool):
-    """A captioning row of ``model`` and the captions it returned."""
+CAPTION_MODES = ("cache", "no-cache", "cuda-graph")
+
+
+def caption_row(model, backend: str, inputs: Inputs, max_length: int, num_beams: int, mode: str):
+    """A captioning row of ``model`` and the captions it returned. ``mode``: ``"cache"`` (the growing
+    key/value cache), ``"no-cache"`` or ``"cuda-graph"`` (fixed-size caches, each call capturing its step
+    once and replaying it for every token: the capture is in the timing)."""
     from fastvlp.models.generation import generate_captions
+
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"mode: expected one of {CAPTION_MODES}, got {mode!r}")
+    use_cache = mode != "no-cache"
 
     def caption():
         return generate_captions(model, inputs.images, inputs.pixel_mask, bos_id=CLS, eos_id=SEP, pad_id=PAD,
-                                 max_length=max_length, num_beams=num_beams, use_cache=use_cache)
+                                 max_length=max_length, num_beams=num_beams, use_cache=use_cache,
+                                 cuda_graph=mode == "cuda-graph")
 
     with torch.inference_mode():
         timings = time_calls(caption, inputs.repeats, inputs.warmup, inputs.device)
         captions = caption()
     tokens = sum(len(tokens) for tokens in captions)
-    name = f"caption-beam{num_beams}-" + ("cache" if use_cache else "no-cache")
-    row = result_row(name, backend, f"{inputs.shape} len{max_length}", timings, device=inputs.device.type,
-                     batch_size=len(captions), max_length=max_length, num_beams=num_beams, use_cache=use_cache,
-                     generated_tokens=tokens, attention=model.backend_report()["attention"])
+    row = result_row(f"caption-beam{num_beams}-{mode}", backend, f"{inputs.shape} len{max_length}", timings,
+                     device=inputs.device.type, batch_size=len(captions), max_length=max_length, num_beams=num_beams,
+                     use_cache=use_cache, cuda_graph=mode == "cuda-graph", generated_tokens=tokens,
+                     attention=model.backend_report()["attention"])
     if use_cache:
         row["cached_step_attention"] = (
             "torch.nn.functional.scaled_dot_product_attention" if backend == "torch" else "fastvlp.ops.fmha.dispatch"
@@ -203,9 +213,10 @@ def describe_ratios(rows: Sequence[Dict[str, object]]) -> List[str]:
 def run(preset: str = "tiny", batch_size: int = 8, max_length: int = 20, num_beams: int = 4, repeats: int = 5,
         warmup: int = 2, device: str = "cpu", backends: Sequence[str] = ("fastvlp", "torch"),
         image_size: Optional[Tuple[int, int]] = None, question_length: int = 20, seed: int = 0) -> List[Dict[str, object]]:
-    """Rows of the three measurements (captions with and without the cache, VQA) for every backend, each
-    compared with the first backend's output. The backends take turns going first from one measurement to
-    the next, so that no backend is always the one timed first."""
+    """Rows of the measurements (captions with and without the cache, on CUDA also with the cached step
+    replayed from a CUDA graph, and VQA) for every backend, each compared with the first backend's output.
+    The backends take turns going first from one measurement to the next, so that no backend is always the
+    one timed first."""
     device = torch.device(device)
     backends = list(backends)
     models, vqa_head = build_models(preset, backends, device, seed)
@@ -219,16 +230,17 @@ def run(preset: str = "tiny", batch_size: int = 8, max_length: int = 20, num_bea
     spin_up(device)  # before the first contender, which would otherwise be timed while the GPU's clocks rise
     first = backends[0]
     rows: List[Dict[str, object]] = []
-    for turn, use_cache in enumerate((True, False, None)):  # None: VQA
+    modes = ("cache", "no-cache") + (("cuda-graph",) if device.type == "cuda" else ()) + ("vqa",)
+    for turn, mode in enumerate(modes):
         order = backends if turn % 2 == 0 else backends[::-1]
-        if use_cache is None:
+        if mode == "vqa":
             measured = {backend: vqa_row(models[backend], backend, vqa_head, inputs) for backend in order}
         else:
-            measured = {backend: caption_row(models[backend], backend, inputs, max_length, num_beams, use_cache)
+            measured = {backend: caption_row(models[backend], backend, inputs, max_length, num_beams, mode)
                         for backend in order}
         for backend in backends:
             row, output = measured[backend]
-            compare = compare_answers if use_cache is None else compare_captions
+            compare = compare_answers if mode == "vqa" else compare_captions
             compare(row, output, measured[first][1], first, exact)
             rows.append(row)
             print(describe_row(row))

@@ -17,6 +17,7 @@ from fastvlp.models.presets import (
 )
 from fastvlp.models.pretraining_batch import PretrainingBatch, make_pretraining_batch, mismatch_texts
 from fastvlp.models.static_batch import with_static_targets
+from fastvlp.models.static_caption_cache import CapturedCaptionDecoder, StaticCaptionDecoder
 from fastvlp.models.text_embeddings import TextEmbeddings
 from fastvlp.models.transformer import TransformerDecoder, TransformerEncoder
 
@@ -26,6 +27,7 @@ __all__ = [
     "PAPER_PARAMETER_COUNTS",
     "PRESETS",
     "Backbone",
+    "CapturedCaptionDecoder",
     "DetectionHeads",
     "DetectionOutput",
     "E2EVLP",
@@ -35,6 +37,7 @@ __all__ = [
     "IncrementalCaptionDecoder",
     "PretrainingBatch",
     "PretrainingOutput",
+    "StaticCaptionDecoder",
     "TextEmbeddings",
     "TokenPredictionHead",
     "TransformerDecoder",

@@ -85,15 +85,11 @@ class IncrementalCaptionDecoder:
         """``token_ids`` int ``[B]`` at position ``self.length`` -> logits ``[B, vocab_size]`` of the next token."""
         if not isinstance(token_ids, Tensor) or token_ids.dim() != 1 or token_ids.shape[0] != self.batch_size:
             raise ValueError(f"token_ids: expected an integer tensor [{self.batch_size}], got {getattr(token_ids, 'shape', token_ids)}")
-        x = self.model.text_embeddings(token_ids[:, None], position_offset=self.length).to(self.dtype)  # [B, 1, d]
+        x = self._embed(token_ids[:, None]).to(self.dtype)  # [B, 1, d]
         for index, layer in enumerate(self.layers):
             (w_q, w_k, w_v), (b_q, b_k, b_v) = _split_in_projection(layer.self_attn)
             q, k, v = (self._heads(F.linear(x, w, b)) for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v)))
-            if self.self_cache[index] is not None:
-                past_k, past_v = self.self_cache[index]
-                k, v = torch.cat((past_k, k), 1), torch.cat((past_v, v), 1)
-            self.self_cache[index] = (k, v)
-            x = layer.norm1(x + self._attend(layer.self_attn, q, k, v))
+            x = layer.norm1(x + self._self_attention(index, layer.self_attn, q, k, v))
 
             (w_q, _, _), (b_q, _, _) = _split_in_projection(layer.multihead_attn)
             memory_k, memory_v = self.cross_cache[index]
@@ -101,8 +97,23 @@ class IncrementalCaptionDecoder:
             x = layer.norm2(x + self._attend(layer.multihead_attn, q, memory_k, memory_v, self.memory_padding_mask))
 
             x = layer.norm3(x + layer.linear2(layer.activation(layer.linear1(x))))
-        self.length += 1
+        self._advance()
         return self.model.caption_head(self.model.decoder.norm(x))[:, 0]
+
+    def _embed(self, token_ids: Tensor) -> Tensor:
+        """``[B, 1]`` ids at position ``self.length`` -> their text embeddings ``[B, 1, d]``."""
+        return self.model.text_embeddings(token_ids, position_offset=self.length)
+
+    def _self_attention(self, index: int, attention: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The new token's query over layer ``index``'s cached keys and values and its own."""
+        if self.self_cache[index] is not None:
+            past_k, past_v = self.self_cache[index]
+            k, v = torch.cat((past_k, k), 1), torch.cat((past_v, v), 1)
+        self.self_cache[index] = (k, v)
+        return self._attend(attention, q, k, v)
+
+    def _advance(self) -> None:
+        self.length += 1
 
     def reorder(self, rows: Tensor) -> None:
         """Row ``i`` continues from the cached prefix of row ``rows[i]`` (int64 ``[B]``)."""

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fastvlp.models.caption_cache import IncrementalCaptionDecoder
 from fastvlp.models.outputs import EncoderOutput
+from fastvlp.models.static_caption_cache import CapturedCaptionDecoder, StaticCaptionDecoder
 
 
 def gnmt_length_penalty(length: int, alpha: float) -> float:
@@ -32,12 +33,24 @@ def gnmt_length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def graph_decoder(model: nn.Module, encoded: EncoderOutput, max_length: int) -> CapturedCaptionDecoder:
+    """The decoder of ``generate_captions(..., cuda_graph=True)``: fixed-size caches, the step captured."""
+    device = encoded.memory.device
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph: a CUDA graph needs the model on a CUDA device, got {device}")
+    return CapturedCaptionDecoder(StaticCaptionDecoder(model, encoded, max_length), warmup_steps=min(2, max_length))
+
+
 class _StepLogProbs:
     """Log-probabilities of the next token for a growing batch of prefixes, with or without a cache."""
 
-    def __init__(self, model: nn.Module, encoded: EncoderOutput, use_cache: bool, banned: List[int]):
+    def __init__(self, model: nn.Module, encoded: EncoderOutput, use_cache: bool, banned: List[int],
+                 cuda_graph: bool = False, max_length: int = 0):
         self.model, self.encoded, self.banned = model, encoded, banned
-        self.cache = IncrementalCaptionDecoder(model, encoded) if use_cache else None
+        if cuda_graph:
+            self.cache = graph_decoder(model, encoded, max_length)
+        else:
+            self.cache = IncrementalCaptionDecoder(model, encoded) if use_cache else None
 
     def __call__(self, prefixes: Tensor) -> Tensor:
         if self.cache is not None:
@@ -59,7 +72,7 @@ def _check_token_id(name: str, value, vocab_size: int) -> int:
     return value
 
 
-def _check_arguments(model, bos_id, eos_id, pad_id, max_length, num_beams, length_penalty, use_cache):
+def _check_arguments(model, bos_id, eos_id, pad_id, max_length, num_beams, length_penalty, use_cache, cuda_graph):
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "caption_logits"):
         raise TypeError(f"model: expected an E2EVLP model, got {type(model).__name__}")
@@ -75,6 +88,10 @@ def _check_arguments(model, bos_id, eos_id, pad_id, max_length, num_beams, lengt
         raise ValueError(f"length_penalty: expected a finite number, got {length_penalty!r}")
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache: expected bool, got {type(use_cache).__name__}")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph: expected bool, got {type(cuda_graph).__name__}")
+    if cuda_graph and not use_cache:
+        raise ValueError("cuda_graph: the captured step decodes with the cache; pass use_cache=True")
 
 
 def generate_captions(
@@ -91,19 +108,23 @@ def generate_captions(
     use_cache: bool = True,
     encoded: Optional[EncoderOutput] = None,
     return_scores: bool = False,
+    cuda_graph: bool = False,
 ) -> Union[List[List[int]], Tuple[List[List[int]], List[float]]]:
     """Caption token ids for each image of ``images`` ``[B, 3, H, W]`` / ``pixel_mask`` ``[B, H, W]``.
 
     Returns one list per image of at most ``max_length`` generated ids, without ``bos_id`` and without
     the final ``eos_id``. ``num_beams=1`` decodes greedily; otherwise beam search (module docstring) with
     GNMT's length penalty exponent ``length_penalty``. ``use_cache`` decodes with per-layer key/value
-    caches (same result, O(t) per step). ``encoded`` may replace the images (both None then) with a precomputed
+    caches (same result, O(t) per step). ``cuda_graph`` (CUDA only, with the cache) decodes with caches of
+    ``max_length`` positions allocated up front and replays each step from a CUDA graph captured once per
+    call (:mod:`fastvlp.models.static_caption_cache`): the same captions, at a fraction of the host's launch
+    time a step. ``encoded`` may replace the images (both None then) with a precomputed
     ``model.encode_image_only`` output. ``return_scores`` also returns each caption's score: its summed
     log-probability (greedy) or that sum divided by the length penalty (beam search).
 
     The model runs in evaluation mode without gradients; its training flag is restored afterwards.
     """
-    _check_arguments(model, bos_id, eos_id, pad_id, max_length, num_beams, length_penalty, use_cache)
+    _check_arguments(model, bos_id, eos_id, pad_id, max_length, num_beams, length_penalty, use_cache, cuda_graph)
     was_training = model.training
     model.eval()
     try:
@@ -120,20 +141,20 @@ def generate_captions(
                                  f"got one with {encoded.text_length} text positions")
             banned = sorted({bos_id, pad_id})
             if num_beams == 1:
-                captions, scores = _greedy(model, encoded, bos_id, eos_id, pad_id, max_length, use_cache, banned)
+                captions, scores = _greedy(model, encoded, bos_id, eos_id, pad_id, max_length, use_cache, banned,
+                                           cuda_graph)
             else:
-                captions, scores = _beam_search(
-                    model, encoded, bos_id, eos_id, max_length, num_beams, float(length_penalty), use_cache, banned
-                )
+                captions, scores = _beam_search(model, encoded, bos_id, eos_id, max_length, num_beams,
+                                                float(length_penalty), use_cache, banned, cuda_graph)
     finally:
         model.train(was_training)
     return (captions, scores) if return_scores else captions
 
 
-def _greedy(model, encoded, bos_id, eos_id, pad_id, max_length, use_cache, banned):
+def _greedy(model, encoded, bos_id, eos_id, pad_id, max_length, use_cache, banned, cuda_graph=False):
     batch = encoded.memory.shape[0]
     device = encoded.memory.device
-    step_log_probs = _StepLogProbs(model, encoded, use_cache, banned)
+    step_log_probs = _StepLogProbs(model, encoded, use_cache, banned, cuda_graph, max_length)
     prefixes = torch.full((batch, 1), bos_id, dtype=torch.int64, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     scores = torch.zeros(batch, dtype=torch.float64, device=device)
@@ -152,11 +173,12 @@ def _greedy(model, encoded, bos_id, eos_id, pad_id, max_length, use_cache, banne
     return captions, scores.tolist()
 
 
-def _beam_search(model, encoded, bos_id, eos_id, max_length, num_beams, alpha, use_cache, banned):
+def _beam_search(model, encoded, bos_id, eos_id, max_length, num_beams, alpha, use_cache, banned, cuda_graph=False):
     batch = encoded.memory.shape[0]
     device = encoded.memory.device
     rows = batch * num_beams
-    step_log_probs = _StepLogProbs(model, encoded.repeat_interleave(num_beams), use_cache, banned)
+    step_log_probs = _StepLogProbs(model, encoded.repeat_interleave(num_beams), use_cache, banned, cuda_graph,
+                                   max_length)
     prefixes = torch.full((rows, 1), bos_id, dtype=torch.int64, device=device)
     # All beams of an image start identical: only the first is live, or the same extension appears K times.
     beam_scores = torch.full((batch, num_beams), -math.inf, dtype=torch.float64, device=device)

@@ -46,12 +46,19 @@ class TextEmbeddings(nn.Module):
         with torch.no_grad():
             self.word_embeddings.weight[self.word_embeddings.padding_idx].zero_()
 
-    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, position_offset: int = 0) -> Tensor:
-        """``position_offset`` shifts the positions (``position_offset .. position_offset + T - 1``)."""
+    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, position_offset: int = 0,
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        """``position_offset`` shifts the positions (``position_offset .. position_offset + T - 1``).
+        ``position_ids`` (int64 ``[T]``, on the ids' device) gives them instead, unchecked: they are read on
+        the device, never on the host, so that a CUDA graph can replay the call with new positions (the
+        caller keeps them below ``max_len``)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids: expected an integer tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}")
         length = input_ids.shape[1]
-        if position_offset < 0 or position_offset + length > self.max_len:
+        if position_ids is not None:
+            if not isinstance(position_ids, Tensor) or position_ids.shape != (length,) or position_ids.dtype != torch.int64:
+                raise ValueError(f"position_ids: expected an int64 tensor [{length}], got {getattr(position_ids, 'shape', position_ids)}")
+        elif position_offset < 0 or position_offset + length > self.max_len:
             raise ValueError(
                 f"input_ids: {length} tokens from position {position_offset} exceed max_len={self.max_len} learned positions"
             )
@@ -59,7 +66,8 @@ class TextEmbeddings(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         elif not isinstance(token_type_ids, Tensor) or token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids: expected shape {list(input_ids.shape)}, got {getattr(token_type_ids, 'shape', None)}")
-        positions = torch.arange(position_offset, position_offset + length, device=input_ids.device)
+        positions = (position_ids if position_ids is not None
+                     else torch.arange(position_offset, position_offset + length, device=input_ids.device))
         embeddings = (
             self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + self.token_type_embeddings(token_type_ids)
         )
