@@ -171,9 +171,9 @@ QUESTION_KINDS = ("background colour", "object colour", "count", "existence", "r
 
 
 def question_kind(question: str) -> str:
-    """Which of the synthetic grammar's questions `question` is, one of `QUESTION_KINDS`: VQA's question types
-    put the background's colour and the objects' colours under one type, and existence and relation
-    questions under yes/no, so the kinds tell apart what the types mix."""
+    """Which of the synthetic grammar's questions `question` is, one of `QUESTION_KINDS`. VQA's question type
+    puts the background's colour and the objects' under one type, and its answer type puts existence and
+    relation questions under yes/no: the kinds tell apart what those mix."""
     if not isinstance(question, str):
         raise TypeError(f"question: expected a str, got {type(question).__name__}")
     if question == "What color is the background?":
