@@ -58,3 +58,32 @@ def test_caption_loss_matches_a_plain_cross_entropy():
     with torch.inference_mode():
         swapped = script.caption_loss(model, images.roll(1, 0), pixel_mask.roll(1, 0), ids, mask)
     assert swapped != pytest.approx(loss, abs=1e-7)
+
+
+def test_masked_word_scores_mask_only_the_listed_words_and_score_them():
+    model, images, pixel_mask, ids, mask = tiny_inputs(2)
+    words, mask_id = [7, 11, 12], 4
+    ids[0, 1], ids[1, 2], ids[2, 6] = 7, 11, 12  # row 2's position 6 is padding: never scored
+    targets = torch.isin(ids, torch.tensor(words)) & mask
+    with torch.inference_mode():
+        accuracy, log_prob, scored = script.masked_word_scores(model, images, pixel_mask, ids, mask, words, mask_id)
+        logits = model.mlm_logits(model.encode(images, pixel_mask, ids.masked_fill(targets, mask_id), mask))
+    expected = logits[targets].double().log_softmax(-1).gather(1, ids[targets][:, None]).mean()
+    assert scored == int(targets.sum()) >= 2 and not targets[2, 6]
+    assert log_prob == pytest.approx(float(expected), rel=1e-9)
+    assert 0.0 <= accuracy <= 1.0
+    # A head that always answers 7 is right exactly on the 7s.
+    with torch.no_grad():
+        model.mlm_head.bias[7] = 1e4
+    with torch.inference_mode():
+        rigged, _, _ = script.masked_word_scores(model, images, pixel_mask, ids, mask, words, mask_id)
+    assert rigged == pytest.approx(float((ids[targets] == 7).double().mean()))
+
+
+def test_masked_word_scores_without_words_to_score():
+    model, images, pixel_mask, ids, mask = tiny_inputs(3)
+    with torch.inference_mode():
+        accuracy, log_prob, scored = script.masked_word_scores(model, images, pixel_mask, ids, mask, [45], 4)
+    assert scored == 0 and accuracy != accuracy and log_prob != log_prob  # nan: nothing to score
+    with pytest.raises(ValueError, match="word_ids"):
+        script.masked_word_scores(model, images, pixel_mask, ids, mask, [], 4)

@@ -1,7 +1,8 @@
-"""Does a caption decoder use the image? Teacher-forced caption loss with each image's own captions against
-the loss with the images swapped, and how far the decoder's cross-attention is from uniform
-(``scripts/image_dependence.py`` runs both on a checkpoint)."""
-from typing import List, Sequence
+"""Does a model use the image? Teacher-forced caption loss with each image's own captions against the loss
+with the images swapped, how far the caption decoder's cross-attention is from uniform, and how often the
+encoder's MLM head restores masked words that only the image tells (colours, say) with the own images and
+with swapped ones (``scripts/image_dependence.py`` runs all three on a checkpoint)."""
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,3 +55,22 @@ def cross_attention_entropy(model, images: Tensor, pixel_mask: Tensor, ids: Tens
         token_mask = mask[:, :-1][:, None, :].expand_as(normalised)
         entropies.append(float(normalised[token_mask].mean()))
     return entropies
+
+
+def masked_word_scores(model, images: Tensor, pixel_mask: Tensor, ids: Tensor, mask: Tensor,
+                       word_ids: Sequence[int], mask_token_id: int) -> Tuple[float, float, int]:
+    """How well the MLM head restores the tokens of ``ids`` whose id is in ``word_ids``, every one of them
+    replaced by ``mask_token_id`` at once, over the joint encoding of text row i with image i: the top-1
+    accuracy, the mean log-probability of the right token, and the number of tokens scored (both figures
+    nan when there are none). ``ids`` ``[N, T]`` are ``[CLS] text [SEP]`` rows, ``mask`` True = real token."""
+    if not len(word_ids):
+        raise ValueError("word_ids: expected at least one token id to mask")
+    targets = torch.isin(ids, torch.tensor(list(word_ids), dtype=ids.dtype, device=ids.device)) & mask
+    scored = int(targets.sum())
+    if not scored:
+        return float("nan"), float("nan"), 0
+    encoded = model.encode(images, pixel_mask, ids.masked_fill(targets, mask_token_id), mask)
+    log_probs = model.mlm_logits(encoded)[targets].double().log_softmax(-1)  # [scored, vocab]
+    right = ids[targets]
+    accuracy = float((log_probs.argmax(-1) == right).double().mean())
+    return accuracy, float(log_probs.gather(1, right[:, None]).mean()), scored
