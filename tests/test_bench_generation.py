@@ -173,7 +173,7 @@ def test_a_caption_mode_outside_the_three_is_refused():
         generation.caption_row(None, "fastvlp", None, 4, 4, "graph")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_on_cuda_the_captured_decoding_is_measured_and_gives_the_cached_captions(tmp_path):
     argv = [a if a != "cpu" else "cuda" for a in TINY]
     assert main(argv + ["--out-dir", str(tmp_path)]) == 0

@@ -10,7 +10,6 @@ from fastvlp.models.presets import get_preset
 from fastvlp.models.static_caption_cache import CapturedCaptionDecoder, StaticCaptionDecoder
 
 BOS, EOS, PAD = 2, 3, 0
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _model(device="cpu", dtype=torch.float64):
@@ -100,7 +99,7 @@ def test_generation_over_the_fixed_size_caches_gives_the_same_captions(monkeypat
     assert got[1] == pytest.approx(expected[1], rel=1e-5)
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_captured_generation_gives_the_cached_captions_on_cuda(num_beams):
     model = _model("cuda", torch.float32)
@@ -111,7 +110,7 @@ def test_captured_generation_gives_the_cached_captions_on_cuda(num_beams):
     assert generation.generate_captions(model, None, None, cuda_graph=True, **common) == expected
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_replays_follow_the_eager_steps_on_cuda():
     model = _model("cuda", torch.float32)
     with torch.no_grad():
