@@ -2,9 +2,11 @@
 steps? Trains ITM alone on solid-colour images with texts "a <colour> shape" (half of them naming another
 colour; see :mod:`fastvlp.eval.matching_sanity`) and prints the loss window by window and the step at which
 it first falls below 0.5 (chance is ln 2 = 0.693). ``--image-features colour-oracle`` replaces the ResNet
-with an exact per-cell colour detector; ``--data-seed`` changes only the order of the batches.
+with an exact per-cell colour detector; ``--data-seed`` changes only the order of the batches. ``--variance``
+also prints, before and after training, how much of the [CLS] vector (and of the colour word's) depends on
+the image, on the text and on whether they match (:func:`fastvlp.eval.matching_sanity.match_variance`).
 
-    python scripts/matching_sanity.py [--steps 800] [--image-features colour-oracle] [--seed 0] [--data-seed 0 1 2]
+    python scripts/matching_sanity.py [--steps 800] [--image-features colour-oracle] [--seed 0] [--data-seed 0 1 2] [--variance]
 """
 import argparse
 
@@ -12,12 +14,18 @@ import torch
 
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.eval.colour_oracle import use_colour_oracle
-from fastvlp.eval.matching_sanity import (COLOUR_NAMES, first_window_below, matching_text, train_matching,
-                                          window_means)
+from fastvlp.eval.matching_sanity import (COLOUR_NAMES, first_window_below, match_variance, matching_text,
+                                          train_matching, window_means)
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import get_preset
 
 THRESHOLD = 0.5
+
+
+def print_variance(title, result) -> None:
+    print(f"{title}: share of each vector's mean squared norm")
+    for name, parts in result.items():
+        print(f"  {name:12s} " + " ".join(f"{part} {value:.2e}" for part, value in parts.items()))
 
 
 def main() -> None:
@@ -30,6 +38,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="the model's initialisation")
     parser.add_argument("--data-seed", type=int, nargs="+", default=[0], help="one run per batch order")
+    parser.add_argument("--variance", action="store_true", help="print match_variance before and after training")
     args = parser.parse_args()
     if args.steps < args.window:
         parser.error("--steps: expected at least --window steps")
@@ -46,7 +55,11 @@ def main() -> None:
         if args.image_features == "colour-oracle":
             # Solid palette colours leave no background: the palette channels alone.
             use_colour_oracle(model, args.oracle_stride, tints=False)
+        if args.variance:
+            print_variance(f"data seed {data_seed}, before training", match_variance(model, tokenizer))
         losses = train_matching(model, tokenizer, args.steps, args.batch_size, data_seed)
+        if args.variance:
+            print_variance(f"data seed {data_seed}, after {args.steps} steps", match_variance(model, tokenizer))
         means = window_means(losses, args.window)
         print(f"data seed {data_seed}: " + " ".join(f"{(i + 1) * args.window}:{m:.3f}" for i, m in enumerate(means)))
         below = first_window_below(losses, THRESHOLD, args.window)

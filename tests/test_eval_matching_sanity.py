@@ -9,8 +9,8 @@ from fastvlp.data.synth.palette import BACKGROUNDS, COLOURS
 from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastvlp.eval.colour_oracle import ColourOracle, use_colour_oracle
-from fastvlp.eval.matching_sanity import (COLOUR_NAMES, first_window_below, matching_text, solid_colour_batch,
-                                          train_matching, window_means)
+from fastvlp.eval.matching_sanity import (COLOUR_NAMES, first_window_below, match_variance, matching_text,
+                                          solid_colour_batch, train_matching, variance_components, window_means)
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import get_preset
 
@@ -117,3 +117,47 @@ def test_windows_and_the_first_window_below_a_threshold():
     assert first_window_below([0.9, 0.2, 0.2, 0.9], 0.6, 2) == 2
     with pytest.raises(ValueError, match="window"):
         window_means(losses, 0)
+
+
+def test_variance_components_split_hand_built_states():
+    # States along five orthogonal directions: a constant, an image effect, a text effect, a match effect and
+    # an interaction that is not about matching (zero row, column and diagonal sums).
+    n = 3
+    image_effect, text_effect = torch.tensor([1.0, -1.0, 0.0]), torch.tensor([2.0, 0.0, -2.0])
+    other = torch.tensor([[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]])
+    states = torch.zeros(n, n, 5)
+    states[..., 0] = 10.0
+    states[..., 1] = image_effect[:, None]
+    states[..., 2] = text_effect[None, :]
+    states[..., 3] = 3.0 * torch.eye(n)
+    states[..., 4] = other
+    parts = variance_components(states)
+    # Mean squared sizes: norm 100 + 2/3 + 8/3 + 3 + 2/3 = 107; image 2/3; text 8/3; the match part
+    # 3^2 (n - 1) / n^2 = 2 and the other interaction 6/9 = 2/3.
+    expected = {"image": 2 / 3, "text": 8 / 3, "interaction": 2 + 2 / 3, "match": 2.0, "total": 6.0}
+    assert parts == pytest.approx({name: value / 107 for name, value in expected.items()}, rel=1e-12)
+    shuffled = variance_components(states[:, torch.tensor([1, 0, 2])])  # the match part is no longer on the diagonal
+    assert shuffled["interaction"] == pytest.approx(parts["interaction"], rel=1e-12)
+    assert shuffled["match"] < parts["match"] / 2
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3, 3, 2), torch.ones(3, 4, 2), torch.ones(1, 1, 2), torch.ones(3, 3)])
+def test_variance_components_reject_bad_states(bad):
+    with pytest.raises(ValueError, match="states"):
+        variance_components(bad)
+
+
+def test_match_variance_of_a_fresh_model(tokenizer):
+    model = _model(tokenizer, oracle=False)
+    model.train()
+    result = match_variance(model, tokenizer, image_size=(32, 48))
+    assert model.training
+    assert set(result) == {"cls", "colour_word"}
+    for parts in result.values():
+        assert parts["total"] == pytest.approx(parts["image"] + parts["text"] + parts["interaction"], rel=1e-9)
+        assert 0 < parts["match"] <= parts["interaction"] < parts["total"] < 1
+    # The colour word's own vector depends on the word far more than [CLS] does.
+    assert result["colour_word"]["text"] > result["cls"]["text"]
+    split = WordPieceTokenizer.train_on_texts(["a shape"])  # colour names break into several pieces
+    with pytest.raises(ValueError, match="tokenizer"):
+        match_variance(model, split, image_size=(32, 48))

@@ -5,11 +5,15 @@ Each image is one palette colour filling the frame, with a little pixel noise; e
 one (half the pairs). A model that compares the colour word with the image tokens ends at loss 0. The probe
 trains only the ITM objective and reports the loss window by window, so the plateau at chance (ln 2) before
 the model starts to compare shows, and how long it lasts for a given initialisation and batch order.
+
+:func:`match_variance` shows why the plateau is long: it splits the encoder's states over every
+(image colour, named colour) pair into what depends on the image, on the text, and on the two together,
+and measures how much of the last is whether they match, the one thing the ITM head must read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,3 +109,67 @@ def first_window_below(losses: Sequence[float], threshold: float, window: int) -
         if mean < threshold:
             return (index + 1) * window
     return None
+
+
+def variance_components(states: Tensor) -> Dict[str, float]:
+    """Two-way split of hidden states ``[n, n, d]`` indexed by (image colour, named colour), each part's
+    mean squared size over the ``n * n`` cells as a fraction of the states' mean squared norm.
+
+    ``total``: the states' spread around their mean, the sum of ``image`` and ``text`` (the means over
+    the other index, centred) and ``interaction`` (what is left: every effect of the pair as a whole).
+    ``match``, a part of ``interaction``: its projection on the indicator of the two colours being the
+    same, the signal that tells matched from mismatched pairs."""
+    if not isinstance(states, Tensor) or states.dim() != 3 or states.shape[0] != states.shape[1] or states.shape[0] < 2:
+        raise ValueError(f"states: expected a tensor [n, n, d] with n >= 2, got {getattr(states, 'shape', type(states))}")
+    states = states.double()
+    n = states.shape[0]
+    grand = states.mean((0, 1))
+    by_image, by_text = states.mean(1, keepdim=True), states.mean(0, keepdim=True)
+    residual = states - by_image - by_text + grand
+
+    def size(x: Tensor) -> float:
+        return float(x.pow(2).sum(-1).mean())
+
+    norm = size(states)
+    if norm == 0:
+        raise ValueError("states: all zero, nothing to split")
+    # The double-centred indicator is delta - 1/n, whose squares sum to n - 1; projecting the residual
+    # (whose rows and columns sum to zero) on it leaves a part of mean squared size |mean diagonal|^2 / (n - 1).
+    diagonal_mean = residual.diagonal(dim1=0, dim2=1).mean(-1)
+    parts = {
+        "total": size(states - grand),
+        "image": size(by_image - grand),
+        "text": size(by_text - grand),
+        "interaction": size(residual),
+        "match": float(diagonal_mean.pow(2).sum()) / (n - 1),
+    }
+    return {name: value / norm for name, value in parts.items()}
+
+
+@torch.no_grad()
+def match_variance(model, tokenizer, image_size: Sequence[int] = IMAGE_SIZE) -> Dict[str, Dict[str, float]]:
+    """Every (image colour, named colour) pair once, noise-free, through ``model``'s encoder (an E2EVLP, in
+    eval mode for the call): :func:`variance_components` of the last layer's [CLS] vector, which the ITM
+    head reads, and of the colour word's vector."""
+    count = len(COLOUR_NAMES)
+    height, width = image_size
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    images = ((palette_tensor()[:, :, None, None].expand(count, 3, height, width) - mean) / std)
+    image_index = torch.arange(count).repeat_interleave(count)
+    text_index = torch.arange(count).repeat(count)
+    encoded_text = tokenizer.encode_batch([matching_text(COLOUR_NAMES[i]) for i in text_index.tolist()])
+    varying = (encoded_text.input_ids != encoded_text.input_ids[:1]).any(0).nonzero().flatten()
+    if varying.numel() != 1:
+        raise ValueError("tokenizer: expected each colour name to be one token of the probe's texts")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        encoded = model.encode(images[image_index].to(device), torch.zeros(count * count, height, width, dtype=torch.bool, device=device),
+                               encoded_text.input_ids.to(device), encoded_text.attention_mask.to(device))
+    finally:
+        model.train(was_training)
+    cls = encoded.cls_hidden.float().cpu().view(count, count, -1)
+    word = encoded.text_hidden[:, int(varying)].float().cpu().view(count, count, -1)
+    return {"cls": variance_components(cls), "colour_word": variance_components(word)}
