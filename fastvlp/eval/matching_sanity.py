@@ -42,6 +42,11 @@ class SolidColourBatch:
     texts: List[str]
 
 
+def _normalised(pixels: Tensor) -> Tensor:
+    """RGB in 0..1 ``[B, 3, H, W]``, normalised as the models' transforms normalise images."""
+    return (pixels - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
 def solid_colour_batch(batch_size: int, generator: torch.Generator, image_size: Sequence[int] = IMAGE_SIZE,
                        pixel_noise: float = PIXEL_NOISE) -> SolidColourBatch:
     """``batch_size`` solid-colour images with their texts, drawn from ``generator``: each pair matched with
@@ -59,10 +64,8 @@ def solid_colour_batch(batch_size: int, generator: torch.Generator, image_size: 
     palette = palette_tensor()  # rows in COLOUR_NAMES order
     pixels = palette[colours][:, :, None, None].expand(batch_size, 3, height, width)
     pixels = pixels + pixel_noise * torch.randn(pixels.shape, generator=generator)
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
     return SolidColourBatch(
-        images=(pixels - mean) / std,
+        images=_normalised(pixels),
         pixel_mask=torch.zeros(batch_size, height, width, dtype=torch.bool),
         colours=colours, named=named, labels=labels,
         texts=[matching_text(COLOUR_NAMES[i]) for i in named.tolist()],
@@ -153,9 +156,7 @@ def match_variance(model, tokenizer, image_size: Sequence[int] = IMAGE_SIZE) -> 
     head reads, and of the colour word's vector."""
     count = len(COLOUR_NAMES)
     height, width = image_size
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    images = ((palette_tensor()[:, :, None, None].expand(count, 3, height, width) - mean) / std)
+    images = _normalised(palette_tensor()[:, :, None, None].expand(count, 3, height, width))
     image_index = torch.arange(count).repeat_interleave(count)
     text_index = torch.arange(count).repeat(count)
     encoded_text = tokenizer.encode_batch([matching_text(COLOUR_NAMES[i]) for i in text_index.tolist()])
