@@ -13,7 +13,11 @@ caption names its background's tint, so most mismatched pairs name a tint their 
 reads these tokens can beat chance; if it still does not, what is slow is learning to compare the text with
 the image tokens through attention, not the backbone.
 
-    python scripts/learnability.py --data DATA [--objective caption] [--image-features colour-oracle] [--steps 1000]
+``--text tint-only`` (ITM) cuts every text, once the batch's texts have been mismatched, down to
+``[CLS] <tint> [SEP]``: the labels stay as they were, and the rest of the sentence no longer dilutes what
+[CLS] reads.
+
+    python scripts/learnability.py --data DATA [--objective caption] [--image-features colour-oracle] [--text tint-only] [--steps 1000]
 """
 import argparse
 import collections
@@ -25,6 +29,7 @@ from fastvlp.data.collate import nested_tensor_from_images
 from fastvlp.data.transforms import eval_transform, train_transform
 from fastvlp.eval.colour_oracle import use_colour_oracle
 from fastvlp.eval.image_dependence import caption_loss, swap_rows
+from fastvlp.eval.tint_text import keep_tint_words
 from fastvlp.models.e2e_vlp import E2EVLP
 from fastvlp.models.presets import get_preset
 from fastvlp.train.optim import build_optimizer
@@ -68,6 +73,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="output of `fastvlp data synth`")
     parser.add_argument("--objective", choices=("itm", "caption"), default="itm")
     parser.add_argument("--image-features", choices=("backbone", "colour-oracle"), default="backbone")
+    parser.add_argument("--text", choices=("caption", "tint-only"), default="caption",
+                        help="ITM: the full texts, or only each text's background tint word")
     parser.add_argument("--oracle-stride", type=int, default=32, help="cell size of the colour oracle, in pixels")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -77,6 +84,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 40:
         parser.error("--steps: expected at least 40 (the figure compares the first and last 20)")
+    if args.text != "caption" and args.objective != "itm":
+        parser.error("--text: tint-only applies to --objective itm")
 
     corpus = read_corpus(args.data)
     tokenizer = build_tokenizer(corpus, None)
@@ -106,6 +115,8 @@ def main() -> None:
         batch = build_batch(collate_pretraining_samples([samples[key] for key in keys]), generator)
         if args.objective == "itm":
             batch.mlm_labels = batch.targets = batch.caption_ids = batch.caption_attention_mask = None
+            if args.text == "tint-only":
+                batch = keep_tint_words(batch, tokenizer)
         else:
             batch.mlm_labels = batch.targets = batch.itm_labels = None
         output = model(batch)
