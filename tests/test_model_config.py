@@ -7,7 +7,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from fastvlp.models import E2EVLP, E2EVLPConfig, count_parameters, get_preset, list_presets, preset_parameter_counts
-from fastvlp.models.presets import PAPER_PARAMETER_COUNTS
+from fastvlp.models.presets import PAPER_PARAMETER_COUNTS, finetune_overrides
 
 PAPER_PRESETS = [f"e2e-vlp-{layers}-r{depth}" for layers in (6, 12) for depth in (50, 101, 152)]
 
@@ -69,6 +69,18 @@ def test_presets():
     assert tiny.lr_backbone == tiny.lr
     with pytest.raises(ValueError, match="name"):
         get_preset("e2e-vlp-24-r50")
+
+
+def test_finetune_overrides_only_tiny_detection():
+    tiny_detection = finetune_overrides("tiny", "detection")
+    assert tiny_detection == {"num_queries": 10, "match_cost_class": 2.0, "class_loss_weight": 2.0}
+    get_preset("tiny", **tiny_detection)  # valid fields and values
+    tiny_detection["num_queries"] = 3
+    assert finetune_overrides("tiny", "detection")["num_queries"] == 10  # a copy each time
+    for preset in PAPER_PRESETS + [None, "unknown"]:
+        assert finetune_overrides(preset, "detection") == {}
+    for task in ("vqa", "nlvr2", "caption", "retrieval"):
+        assert finetune_overrides("tiny", task) == {}
 
 
 def expected_count(config):

@@ -20,7 +20,7 @@ from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import (ScaleConfig, check_scale, default_scale, scale_from_record, scale_record,
                                      train_transform)
 from fastvlp.models.config import E2EVLPConfig
-from fastvlp.models.presets import PRESETS, get_preset
+from fastvlp.models.presets import PRESETS, finetune_overrides, get_preset
 from fastvlp.train import checkpoint as ckpt
 from fastvlp.train.distributed import DistributedContext, barrier, init_distributed
 from fastvlp.train.loop import (
@@ -250,11 +250,18 @@ def _config_changes(options: FinetuneOptions) -> Dict[str, Any]:
     return changes
 
 
-def _task_config(options: FinetuneOptions, task, base: E2EVLPConfig, preset_lr: float, preset_lr_backbone: float) -> E2EVLPConfig:
+def _task_config(options: FinetuneOptions, task, base: E2EVLPConfig, preset_lr: float, preset_lr_backbone: float,
+                 preset_name: Optional[str]) -> E2EVLPConfig:
+    """The task's rates, then the preset's changes for the task (``finetune_overrides``), then the options'."""
     lr = options.lr if options.lr is not None else default_task_lr(task, preset_lr)
     changes: Dict[str, Any] = {"lr": lr, "lr_backbone": lr * preset_lr_backbone / preset_lr}
-    changes.update(_config_changes(options))
-    return base.replace(**changes)
+    option_changes = _config_changes(options)
+    preset_changes = {name: value for name, value in finetune_overrides(preset_name, task.name).items()
+                      if name not in option_changes}
+    if preset_changes:
+        logger.info("%s's fine-tuning for %s sets %s", preset_name, task.name,
+                    ", ".join(f"{name}={value}" for name, value in preset_changes.items()))
+    return base.replace(**{**changes, **preset_changes, **option_changes})
 
 
 def _resumed_task_config(options: FinetuneOptions, task, run_dir: Path, checkpoint: Path,
@@ -323,7 +330,7 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
             base = get_preset(preset_name, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
                               max_text_len=max(tokenizer.max_length, 2))
             source_rates = (base.lr, base.lr_backbone)
-        config = _task_config(options, task, base, *source_rates)
+        config = _task_config(options, task, base, *source_rates, preset_name)
         task_state = data.task_state
 
     torch.manual_seed(options.seed + context.rank)  # DDP copies rank 0's initial weights to the others

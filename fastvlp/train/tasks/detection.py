@@ -251,7 +251,9 @@ class DetectionTask(Task):
     caption in ``captions_train`` are skipped and counted as ``no_annotations``. Evaluation pairs each image
     with its first caption and uses an empty text (``[CLS] [SEP]``) for an image without one, so that
     every ground-truth image is scored. COCOeval scores the annotations the reader keeps: those it skips
-    and counts (e.g. a malformed ``bbox``) are left out of the ground truth."""
+    and counts (e.g. a malformed ``bbox``) are left out of the ground truth. A preset may change the model's
+    configuration for this task (``tiny``: 10 queries and the class weighted 2 in matching and loss; see
+    :data:`fastvlp.models.presets.FINETUNE_OVERRIDES`)."""
 
     name = "detection"
     loss_keys = ("loss",) + DETECTION_LOSS_KEYS
