@@ -165,3 +165,36 @@ def test_c4_backbone_loads_a_full_resnet_state_dict_without_layer4():
         Backbone("resnet18", 8, output="c4", frozen_stages=4)
     with pytest.raises(ValueError, match="output"):
         Backbone("resnet18", 8, output="c3")
+
+
+def test_dc5_matches_torchvisions_dilated_resnet50_with_the_same_weights():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True]).eval()
+    backbone = Backbone("resnet50", 8, output="dc5").eval()
+    backbone.load_backbone_weights(reference.state_dict())
+    images = torch.randn(1, 3, 80, 112, dtype=torch.float64)
+    body = torch.nn.Sequential(*list(reference.children())[:-2]).double()
+    expected = body(images)
+    got = backbone.body.double()(images)["dc5"]
+    assert got.shape == expected.shape == (1, 2048, 5, 7)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_dc5_runs_basic_blocks_at_stride_16_and_loads_c5_weights():
+    torch.manual_seed(0)
+    c5 = Backbone("resnet18", 8, frozen_batch_norm=False)
+    dc5 = Backbone("resnet18", 8, frozen_batch_norm=False, output="dc5")
+    assert dc5.num_channels == c5.num_channels == 512
+    dc5.load_state_dict(c5.state_dict())  # same keys, same shapes
+    first, second = dc5.body.layer4
+    assert first.conv1.stride == (1, 1) and first.downsample[0].stride == (1, 1) and first.conv2.dilation == (1, 1)
+    assert second.conv1.dilation == second.conv2.dilation == (2, 2) and second.conv1.padding == (2, 2)
+    images = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, :, 80:] = True
+    tokens = dc5(images, mask)
+    assert tokens.spatial_shape == (4, 6) and c5(images, mask).spatial_shape == (2, 3)
+    assert tokens.padding_mask[1].view(4, 6)[:, 5].all() and not tokens.padding_mask[0].any()
+    # stride 16 by dilation, not by dropping layer4: layer3 is unchanged, layer4's output differs from C5's
+    assert dc5.body.layer3[0].conv1.stride == (2, 2)
+    assert Backbone("resnet10", 8, frozen_batch_norm=False, output="dc5")(images, mask).spatial_shape == (4, 6)

@@ -288,10 +288,10 @@ def test_two_step_finetuning_writes_task_file(data, training, tmp_path, one_thre
         # fine-tuning weighs the class 2
         assert record["loss"] == pytest.approx(2 * record["loss_ce"] + 5 * record["loss_bbox"] + 2 * record["loss_giou"], rel=1e-5)
     config = json.loads((result.checkpoint / "config.json").read_text())
-    assert config["class_loss_weight"] == 2.0 and config["match_cost_class"] == 2.0
+    assert config["class_loss_weight"] == 2.0 and config["match_cost_class"] == 2.0 and config["backbone_output"] == "dc5"
     assert config["num_queries"] == SMALL_MODEL["num_queries"]  # --set wins over the preset's 10
     log = (result.run_dir / "train.log").read_text()
-    assert "tiny's fine-tuning for detection sets match_cost_class=2.0, class_loss_weight=2.0\n" in log
+    assert "tiny's fine-tuning for detection sets match_cost_class=2.0, class_loss_weight=2.0, backbone_output=dc5\n" in log
     # the paper's 1e-4, x5 like tiny's pre-training rate, dropping tenfold after two thirds of the two steps
     assert records[0]["lr"] == pytest.approx(5e-4) and records[1]["lr"] == pytest.approx(5e-5)
 
@@ -382,3 +382,25 @@ def test_pretraining_checkpoint_loads_the_word_embeddings(config, training, pret
     report = load_task_weights(model, directory)  # tied to the heads, which the detection model drops
     assert "vlp.text_embeddings.word_embeddings.weight" in report.loaded
     assert torch.equal(model.vlp.text_embeddings.word_embeddings.weight, weights["text_embeddings.word_embeddings.weight"])
+
+
+def test_anchor_queries_start_the_pretrained_box_mlp_at_the_anchors(config, training, pretraining_checkpoint, tmp_path):
+    directory, weights = pretraining_checkpoint
+    model = build_model(config.replace(anchor_queries=True), training, with_text=True)
+    report = load_task_weights(model, directory)
+    # pre-training had free query embeddings: the anchors are new, the embeddings unused, and the box MLP
+    # loads but its last layer restarts at zero, since it now predicts offsets from the anchors
+    assert "vlp.query_anchors.anchors.weight" in report.new and "vlp.query_embed.weight" in report.unused
+    layers = model.head.bbox_embed.layers
+    assert torch.equal(layers[0].weight, weights["detection_heads.bbox_embed.layers.0.weight"])
+    assert not layers[-1].weight.any() and not layers[-1].bias.any()
+    assert weights["detection_heads.bbox_embed.layers.2.weight"].any()
+    # from a checkpoint that had anchors, the box MLP loads whole
+    torch.manual_seed(3)
+    anchored = E2EVLP(config.replace(anchor_queries=True, num_classes=10, num_attributes=5))
+    anchored.detection_heads.bbox_embed.layers[-1].weight.data.normal_()
+    save_model(anchored, str(tmp_path / "model.safetensors"))
+    model = build_model(config.replace(anchor_queries=True), training, with_text=True)
+    load_task_weights(model, tmp_path)
+    assert torch.equal(model.head.bbox_embed.layers[-1].weight, anchored.detection_heads.bbox_embed.layers[-1].weight)
+    assert torch.equal(model.vlp.query_anchors.anchors.weight, anchored.query_anchors.anchors.weight)

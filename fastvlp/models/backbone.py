@@ -1,4 +1,4 @@
-"""The visual backbone: a torchvision ResNet's C5 (or C4) map, a 1x1 projection to ``d_model`` and the pixel mask
+"""The visual backbone: a torchvision ResNet's C5 (or C4, or dilated C5) map, a 1x1 projection to ``d_model`` and the pixel mask
 downsampled with it, flattened into image tokens with their 2-D sine position encodings."""
 from __future__ import annotations
 
@@ -19,10 +19,24 @@ from fastvlp.nn.position_encoding import PositionEmbeddingSine
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Modules frozen by `frozen_stages = k`: the stem and layer1 .. layer<k> (k = 0: none).
 _STAGES = (("conv1", "bn1", "layer1"), ("layer2",), ("layer3",), ("layer4",))
-# The feature map the tokens come from: C5 (layer4, stride 32) as in the paper, or C4 (layer3, stride 16),
-# which gives small images four times the tokens.
-OUTPUTS = {"c5": "layer4", "c4": "layer3"}
-_STAGE_COUNT = {"c5": 4, "c4": 3}
+# The feature map the tokens come from: C5 (layer4, stride 32) as in the paper; C4 (layer3, stride 16), which
+# gives small images four times the tokens; or DETR's DC5, layer4 run at stride 16 with dilated convolutions,
+# which gives the same four times the tokens and keeps every weight of the C5 backbone.
+OUTPUTS = {"c5": "layer4", "c4": "layer3", "dc5": "layer4"}
+_STAGE_COUNT = {"c5": 4, "c4": 3, "dc5": 4}
+
+
+def dilate_last_stage(resnet: ResNet) -> None:
+    """Run ``layer4`` at stride 16 instead of 32, as torchvision's ``replace_stride_with_dilation=[False,
+    False, True]`` builds it, for basic blocks too (which torchvision refuses to dilate): the first block's
+    strided convolution and shortcut take stride 1, and every 3x3 convolution after them dilation 2, so
+    that each sees as far as it did. The weights keep their shapes, so C5 checkpoints load unchanged."""
+    for index, block in enumerate(resnet.layer4):
+        for conv in (module for module in block.modules() if isinstance(module, nn.Conv2d)):
+            if index == 0 and conv.stride == (2, 2):
+                conv.stride = (1, 1)
+            elif index > 0 and conv.kernel_size == (3, 3):
+                conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
 def convolution_layout(device: torch.device) -> torch.memory_format:
@@ -81,8 +95,8 @@ def check_images(images: Tensor, pixel_mask: Tensor) -> None:
 
 
 class Backbone(nn.Module):
-    """ResNet body up to ``layer4`` (C5, stride 32; ``output="c4"``: up to ``layer3``, stride 16), a 1x1
-    convolution to ``d_model``, the sine encoding.
+    """ResNet body up to ``layer4`` (C5, stride 32; ``output="c4"``: up to ``layer3``, stride 16;
+    ``output="dc5"``: up to ``layer4`` run at stride 16 by :func:`dilate_last_stage`), a 1x1 convolution to ``d_model``, the sine encoding.
 
     Padded pixels are zeroed before the ResNet, so what a batch's padding holds never reaches the
     features (its extent does, through the convolutions' receptive fields, as in DETR). The weights
@@ -105,8 +119,10 @@ class Backbone(nn.Module):
             resnet = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
         else:
             resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer)
+        if output == "dc5":
+            dilate_last_stage(resnet)
         # C4 (layer3, stride 16) has half of C5's channels in every torchvision ResNet.
-        self.num_channels = resnet.fc.in_features if output == "c5" else resnet.fc.in_features // 2
+        self.num_channels = resnet.fc.in_features if output != "c4" else resnet.fc.in_features // 2
         if frozen_stages > _STAGE_COUNT[output]:
             raise ValueError(f"frozen_stages: output {output} keeps {_STAGE_COUNT[output]} stages, got {frozen_stages}")
         self.body = IntermediateLayerGetter(resnet, return_layers={OUTPUTS[output]: output})

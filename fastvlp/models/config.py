@@ -32,7 +32,8 @@ class E2EVLPConfig:
     Architecture: ``backbone`` (torchvision ResNet name), ``frozen_batch_norm`` (FrozenBatchNorm2d in the
     backbone, as the paper; plain trainable BatchNorm2d otherwise), ``backbone_frozen_stages`` (0: the whole
     backbone trains; k in 1..4: the stem and layer1..layer<k> are frozen; 1 is DETR's choice),
-    ``backbone_output`` (``"c5"``, the paper's stride-32 map, or ``"c4"``, stride 16), ``d_model``,
+    ``backbone_output`` (``"c5"``, the paper's stride-32 map; ``"c4"``, stride 16; or ``"dc5"``, DETR's
+    dilated C5 at stride 16), ``d_model``,
     ``num_heads`` (must divide ``d_model``), ``ffn_dim``, ``num_encoder_layers``, ``num_decoder_layers``
     (the decoder shared by detection and captioning), ``dropout``, ``activation`` of the feed-forward networks.
 
@@ -43,7 +44,8 @@ class E2EVLPConfig:
     Detection: ``num_queries``, ``num_classes`` (a no-object class is added), ``num_attributes`` (0 = no
     attribute head), ``attribute_loss`` (``"softmax"``: cross-entropy over the attributes, averaged over an
     object's labels, as bottom-up attention trains them and the paper's ``-log p(a)`` reads; ``"bce"``:
-    independent sigmoids), ``aux_loss`` (a detection loss at every decoder layer).
+    independent sigmoids), ``aux_loss`` (a detection loss at every decoder layer), ``anchor_queries`` (DAB-DETR's
+    learned anchor boxes as the queries, refined layer by layer, in place of DETR's free query embeddings).
 
     Losses and matching: ``class_loss_weight`` 1, ``no_object_weight`` 0.1, ``bbox_loss_weight`` (L1) 5,
     ``giou_loss_weight`` 2, ``attribute_loss_weight`` 1; matching costs ``match_cost_class`` 1,
@@ -81,6 +83,7 @@ class E2EVLPConfig:
     num_attributes: int = 400
     attribute_loss: str = "softmax"
     aux_loss: bool = True
+    anchor_queries: bool = False
 
     class_loss_weight: float = 1.0
     no_object_weight: float = 0.1
@@ -106,6 +109,9 @@ class E2EVLPConfig:
     clip_max_norm: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("frozen_batch_norm", "aux_loss", "anchor_queries"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
         for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -134,7 +140,7 @@ class E2EVLPConfig:
             raise ValueError("match_cost_class, match_cost_bbox and match_cost_giou can't all be 0")
         choices = (
             ("backbone", BACKBONES), ("attribute_loss", ATTRIBUTE_LOSSES), ("attention_backend", ATTENTION_BACKENDS),
-            ("matcher_backend", MATCHER_BACKENDS), ("activation", ("relu", "gelu")), ("backbone_output", ("c5", "c4")),
+            ("matcher_backend", MATCHER_BACKENDS), ("activation", ("relu", "gelu")), ("backbone_output", ("c5", "c4", "dc5")),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fastvlp.models.anchor_queries import AnchorQueries
 from fastvlp.models.backbone import Backbone, VisualTokens, check_images
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.heads import DetectionHeads, ImageTextMatchingHead, TokenPredictionHead, split_decoder_layers
@@ -61,11 +62,13 @@ class E2EVLP(nn.Module):
         layer_args = (d, config.num_heads, config.ffn_dim, config.dropout, config.activation, config.attention_backend)
         self.encoder = TransformerEncoder(config.num_encoder_layers, *layer_args)
         self.decoder = TransformerDecoder(config.num_decoder_layers, *layer_args)
-        self.query_embed = nn.Embedding(config.num_queries, d)
+        # DETR's free query embeddings, or DAB-DETR's anchor boxes (``config.anchor_queries``).
+        self.query_embed = None if config.anchor_queries else nn.Embedding(config.num_queries, d)
+        self.query_anchors = AnchorQueries(config.num_queries, d) if config.anchor_queries else None
         word_embeddings = self.text_embeddings.word_embeddings
         self.mlm_head = TokenPredictionHead(d, word_embeddings, config.layer_norm_eps)
         self.itm_head = ImageTextMatchingHead(d)
-        self.detection_heads = DetectionHeads(d, config.num_classes, config.num_attributes)
+        self.detection_heads = self._new_detection_heads(config.num_classes, config.num_attributes)
         self.caption_head = TokenPredictionHead(d, word_embeddings, config.layer_norm_eps)
         self.criterion = self._build_criterion()
 
@@ -94,11 +97,17 @@ class E2EVLP(nn.Module):
             attribute_loss=config.attribute_loss,
         )
 
+    def _new_detection_heads(self, num_classes: int, num_attributes: int) -> DetectionHeads:
+        heads = DetectionHeads(self.config.d_model, num_classes, num_attributes)
+        if self.config.anchor_queries:
+            heads.start_boxes_at_reference()
+        return heads
+
     def replace_detection_heads(self, num_classes: int, num_attributes: int = 0) -> None:
         """New, freshly initialised detection heads (e.g. COCO's categories for detection fine-tuning),
         and a criterion for them. The config is updated to match."""
-        device = self.query_embed.weight.device
-        self.detection_heads = DetectionHeads(self.config.d_model, num_classes, num_attributes).to(device)
+        device = self.decoder.norm.weight.device
+        self.detection_heads = self._new_detection_heads(num_classes, num_attributes).to(device)
         self.config = self.config.replace(num_classes=num_classes, num_attributes=num_attributes)
         self.criterion = self._build_criterion().to(device)
 
@@ -180,20 +189,46 @@ class E2EVLP(nn.Module):
         if not isinstance(encoded, EncoderOutput):
             raise TypeError(f"encoded: expected an EncoderOutput, got {type(encoded).__name__}")
         with_aux = self.config.aux_loss if aux_outputs is None else bool(aux_outputs)
-        batch = encoded.memory.shape[0]
-        query_pos = self.query_embed.weight[:, None].expand(-1, batch, -1)
-        hidden = self.decoder(
-            torch.zeros_like(query_pos),
-            encoded.memory.transpose(0, 1),
-            memory_key_padding_mask=encoded.padding_mask,
-            pos=encoded.pos.transpose(0, 1),
-            query_pos=query_pos,
-            return_intermediate=with_aux,
-        )  # [L, Q, B, d]
-        outputs = split_decoder_layers(self.detection_heads(hidden.transpose(1, 2)))
+        if self.query_anchors is not None:
+            outputs = self._detect_from_anchors(encoded)
+        else:
+            batch = encoded.memory.shape[0]
+            query_pos = self.query_embed.weight[:, None].expand(-1, batch, -1)
+            hidden = self.decoder(
+                torch.zeros_like(query_pos),
+                encoded.memory.transpose(0, 1),
+                memory_key_padding_mask=encoded.padding_mask,
+                pos=encoded.pos.transpose(0, 1),
+                query_pos=query_pos,
+                return_intermediate=with_aux,
+            )  # [L, Q, B, d]
+            outputs = split_decoder_layers(self.detection_heads(hidden.transpose(1, 2)))
+        if not with_aux:
+            outputs["aux_outputs"] = []
         return DetectionOutput(
             outputs["pred_logits"], outputs["pred_boxes"], outputs.get("pred_attributes"), outputs["aux_outputs"]
         )
+
+    def _detect_from_anchors(self, encoded: EncoderOutput) -> Dict[str, object]:
+        """The decoder layer by layer: each layer's positional queries come from the boxes the layer before
+        it predicted (the anchors for the first), and its boxes are offsets from them. The boxes passed on
+        are detached, as in DAB-DETR and Deformable DETR, so each layer's box loss trains that layer's
+        offsets only."""
+        decoder = self.decoder
+        dtype = decoder.norm.weight.dtype
+        batch = encoded.memory.shape[0]
+        memory, pos = encoded.memory.transpose(0, 1).to(dtype), encoded.pos.transpose(0, 1)
+        reference = self.query_anchors.boxes()[:, None].expand(-1, batch, -1)  # [Q, B, 4]
+        output = memory.new_zeros(reference.shape[0], batch, memory.shape[-1])
+        per_layer: Dict[str, List[Tensor]] = {}
+        for layer in decoder.layers:
+            query_pos = self.query_anchors.positional_query(reference).to(dtype)
+            output = layer(output, memory, memory_key_padding_mask=encoded.padding_mask, pos=pos, query_pos=query_pos)
+            heads = self.detection_heads(decoder.norm(output).transpose(0, 1), reference=reference.transpose(0, 1))
+            for key, value in heads.items():
+                per_layer.setdefault(key, []).append(value)
+            reference = heads["pred_boxes"].detach().transpose(0, 1)
+        return split_decoder_layers({key: torch.stack(values) for key, values in per_layer.items()})
 
     def caption_hidden(
         self,

@@ -2,11 +2,17 @@
 and DETR's detection heads (class, attributes, box)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x), with ``x`` clamped into ``[eps, 1 - eps]`` so boxes at the border stay finite."""
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
 
 
 class MLP(nn.Module):
@@ -62,7 +68,8 @@ class ImageTextMatchingHead(nn.Module):
 
 class DetectionHeads(nn.Module):
     """Per-query class logits (``num_classes + 1``, the last is no-object), attribute logits
-    (``num_attributes``, absent when 0) and sigmoid cxcywh boxes from a 3-layer MLP."""
+    (``num_attributes``, absent when 0) and sigmoid cxcywh boxes from a 3-layer MLP, absolute or (given
+    reference boxes) offsets in logit space from them."""
 
     def __init__(self, d_model: int, num_classes: int, num_attributes: int = 0):
         super().__init__()
@@ -75,9 +82,20 @@ class DetectionHeads(nn.Module):
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.num_classes, self.num_attributes = num_classes, num_attributes
 
-    def forward(self, hidden: Tensor) -> Dict[str, Tensor]:
-        """``hidden`` ``[..., Q, d]`` -> ``pred_logits``, ``pred_boxes`` and (with attributes) ``pred_attributes``."""
-        outputs = {"pred_logits": self.class_embed(hidden), "pred_boxes": self.bbox_embed(hidden).sigmoid()}
+    def start_boxes_at_reference(self) -> None:
+        """Zero the box MLP's last layer, so that with reference boxes each query first predicts its
+        reference box (Deformable DETR's and DAB-DETR's initialisation)."""
+        with torch.no_grad():
+            self.bbox_embed.layers[-1].weight.zero_()
+            self.bbox_embed.layers[-1].bias.zero_()
+
+    def forward(self, hidden: Tensor, reference: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """``hidden`` ``[..., Q, d]`` -> ``pred_logits``, ``pred_boxes`` and (with attributes) ``pred_attributes``;
+        ``reference`` ``[..., Q, 4]`` (normalised cxcywh): the boxes are ``sigmoid(MLP(hidden) + logit(reference))``."""
+        box_logits = self.bbox_embed(hidden)
+        if reference is not None:
+            box_logits = box_logits + inverse_sigmoid(reference).to(box_logits.dtype)
+        outputs = {"pred_logits": self.class_embed(hidden), "pred_boxes": box_logits.sigmoid()}
         if self.attribute_embed is not None:
             outputs["pred_attributes"] = self.attribute_embed(hidden)
         return outputs

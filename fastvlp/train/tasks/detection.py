@@ -63,7 +63,7 @@ class DetectionModel(TaskModel):
     label space names, and the no-object row, from the pre-trained classifier."""
 
     task_name = "detection"
-    kept_parts = ENCODER_PARTS + ("decoder", "query_embed", "detection_heads")
+    kept_parts = ENCODER_PARTS + ("decoder", "query_embed", "query_anchors", "detection_heads")
     fresh_parts = ("detection_heads.class_embed", "detection_heads.attribute_embed")
 
     def __init__(self, config, task_state) -> None:
@@ -82,11 +82,16 @@ class DetectionModel(TaskModel):
         return self.vlp.detection_heads
 
     def initialise_from_pretraining(self, checkpoint: Path, stored: Mapping[str, Tensor]) -> List[str]:
-        """Copy pre-training's classifier rows into the new classifier: for each category whose name the
+        """With anchor queries (which a pre-training without them did not train), start the loaded box MLP
+        at its reference boxes (:meth:`DetectionHeads.start_boxes_at_reference`). Copy pre-training's
+        classifier rows into the new classifier: for each category whose name the
         checkpoint's label space (``objects_vocab.txt``) has, by the label space's own name matching, and
         for no-object. ``stored`` is the checkpoint's weights, keys prefixed ``vlp.``. Returns the names of
         the categories so initialised; the others keep their fresh rows. Nothing is copied when the
         checkpoint has no label space, its classifier does not match it, or it names none of the categories."""
+        if self.vlp.query_anchors is not None and "vlp.query_anchors.anchors.weight" not in stored:
+            # the pre-trained box MLP predicted absolute boxes; here it predicts offsets from anchors
+            self.vlp.detection_heads.start_boxes_at_reference()
         vocab = Path(checkpoint) / OBJECTS_VOCAB
         weight = stored.get("vlp.detection_heads.class_embed.weight")
         bias = stored.get("vlp.detection_heads.class_embed.bias")
