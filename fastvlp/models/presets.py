@@ -50,8 +50,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # the prior within the run (AP50 0.075 and 0.035 with two seeds, against 0.001 and 0.004); either change alone
 # gave AP50 0.015 and 0.008. The pre-trained query embeddings (20) do not fit the 10 and start anew. Then the
 # boxes held AP50 back: at tiny's scale an object is about half a stride-32 token. DETR's DC5 (the last stage
-# at stride 16 by dilation, every pre-trained weight kept) gave AP50 0.092 and 0.054 against 0.030 and 0.032
-# on C5 from a later pre-training, for 0.8 s a step against 0.55. (docs/learning.md has the runs.)
+# at stride 16 by dilation, every pre-trained weight kept) gave AP50 0.092, 0.054 and 0.137 against 0.030,
+# 0.032 and 0.010 on C5 from a later pre-training, for 0.8 s a step against 0.55. (docs/learning.md has the runs.)
 FINETUNE_OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "tiny": {"detection": dict(num_queries=10, match_cost_class=2.0, class_loss_weight=2.0, backbone_output="dc5")},
 }
