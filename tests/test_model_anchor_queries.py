@@ -7,7 +7,7 @@ from train_helpers import SMALL_MODEL
 from fastvlp.models.anchor_queries import AnchorQueries, sine_encode_boxes
 from fastvlp.models.config import E2EVLPConfig
 from fastvlp.models.e2e_vlp import E2EVLP
-from fastvlp.models.heads import DetectionHeads, inverse_sigmoid
+from fastvlp.models.heads import DetectionHeads
 from fastvlp.models.presets import get_preset
 from fastvlp.nn.position_encoding import PositionEmbeddingSine
 
@@ -76,7 +76,7 @@ def test_every_layer_first_predicts_its_reference_and_refines_the_one_before():
     with torch.no_grad():
         model.detection_heads.bbox_embed.layers[-1].bias.copy_(offset)
         output = model.detect(memory, aux_outputs=True)
-    logits = inverse_sigmoid(anchors.double())
+    logits = torch.logit(anchors.double())
     torch.testing.assert_close(output.aux_outputs[0]["pred_boxes"].double(), (logits + offset).sigmoid().expand(2, -1, -1),
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(output.pred_boxes.double(), (logits + 2 * offset).sigmoid().expand(2, -1, -1),

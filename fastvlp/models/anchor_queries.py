@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fastvlp.models.heads import MLP, inverse_sigmoid
+from fastvlp.models.heads import MLP
 
 # Initial anchor sizes, as fractions of the image: about the size of a typical object.
 _INITIAL_SIZE = 0.2
@@ -53,7 +53,7 @@ class AnchorQueries(nn.Module):
         with torch.no_grad():
             centres = torch.rand(num_queries, 2) * 0.9 + 0.05
             sizes = torch.full((num_queries, 2), _INITIAL_SIZE)
-            self.anchors.weight.copy_(inverse_sigmoid(torch.cat((centres, sizes), dim=1)))
+            self.anchors.weight.copy_(torch.logit(torch.cat((centres, sizes), dim=1)))
 
     def boxes(self) -> Tensor:
         """The anchors as normalised (cx, cy, w, h) ``[Q, 4]``."""

@@ -1,5 +1,5 @@
-"""The visual backbone: a torchvision ResNet's C5 (or C4, or dilated C5) map, a 1x1 projection to ``d_model`` and the pixel mask
-downsampled with it, flattened into image tokens with their 2-D sine position encodings."""
+"""The visual backbone: a torchvision ResNet's C5 (or C4, or dilated C5) map, a 1x1 projection to ``d_model``
+and the pixel mask downsampled with it, flattened into image tokens with their 2-D sine position encodings."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,7 +96,8 @@ def check_images(images: Tensor, pixel_mask: Tensor) -> None:
 
 class Backbone(nn.Module):
     """ResNet body up to ``layer4`` (C5, stride 32; ``output="c4"``: up to ``layer3``, stride 16;
-    ``output="dc5"``: up to ``layer4`` run at stride 16 by :func:`dilate_last_stage`), a 1x1 convolution to ``d_model``, the sine encoding.
+    ``output="dc5"``: up to ``layer4`` run at stride 16 by :func:`dilate_last_stage`), a 1x1 convolution
+    to ``d_model``, the sine encoding.
 
     Padded pixels are zeroed before the ResNet, so what a batch's padding holds never reaches the
     features (its extent does, through the convolutions' receptive fields, as in DETR). The weights

@@ -9,12 +9,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """logit(x), with ``x`` clamped into ``[eps, 1 - eps]`` so boxes at the border stay finite."""
-    x = x.clamp(eps, 1 - eps)
-    return torch.log(x / (1 - x))
-
-
 class MLP(nn.Module):
     """``num_layers`` linear layers with ReLU between them (DETR's box head is a 3-layer one)."""
 
@@ -94,7 +88,8 @@ class DetectionHeads(nn.Module):
         ``reference`` ``[..., Q, 4]`` (normalised cxcywh): the boxes are ``sigmoid(MLP(hidden) + logit(reference))``."""
         box_logits = self.bbox_embed(hidden)
         if reference is not None:
-            box_logits = box_logits + inverse_sigmoid(reference).to(box_logits.dtype)
+            # clamped so that boxes at the border stay finite
+            box_logits = box_logits + torch.logit(reference, eps=1e-5).to(box_logits.dtype)
         outputs = {"pred_logits": self.class_embed(hidden), "pred_boxes": box_logits.sigmoid()}
         if self.attribute_embed is not None:
             outputs["pred_attributes"] = self.attribute_embed(hidden)
