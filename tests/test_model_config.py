@@ -7,7 +7,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 from fastvlp.models import E2EVLP, E2EVLPConfig, count_parameters, get_preset, list_presets, preset_parameter_counts
-from fastvlp.models.presets import PAPER_PARAMETER_COUNTS, finetune_overrides
+from fastvlp.models.presets import PAPER_PARAMETER_COUNTS, finetune_lr_drops, finetune_overrides
 
 PAPER_PRESETS = [f"e2e-vlp-{layers}-r{depth}" for layers in (6, 12) for depth in (50, 101, 152)]
 
@@ -81,6 +81,14 @@ def test_finetune_overrides_only_tiny_detection():
         assert finetune_overrides(preset, "detection") == {}
     for task in ("vqa", "nlvr2", "caption", "retrieval"):
         assert finetune_overrides("tiny", task) == {}
+
+
+def test_finetune_lr_drops_only_tiny_detection():
+    assert finetune_lr_drops("tiny", "detection") == (0.9,)
+    for preset in PAPER_PRESETS + [None, "unknown"]:
+        assert finetune_lr_drops(preset, "detection") is None
+    for task in ("vqa", "nlvr2", "caption", "retrieval"):
+        assert finetune_lr_drops("tiny", task) is None
 
 
 def expected_count(config):

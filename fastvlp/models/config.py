@@ -14,13 +14,13 @@ ATTRIBUTE_LOSSES = ("softmax", "bce")
 
 _POSITIVE_INTS = (
     "d_model", "num_heads", "ffn_dim", "num_encoder_layers", "num_decoder_layers", "num_queries", "vocab_size",
-    "max_text_len", "type_vocab_size", "num_classes",
+    "max_text_len", "type_vocab_size", "num_classes", "query_groups",
 )
 _NON_NEGATIVE_INTS = ("num_attributes", "pad_token_id", "backbone_frozen_stages")
 _NON_NEGATIVE_FLOATS = (
     "class_loss_weight", "bbox_loss_weight", "giou_loss_weight", "attribute_loss_weight", "match_cost_class",
     "match_cost_bbox", "match_cost_giou", "mlm_loss_weight", "itm_loss_weight", "detection_loss_weight",
-    "caption_loss_weight", "lr", "lr_backbone", "weight_decay", "clip_max_norm",
+    "caption_loss_weight", "token_detection_loss_weight", "lr", "lr_backbone", "weight_decay", "clip_max_norm",
 )
 _PROBABILITIES = ("dropout", "no_object_weight", "mlm_probability", "itm_negative_ratio")
 
@@ -45,7 +45,14 @@ class E2EVLPConfig:
     attribute head), ``attribute_loss`` (``"softmax"``: cross-entropy over the attributes, averaged over an
     object's labels, as bottom-up attention trains them and the paper's ``-log p(a)`` reads; ``"bce"``:
     independent sigmoids), ``aux_loss`` (a detection loss at every decoder layer), ``anchor_queries`` (DAB-DETR's
-    learned anchor boxes as the queries, refined layer by layer, in place of DETR's free query embeddings).
+    learned anchor boxes as the queries, refined layer by layer, in place of DETR's free query embeddings),
+    ``query_groups`` (Group DETR: in training, that many independent groups of ``num_queries`` queries, each
+    matched to the targets on its own; inference reads the first group; 1 is DETR),
+    ``token_detection_loss_weight`` (0: none; else Co-DETR's one-to-many auxiliary head on the encoder's
+    image tokens, :mod:`fastvlp.models.token_detection`, its loss added to the detection loss with this
+    weight), ``two_stage`` (Deformable DETR's two-stage queries: the anchor boxes are the token head's
+    ``num_queries`` best-scored image-token boxes, per image; needs ``anchor_queries``, a token detection
+    head and one query group).
 
     Losses and matching: ``class_loss_weight`` 1, ``no_object_weight`` 0.1, ``bbox_loss_weight`` (L1) 5,
     ``giou_loss_weight`` 2, ``attribute_loss_weight`` 1; matching costs ``match_cost_class`` 1,
@@ -84,6 +91,9 @@ class E2EVLPConfig:
     attribute_loss: str = "softmax"
     aux_loss: bool = True
     anchor_queries: bool = False
+    query_groups: int = 1
+    token_detection_loss_weight: float = 0.0
+    two_stage: bool = False
 
     class_loss_weight: float = 1.0
     no_object_weight: float = 0.1
@@ -109,7 +119,7 @@ class E2EVLPConfig:
     clip_max_norm: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("frozen_batch_norm", "aux_loss", "anchor_queries"):
+        for name in ("frozen_batch_norm", "aux_loss", "anchor_queries", "two_stage"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
         for name in _POSITIVE_INTS + _NON_NEGATIVE_INTS:
@@ -136,6 +146,9 @@ class E2EVLPConfig:
                 raise ValueError(f"{name}: expected a probability, got {getattr(self, name)}")
         if self.layer_norm_eps == 0:
             raise ValueError("layer_norm_eps: expected a positive number, got 0")
+        if self.two_stage and not (self.anchor_queries and self.token_detection_loss_weight > 0 and self.query_groups == 1):
+            raise ValueError("two_stage: needs anchor_queries=True, token_detection_loss_weight > 0 and query_groups=1, "
+                             f"got {self.anchor_queries}, {self.token_detection_loss_weight} and {self.query_groups}")
         if self.match_cost_class == 0 and self.match_cost_bbox == 0 and self.match_cost_giou == 0:
             raise ValueError("match_cost_class, match_cost_bbox and match_cost_giou can't all be 0")
         choices = (

@@ -12,7 +12,7 @@ Data flow of a pre-training step (one backbone pass, two encoder passes, two dec
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,8 @@ from fastvlp.models.heads import DetectionHeads, ImageTextMatchingHead, TokenPre
 from fastvlp.models.masking import IGNORE_INDEX
 from fastvlp.models.outputs import DetectionOutput, EncoderOutput, PretrainingOutput
 from fastvlp.models.pretraining_batch import PretrainingBatch
+from fastvlp.models.query_groups import queries_by_group, repeat_batch, repeat_targets
+from fastvlp.models.token_detection import TokenDetectionHead, per_image_targets, token_centres, token_detection_losses
 from fastvlp.models.static_batch import with_static_targets
 from fastvlp.models.text_embeddings import TextEmbeddings
 from fastvlp.models.transformer import TransformerDecoder, TransformerEncoder
@@ -62,13 +64,16 @@ class E2EVLP(nn.Module):
         layer_args = (d, config.num_heads, config.ffn_dim, config.dropout, config.activation, config.attention_backend)
         self.encoder = TransformerEncoder(config.num_encoder_layers, *layer_args)
         self.decoder = TransformerDecoder(config.num_decoder_layers, *layer_args)
-        # DETR's free query embeddings, or DAB-DETR's anchor boxes (``config.anchor_queries``).
-        self.query_embed = None if config.anchor_queries else nn.Embedding(config.num_queries, d)
-        self.query_anchors = AnchorQueries(config.num_queries, d) if config.anchor_queries else None
+        # DETR's free query embeddings, or DAB-DETR's anchor boxes (``config.anchor_queries``); with
+        # ``config.query_groups``, that many sets of them, the first of which inference uses.
+        total_queries = config.num_queries * config.query_groups
+        self.query_embed = None if config.anchor_queries else nn.Embedding(total_queries, d)
+        self.query_anchors = AnchorQueries(total_queries, d) if config.anchor_queries else None
         word_embeddings = self.text_embeddings.word_embeddings
         self.mlm_head = TokenPredictionHead(d, word_embeddings, config.layer_norm_eps)
         self.itm_head = ImageTextMatchingHead(d)
         self.detection_heads = self._new_detection_heads(config.num_classes, config.num_attributes)
+        self.token_detection_head = self._new_token_detection_head(config.num_classes)
         self.caption_head = TokenPredictionHead(d, word_embeddings, config.layer_norm_eps)
         self.criterion = self._build_criterion()
 
@@ -103,11 +108,18 @@ class E2EVLP(nn.Module):
             heads.start_boxes_at_reference()
         return heads
 
+    def _new_token_detection_head(self, num_classes: int) -> Optional[TokenDetectionHead]:
+        if self.config.token_detection_loss_weight == 0:
+            return None
+        return TokenDetectionHead(self.config.d_model, num_classes)
+
     def replace_detection_heads(self, num_classes: int, num_attributes: int = 0) -> None:
         """New, freshly initialised detection heads (e.g. COCO's categories for detection fine-tuning),
         and a criterion for them. The config is updated to match."""
         device = self.decoder.norm.weight.device
         self.detection_heads = self._new_detection_heads(num_classes, num_attributes).to(device)
+        head = self._new_token_detection_head(num_classes)
+        self.token_detection_head = None if head is None else head.to(device)
         self.config = self.config.replace(num_classes=num_classes, num_attributes=num_attributes)
         self.criterion = self._build_criterion().to(device)
 
@@ -183,25 +195,41 @@ class E2EVLP(nn.Module):
 
     # ------------------------------------------------------------------ decoder
 
+    @property
+    def detection_query_groups(self) -> int:
+        """How many query groups :meth:`detect` runs: ``config.query_groups`` in training mode, 1 (the
+        first group) in eval mode. Its outputs hold that many rows per image, group-major; the targets
+        go to the criterion through :func:`~fastvlp.models.query_groups.repeat_targets` with this count."""
+        return self.config.query_groups if self.training else 1
+
     def detect(self, encoded: EncoderOutput, *, aux_outputs: Optional[bool] = None) -> DetectionOutput:
         """Run the detection queries on ``encoded`` (usually an image-text memory). ``aux_outputs``
-        (default: the config's ``aux_loss``) also returns every earlier decoder layer's predictions."""
+        (default: the config's ``aux_loss``) also returns every earlier decoder layer's predictions. With
+        query groups in training mode, the outputs' batch is :attr:`detection_query_groups` times
+        ``encoded``'s (row ``g * B + b`` is group ``g`` of image ``b``)."""
         if not isinstance(encoded, EncoderOutput):
             raise TypeError(f"encoded: expected an EncoderOutput, got {type(encoded).__name__}")
         with_aux = self.config.aux_loss if aux_outputs is None else bool(aux_outputs)
+        groups = self.detection_query_groups
+        memory, padding_mask, pos = (repeat_batch(t, groups) for t in (encoded.memory, encoded.padding_mask, encoded.pos))
         if self.query_anchors is not None:
-            outputs = self._detect_from_anchors(encoded)
+            anchors = self.query_anchors.boxes()[: groups * self.config.num_queries]
+            if self.config.two_stage:
+                reference = self._token_proposals(encoded, anchors).transpose(0, 1)  # [Q, B, 4]
+            else:
+                reference = queries_by_group(anchors, groups, encoded.memory.shape[0])  # [Q, G * B, 4]
+            outputs = self._detect_from_anchors(memory, padding_mask, pos, reference)
         else:
-            batch = encoded.memory.shape[0]
-            query_pos = self.query_embed.weight[:, None].expand(-1, batch, -1)
+            queries = self.query_embed.weight[: groups * self.config.num_queries]
+            query_pos = queries_by_group(queries, groups, encoded.memory.shape[0])
             hidden = self.decoder(
                 torch.zeros_like(query_pos),
-                encoded.memory.transpose(0, 1),
-                memory_key_padding_mask=encoded.padding_mask,
-                pos=encoded.pos.transpose(0, 1),
+                memory.transpose(0, 1),
+                memory_key_padding_mask=padding_mask,
+                pos=pos.transpose(0, 1),
                 query_pos=query_pos,
                 return_intermediate=with_aux,
-            )  # [L, Q, B, d]
+            )  # [L, Q, G * B, d]
             outputs = split_decoder_layers(self.detection_heads(hidden.transpose(1, 2)))
         if not with_aux:
             outputs["aux_outputs"] = []
@@ -209,26 +237,56 @@ class E2EVLP(nn.Module):
             outputs["pred_logits"], outputs["pred_boxes"], outputs.get("pred_attributes"), outputs["aux_outputs"]
         )
 
-    def _detect_from_anchors(self, encoded: EncoderOutput) -> Dict[str, object]:
-        """The decoder layer by layer: each layer's positional queries come from the boxes the layer before
-        it predicted (the anchors for the first), and its boxes are offsets from them. The boxes passed on
-        are detached, as in DAB-DETR and Deformable DETR, so each layer's box loss trains that layer's
-        offsets only."""
+    def _token_proposals(self, encoded: EncoderOutput, anchors: Tensor) -> Tensor:
+        """Two-stage reference boxes ``[B, Q, 4]``: the token head's boxes of each image's ``num_queries``
+        image tokens with the highest class score (padding last), detached as Deformable DETR's are; where
+        the feature map has fewer tokens than queries, the learned ``anchors`` fill the rest."""
+        predicted, padding = self._token_predictions(encoded)
+        scores = predicted["logits"].detach().float().amax(-1).masked_fill(padding, float("-inf"))
+        count = min(self.config.num_queries, scores.shape[1])
+        best = scores.topk(count, dim=1).indices
+        boxes = predicted["boxes"].detach().gather(1, best[..., None].expand(-1, -1, 4))
+        if count < self.config.num_queries:
+            boxes = torch.cat((boxes, anchors[None, count:].expand(boxes.shape[0], -1, -1).to(boxes)), dim=1)
+        return boxes
+
+    def _detect_from_anchors(self, memory: Tensor, padding_mask: Tensor, pos: Tensor, reference: Tensor) -> Dict[str, object]:
+        """The decoder layer by layer from the ``reference`` boxes ``[Q, B, 4]``: each layer's positional
+        queries come from the boxes the layer before it predicted (the references for the first), and its
+        boxes are offsets from them. The boxes passed on are detached, as in DAB-DETR and Deformable DETR,
+        so each layer's box loss trains that layer's offsets only."""
         decoder = self.decoder
         dtype = decoder.norm.weight.dtype
-        batch = encoded.memory.shape[0]
-        memory, pos = encoded.memory.transpose(0, 1).to(dtype), encoded.pos.transpose(0, 1)
-        reference = self.query_anchors.boxes()[:, None].expand(-1, batch, -1)  # [Q, B, 4]
-        output = memory.new_zeros(reference.shape[0], batch, memory.shape[-1])
+        memory, pos = memory.transpose(0, 1).to(dtype), pos.transpose(0, 1)
+        output = memory.new_zeros(reference.shape[0], reference.shape[1], memory.shape[-1])
         per_layer: Dict[str, List[Tensor]] = {}
         for layer in decoder.layers:
             query_pos = self.query_anchors.positional_query(reference).to(dtype)
-            output = layer(output, memory, memory_key_padding_mask=encoded.padding_mask, pos=pos, query_pos=query_pos)
+            output = layer(output, memory, memory_key_padding_mask=padding_mask, pos=pos, query_pos=query_pos)
             heads = self.detection_heads(decoder.norm(output).transpose(0, 1), reference=reference.transpose(0, 1))
             for key, value in heads.items():
                 per_layer.setdefault(key, []).append(value)
             reference = heads["pred_boxes"].detach().transpose(0, 1)
         return split_decoder_layers({key: torch.stack(values) for key, values in per_layer.items()})
+
+    def token_detection_losses(self, encoded: EncoderOutput, targets: Sequence[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
+        """The one-to-many auxiliary losses of the encoder's image tokens (``loss_token`` and its terms, see
+        :mod:`fastvlp.models.token_detection`) against ``targets``, DETR's per-image dicts, one for each
+        row of ``encoded``. Needs ``config.token_detection_loss_weight`` > 0."""
+        predicted, padding = self._token_predictions(encoded)
+        return token_detection_losses(predicted["logits"], predicted["boxes"], predicted["centres"], ~padding, targets)
+
+    def _token_predictions(self, encoded: EncoderOutput):
+        """The token head's ``logits``, ``boxes`` and ``centres`` for ``encoded``'s image tokens, and their
+        padding ``[B, H * W]``."""
+        if self.token_detection_head is None:
+            raise ValueError("token_detection_loss_weight: the model has no token detection head (the weight is 0)")
+        height, width = encoded.spatial_shape
+        batch, text = encoded.memory.shape[0], encoded.text_length
+        padding = encoded.padding_mask[:, text:].reshape(batch, height, width)
+        centres = token_centres(padding).flatten(1, 2)
+        predicted = self.token_detection_head(encoded.memory[:, text:], centres, (height, width))
+        return {**predicted, "centres": centres}, padding.flatten(1)
 
     def caption_hidden(
         self,
@@ -307,10 +365,16 @@ class E2EVLP(nn.Module):
             rows, targets = self._detection_rows(batch, encoded.memory.device)
             if rows.numel():
                 output.detection_rows = rows
-                output.detection = self.detect(encoded.select(output.detection_rows))
-                detection_losses = self.criterion(output.detection.as_dict(), targets)
+                rows_encoding = encoded.select(output.detection_rows)
+                output.detection = self.detect(rows_encoding)
+                detection_losses = self.criterion(output.detection.as_dict(),
+                                                  repeat_targets(targets, self.detection_query_groups))
                 losses["loss_det"] = self.criterion.weighted_total(detection_losses)
                 losses.update(detection_losses)
+                if self.token_detection_head is not None:
+                    token_losses = self.token_detection_losses(rows_encoding, per_image_targets(targets))
+                    losses.update(token_losses)
+                    losses["loss_det"] = losses["loss_det"] + config.token_detection_loss_weight * token_losses["loss_token"]
                 weighted.append(config.detection_loss_weight * losses["loss_det"])
             else:  # under DDP the other processes' criterion averages box counts: match their collectives
                 self.criterion.join_counts_without_targets(encoded.memory.device)

@@ -88,7 +88,8 @@ class PretrainingOutput:
     (``loss_ce``, ``loss_bbox``, ``loss_giou``, ``loss_attr``, with ``_i`` for auxiliary layer ``i``)
     and its logging values (``class_error``, ``cardinality_error``).
     ``mlm_logits`` ``[B, T, V]``; ``itm_logits`` ``[B, 2]``; ``detection`` the predictions for the rows
-    ``detection_rows`` of the batch (the matched pairs with targets); ``caption_logits`` ``[B, Tc - 1, V]``
+    ``detection_rows`` of the batch (the matched pairs with targets; in training with query groups, each
+    group's in turn, see :attr:`E2EVLP.detection_query_groups`); ``caption_logits`` ``[B, Tc - 1, V]``
     for the caption's tokens 1 .. Tc - 1. Outputs of tasks that did not run are None.
     """
 

@@ -1,7 +1,7 @@
 """Named configurations: the six of the paper's Table 5 and ``tiny`` for CPU tests and the demo."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from fastvlp.models.config import E2EVLPConfig
 
@@ -56,6 +56,15 @@ FINETUNE_OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "tiny": {"detection": dict(num_queries=10, match_cost_class=2.0, class_loss_weight=2.0, backbone_output="dc5")},
 }
 
+# Where a preset's fine-tuning lowers the rate tenfold, as fractions of the run, in place of the task's
+# own milestones. The tiny detector: DETR's 2/3 is for schedules of hundreds of epochs; in 800 steps the
+# class and box losses sit on a plateau for the first 300 to 400 and had fallen for only about 150 steps
+# at the full rate when it dropped. Late drops are what DETR's short schedules use too (DINO's 12
+# epochs drop after 11). Dropping at 0.9 gave AP50 0.261 where 2/3 gave 0.092 (docs/learning.md).
+FINETUNE_LR_DROPS: Dict[str, Dict[str, Tuple[float, ...]]] = {
+    "tiny": {"detection": (0.9,)},
+}
+
 # Table 5 of the paper, for comparison with `preset_parameter_counts`.
 PAPER_PARAMETER_COUNTS = {
     "e2e-vlp-6-r50": 49_000_000,
@@ -82,6 +91,12 @@ def finetune_overrides(preset: str | None, task: str) -> Dict[str, Any]:
     """The configuration fields that fine-tuning ``task`` from ``preset`` changes (empty for most pairs, and
     for a model of unknown preset)."""
     return dict(FINETUNE_OVERRIDES.get(preset, {}).get(task, {}))
+
+
+def finetune_lr_drops(preset: str | None, task: str) -> Optional[Tuple[float, ...]]:
+    """The fractions of a fine-tuning run of ``task`` from ``preset`` after which the rate drops tenfold,
+    where the preset sets them (:data:`FINETUNE_LR_DROPS`); None where the task's own apply."""
+    return FINETUNE_LR_DROPS.get(preset, {}).get(task)
 
 
 def count_parameters(config: E2EVLPConfig) -> Dict[str, int]:

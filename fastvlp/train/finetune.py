@@ -20,7 +20,7 @@ from fastvlp.data.tokenizer import WordPieceTokenizer
 from fastvlp.data.transforms import (ScaleConfig, check_scale, default_scale, scale_from_record, scale_record,
                                      train_transform)
 from fastvlp.models.config import E2EVLPConfig
-from fastvlp.models.presets import PRESETS, finetune_overrides, get_preset
+from fastvlp.models.presets import PRESETS, finetune_lr_drops, finetune_overrides, get_preset
 from fastvlp.train import checkpoint as ckpt
 from fastvlp.train.distributed import DistributedContext, barrier, init_distributed
 from fastvlp.train.loop import (
@@ -346,7 +346,11 @@ def _finetune(options: FinetuneOptions, context: DistributedContext, run_dir: Pa
     optimizer = build_optimizer(model)
     if task.decay_milestones is not None:
         warmup = 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepDecay(task.decay_milestones, options.max_steps))
+        milestones = finetune_lr_drops(preset_name, task.name) or task.decay_milestones
+        if milestones != task.decay_milestones:
+            logger.info("%s's fine-tuning for %s drops the rate tenfold after %s of the run", preset_name, task.name,
+                        ", ".join(f"{m:g}" for m in milestones))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, StepDecay(milestones, options.max_steps))
     else:
         warmup = default_warmup_steps(options.max_steps)
         scheduler = build_scheduler(optimizer, warmup, options.max_steps)

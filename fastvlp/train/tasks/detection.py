@@ -24,6 +24,7 @@ from fastvlp.data.transforms import eval_transform
 from fastvlp.eval.detection_ap import coco_detection_ap
 from fastvlp.eval.result_files import detection_results
 from fastvlp.models.outputs import DetectionOutput
+from fastvlp.models.query_groups import repeat_targets
 from fastvlp.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from fastvlp.train.pretrain_data import OBJECTS_VOCAB
 from fastvlp.train.tasks.base import EvaluationResult, Task, TrainingData, readable_samples
@@ -34,6 +35,8 @@ from fastvlp.train.tasks.text_batch import encode_texts
 # The criterion's last-layer terms that the training log follows (class_error and cardinality_error are
 # DETR's logging values: they carry no gradient).
 DETECTION_LOSS_KEYS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
+# The token detection head's terms, logged when the model has one (``token_detection_loss_weight`` > 0).
+TOKEN_LOSS_KEYS = ("loss_token", "loss_token_ce", "loss_token_bbox", "loss_token_giou")
 AP_KEYS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 # The reader's skips of single annotations (as opposed to images).
 _SKIPPED_OBJECTS = (MALFORMED_ANNOTATION, UNKNOWN_IMAGE, UNKNOWN_CATEGORY, INVALID_BOX)
@@ -63,8 +66,8 @@ class DetectionModel(TaskModel):
     label space names, and the no-object row, from the pre-trained classifier."""
 
     task_name = "detection"
-    kept_parts = ENCODER_PARTS + ("decoder", "query_embed", "query_anchors", "detection_heads")
-    fresh_parts = ("detection_heads.class_embed", "detection_heads.attribute_embed")
+    kept_parts = ENCODER_PARTS + ("decoder", "query_embed", "query_anchors", "detection_heads", "token_detection_head")
+    fresh_parts = ("detection_heads.class_embed", "detection_heads.attribute_embed", "token_detection_head.class_embed")
 
     def __init__(self, config, task_state) -> None:
         super().__init__(config, task_state)
@@ -121,22 +124,30 @@ class DetectionModel(TaskModel):
                           *, aux_outputs: Optional[bool] = None) -> DetectionOutput:
         """The queries' predictions for a batch; ``input_ids`` and ``text_attention_mask`` (the captions)
         are required with ``with_text`` and ignored without it."""
+        encoded = self._encode(images, pixel_mask, input_ids, text_attention_mask)
+        return self.vlp.detect(encoded, aux_outputs=aux_outputs)
+
+    def _encode(self, images, pixel_mask, input_ids, text_attention_mask):
         if self.with_text:
             if input_ids is None or text_attention_mask is None:
                 raise ValueError("input_ids, text_attention_mask: a with_text detection model needs the captions")
-            encoded = self.vlp.encode(images, pixel_mask, input_ids, text_attention_mask)
-        else:
-            encoded = self.vlp.encode_image_only(images, pixel_mask)
-        return self.vlp.detect(encoded, aux_outputs=aux_outputs)
+            return self.vlp.encode(images, pixel_mask, input_ids, text_attention_mask)
+        return self.vlp.encode_image_only(images, pixel_mask)
 
     def forward(self, batch: TaskBatch) -> TaskOutput:
         self.clear_attention_paths()
-        outputs = self.detection_outputs(batch["images"], batch["pixel_mask"], batch.get("input_ids"),
-                                         batch.get("text_attention_mask"))
+        encoded = self._encode(batch["images"], batch["pixel_mask"], batch.get("input_ids"),
+                               batch.get("text_attention_mask"))
+        outputs = self.vlp.detect(encoded)
         criterion = self.vlp.criterion
-        losses = criterion(outputs.as_dict(), batch["targets"])
+        losses = criterion(outputs.as_dict(), repeat_targets(batch["targets"], self.vlp.detection_query_groups))
         loss = criterion.weighted_total(losses)
-        return TaskOutput(loss, {k: losses[k] for k in DETECTION_LOSS_KEYS if k in losses}, outputs.pred_logits)
+        logged = {k: losses[k] for k in DETECTION_LOSS_KEYS if k in losses}
+        if self.vlp.token_detection_head is not None:
+            token_losses = self.vlp.token_detection_losses(encoded, batch["targets"])
+            loss = loss + self.vlp.config.token_detection_loss_weight * token_losses["loss_token"]
+            logged.update(token_losses)
+        return TaskOutput(loss, logged, outputs.pred_logits)
 
 
 # ---------------------------------------------------------------------------- post-processing
@@ -257,11 +268,12 @@ class DetectionTask(Task):
     with its first caption and uses an empty text (``[CLS] [SEP]``) for an image without one, so that
     every ground-truth image is scored. COCOeval scores the annotations the reader keeps: those it skips
     and counts (e.g. a malformed ``bbox``) are left out of the ground truth. A preset may change the model's
-    configuration for this task (``tiny``: 10 queries and the class weighted 2 in matching and loss; see
-    :data:`fastvlp.models.presets.FINETUNE_OVERRIDES`)."""
+    configuration for this task (``tiny``: 10 queries, the class weighted 2 in matching and loss, and DC5;
+    see :data:`fastvlp.models.presets.FINETUNE_OVERRIDES`) and where the rate drops (``tiny``: after 0.9
+    of the run; :data:`fastvlp.models.presets.FINETUNE_LR_DROPS`)."""
 
     name = "detection"
-    loss_keys = ("loss",) + DETECTION_LOSS_KEYS
+    loss_keys = ("loss",) + DETECTION_LOSS_KEYS + TOKEN_LOSS_KEYS
     model_class = DetectionModel
     paper_lr = 1e-4
     decay_milestones = (2 / 3,)  # DETR lowers its rate tenfold after two thirds of its schedule
