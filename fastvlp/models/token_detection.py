@@ -5,10 +5,10 @@ one-to-one matching gives the encoder very few positive examples a step: an imag
 trains five queries, and the image tokens under those objects get their gradient only through the
 decoder's cross-attention. Here every image token whose centre lies inside an object (the smallest such
 object, as FCOS assigns), and for an object that holds no token's centre the token nearest its centre
-(so that an object smaller than a token still gets one), predicts that object's class and box, with a sigmoid focal loss over all the
-image's tokens and L1 and GIoU losses on the positive ones. Inference reads the decoder's queries as
-before; with ``two_stage`` (Deformable DETR's two-stage queries) the head's best-scored token boxes are
-where those queries start.
+(so that an object smaller than a token still gets one), predicts that object's class and box, with a
+sigmoid focal loss over all the image's tokens and L1 and GIoU losses on the positive ones. Inference
+reads the decoder's queries as before; with ``two_stage`` (Deformable DETR's two-stage queries) the
+head's best-scored token boxes are where those queries start.
 """
 from __future__ import annotations
 
