@@ -171,6 +171,30 @@ def test_loss_is_the_criterion_total_and_text_changes_it(config, training, token
     assert abs(alone.item() - loss.item()) > 1e-4
 
 
+def test_token_head_and_two_stage_queries_train_and_predict(config, training, tokenizer, task, one_thread):
+    two_stage = config.replace(anchor_queries=True, token_detection_loss_weight=0.5, two_stage=True)
+    model = build_model(two_stage, training, with_text=True)
+    assert model.vlp.token_detection_head.num_classes == 6  # COCO's categories, not pre-training's
+    batch = training_batch(task, training, tokenizer, with_text=True)
+    output = model(batch)
+    assert set(output.losses) == {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error", "loss_token",
+                                  "loss_token_ce", "loss_token_bbox", "loss_token_giou"}
+    with torch.no_grad():
+        encoded = model.vlp.encode(batch["images"], batch["pixel_mask"], batch["input_ids"], batch["text_attention_mask"])
+        criterion = model.vlp.criterion
+        detr = criterion.weighted_total(criterion(model.vlp.detect(encoded).as_dict(), batch["targets"]))
+    assert output.loss.item() == pytest.approx(detr.item() + 0.5 * output.losses["loss_token"].item(), rel=1e-5)
+    output.loss.backward()
+    for parameter in (model.vlp.token_detection_head.class_embed.weight, model.vlp.token_detection_head.box_embed.layers[-1].weight,
+                      model.head.bbox_embed.layers[-1].weight, model.vlp.query_anchors.position_mlp.layers[0].weight):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        predicted = model.detection_outputs(batch["images"], batch["pixel_mask"], batch["input_ids"],
+                                            batch["text_attention_mask"])
+    assert predicted.pred_boxes.shape == (4, two_stage.num_queries, 4) and torch.isfinite(predicted.pred_boxes).all()
+
+
 def test_postprocess_matches_detr(one_thread):
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 7, 5, generator=generator, dtype=torch.float64) * 3
