@@ -74,7 +74,7 @@ def test_presets():
 def test_finetune_overrides_only_tiny_detection():
     tiny_detection = finetune_overrides("tiny", "detection")
     assert tiny_detection == {"num_queries": 10, "match_cost_class": 2.0, "class_loss_weight": 2.0, "backbone_output": "dc5",
-                              "query_groups": 4}
+                              "anchor_queries": True, "token_detection_loss_weight": 1.0, "two_stage": True}
     get_preset("tiny", **tiny_detection)  # valid fields and values
     tiny_detection["num_queries"] = 3
     assert finetune_overrides("tiny", "detection")["num_queries"] == 10  # a copy each time

@@ -309,15 +309,16 @@ def test_two_step_finetuning_writes_task_file(data, training, tmp_path, one_thre
     for record in records:
         assert all(record[k] is not None and record[k] >= 0 for k in ("loss", "loss_ce", "loss_bbox", "loss_giou"))
         # one decoder layer (no auxiliary terms): DETR's weights 5 and 2 for the boxes, and tiny's detection
-        # fine-tuning weighs the class 2
-        assert record["loss"] == pytest.approx(2 * record["loss_ce"] + 5 * record["loss_bbox"] + 2 * record["loss_giou"], rel=1e-5)
+        # fine-tuning weighs the class 2 and adds the token head's loss with weight 1
+        assert record["loss"] == pytest.approx(2 * record["loss_ce"] + 5 * record["loss_bbox"] + 2 * record["loss_giou"]
+                                               + record["loss_token"], rel=1e-5)
     config = json.loads((result.checkpoint / "config.json").read_text())
     assert config["class_loss_weight"] == 2.0 and config["match_cost_class"] == 2.0 and config["backbone_output"] == "dc5"
-    assert config["query_groups"] == 4
+    assert config["anchor_queries"] and config["two_stage"] and config["token_detection_loss_weight"] == 1.0
     assert config["num_queries"] == SMALL_MODEL["num_queries"]  # --set wins over the preset's 10
     log = (result.run_dir / "train.log").read_text()
     assert ("tiny's fine-tuning for detection sets match_cost_class=2.0, class_loss_weight=2.0, backbone_output=dc5, "
-            "query_groups=4\n") in log
+            "anchor_queries=True, token_detection_loss_weight=1.0, two_stage=True\n") in log
     # the paper's 1e-4, x5 like tiny's pre-training rate; tiny drops it tenfold after 0.9 of the run, which
     # two steps do not reach (DETR's two thirds would have dropped it for the second)
     assert records[0]["lr"] == pytest.approx(5e-4) and records[1]["lr"] == pytest.approx(5e-4)

@@ -268,7 +268,8 @@ class DetectionTask(Task):
     with its first caption and uses an empty text (``[CLS] [SEP]``) for an image without one, so that
     every ground-truth image is scored. COCOeval scores the annotations the reader keeps: those it skips
     and counts (e.g. a malformed ``bbox``) are left out of the ground truth. A preset may change the model's
-    configuration for this task (``tiny``: 10 queries, the class weighted 2 in matching and loss, and DC5;
+    configuration for this task (``tiny``: 10 queries, the class weighted 2 in matching and loss, DC5, and
+    two-stage queries from a token detection head;
     see :data:`fastvlp.models.presets.FINETUNE_OVERRIDES`) and where the rate drops (``tiny``: after 0.9
     of the run; :data:`fastvlp.models.presets.FINETUNE_LR_DROPS`)."""
 
