@@ -30,6 +30,8 @@ def test_head_count_must_divide_d_model():
         ({"backbone_frozen_stages": 5}, "backbone_frozen_stages"),
         ({"no_object_weight": -0.1}, "no_object_weight"),
         ({"pad_token_id": 30522}, "pad_token_id"),
+        ({"contrastive_loss_weight": -1.0}, "contrastive_loss_weight"),
+        ({"contrastive_dim": 0}, "contrastive_dim"),
     ],
 )
 def test_rejects_invalid_values(changes, message):

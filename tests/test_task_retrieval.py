@@ -144,6 +144,29 @@ def test_gradients_reach_the_head_encoder_and_backbone(task, training, tokenizer
     model.zero_grad(set_to_none=True)
 
 
+def test_contrastive_loss_is_added_with_its_weight(task, training, tokenizer, model):
+    config = model.config.replace(contrastive_loss_weight=0.5, contrastive_dim=8)
+    aligned = task.build_model(config, {"num_negatives": 3})
+    aligned.load_state_dict(model.state_dict(), strict=False)  # the same weights, plus a contrastive head
+    aligned.eval()
+    batch = training_batch(task, training, tokenizer)
+    output = aligned(batch)
+    with torch.no_grad():
+        visual = aligned.vlp.extract_visual_tokens(batch["images"], batch["pixel_mask"])
+        expected = aligned.vlp.contrastive_loss(visual, batch["input_ids"], batch["text_attention_mask"], batch["image_ids"])
+        plain = model.eval()(batch)
+    assert float(output.losses["loss_contrastive"].detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(output.losses["loss_retrieval"].detach()) == pytest.approx(float(plain.loss.detach()), rel=1e-5)
+    assert float(output.loss.detach()) == pytest.approx(float(plain.loss.detach()) + 0.5 * float(expected), rel=1e-5)
+    assert "loss_contrastive" not in plain.losses
+    aligned.train()
+    output = aligned(training_batch(task, training, tokenizer, epoch=1))
+    output.losses["loss_contrastive"].backward()
+    for name, parameter in (("projection", aligned.vlp.contrastive_head.image_projection.weight),
+                            ("backbone", aligned.vlp.backbone.body.conv1.weight)):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
 def test_small_batches_clip_the_negatives_and_a_single_image_is_refused(task, training, tokenizer, model):
     model.eval()
     output = model(training_batch(task, training, tokenizer, size=2))  # num_negatives 3 -> 1

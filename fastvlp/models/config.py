@@ -14,13 +14,13 @@ ATTRIBUTE_LOSSES = ("softmax", "bce")
 
 _POSITIVE_INTS = (
     "d_model", "num_heads", "ffn_dim", "num_encoder_layers", "num_decoder_layers", "num_queries", "vocab_size",
-    "max_text_len", "type_vocab_size", "num_classes", "query_groups",
+    "max_text_len", "type_vocab_size", "num_classes", "query_groups", "contrastive_dim",
 )
 _NON_NEGATIVE_INTS = ("num_attributes", "pad_token_id", "backbone_frozen_stages")
 _NON_NEGATIVE_FLOATS = (
     "class_loss_weight", "bbox_loss_weight", "giou_loss_weight", "attribute_loss_weight", "match_cost_class",
     "match_cost_bbox", "match_cost_giou", "mlm_loss_weight", "itm_loss_weight", "detection_loss_weight",
-    "caption_loss_weight", "token_detection_loss_weight", "lr", "lr_backbone", "weight_decay", "clip_max_norm",
+    "caption_loss_weight", "token_detection_loss_weight", "contrastive_loss_weight", "lr", "lr_backbone", "weight_decay", "clip_max_norm",
 )
 _PROBABILITIES = ("dropout", "no_object_weight", "mlm_probability", "itm_negative_ratio")
 
@@ -53,6 +53,11 @@ class E2EVLPConfig:
     weight), ``two_stage`` (Deformable DETR's two-stage queries: the anchor boxes are the token head's
     ``num_queries`` best-scored image-token boxes, per image; needs ``anchor_queries``, a token detection
     head and one query group).
+
+    Alignment: ``contrastive_loss_weight`` (0: none; else ALBEF's image-text contrastive loss on text-only
+    and image-only encoder passes, :mod:`fastvlp.models.contrastive`, added with this weight to retrieval
+    fine-tuning's loss, and to pre-training's over each image and its caption), ``contrastive_dim`` (the
+    size of its shared projection space).
 
     Losses and matching: ``class_loss_weight`` 1, ``no_object_weight`` 0.1, ``bbox_loss_weight`` (L1) 5,
     ``giou_loss_weight`` 2, ``attribute_loss_weight`` 1; matching costs ``match_cost_class`` 1,
@@ -94,6 +99,8 @@ class E2EVLPConfig:
     query_groups: int = 1
     token_detection_loss_weight: float = 0.0
     two_stage: bool = False
+    contrastive_loss_weight: float = 0.0
+    contrastive_dim: int = 256
 
     class_loss_weight: float = 1.0
     no_object_weight: float = 0.1

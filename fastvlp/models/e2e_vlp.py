@@ -8,11 +8,13 @@ Data flow of a pre-training step (one backbone pass, two encoder passes, two dec
   positions, ITM on [CLS], and the detection decoder (learned queries) cross-attends to it;
 * encoder pass 2 reads the image tokens alone: the caption decoder (shifted caption, causal) cross-attends
   to it, so the caption is never visible to the encoder;
-* the detection and caption decoders are one module (shared weights), with a head per task.
+* the detection and caption decoders are one module (shared weights), with a head per task;
+* with ``contrastive_loss_weight`` > 0 (not the paper's), a third encoder pass reads each caption alone, and
+  its [CLS] and the mean of pass 2's image tokens meet in an image-text contrastive loss.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from torch.nn import functional as F
 from fastvlp.models.anchor_queries import AnchorQueries
 from fastvlp.models.backbone import Backbone, VisualTokens, check_images
 from fastvlp.models.config import E2EVLPConfig
+from fastvlp.models.contrastive import ContrastiveHead, contrastive_loss, masked_mean
 from fastvlp.models.heads import DetectionHeads, ImageTextMatchingHead, TokenPredictionHead, split_decoder_layers
 from fastvlp.models.masking import IGNORE_INDEX
 from fastvlp.models.outputs import DetectionOutput, EncoderOutput, PretrainingOutput
@@ -45,8 +48,9 @@ class E2EVLP(nn.Module):
     """The E2E-VLP model. Build it from an :class:`E2EVLPConfig` or :meth:`from_preset`.
 
     ``forward(batch)`` runs pre-training (see :class:`PretrainingBatch` and :class:`PretrainingOutput`);
-    :meth:`encode`, :meth:`encode_image_only`, :meth:`detect`, :meth:`caption_logits`,
-    :meth:`mlm_logits` and :meth:`itm_logits` expose the parts for fine-tuning and inference.
+    :meth:`encode`, :meth:`encode_image_only`, :meth:`encode_text_only`, :meth:`detect`, :meth:`caption_logits`,
+    :meth:`mlm_logits`, :meth:`itm_logits` and :meth:`contrastive_loss` expose the parts for fine-tuning and
+    inference.
     """
 
     def __init__(self, config: E2EVLPConfig):
@@ -75,6 +79,7 @@ class E2EVLP(nn.Module):
         self.detection_heads = self._new_detection_heads(config.num_classes, config.num_attributes)
         self.token_detection_head = self._new_token_detection_head(config.num_classes)
         self.caption_head = TokenPredictionHead(d, word_embeddings, config.layer_norm_eps)
+        self.contrastive_head = ContrastiveHead(d, config.contrastive_dim) if config.contrastive_loss_weight > 0 else None
         self.criterion = self._build_criterion()
 
     @classmethod
@@ -183,11 +188,42 @@ class E2EVLP(nn.Module):
         visual = self._visual(images, pixel_mask, visual_tokens)
         return self._run_encoder(visual.features, visual.padding_mask, visual.pos, 0, visual.spatial_shape)
 
+    def encode_text_only(self, input_ids: Tensor, text_attention_mask: Tensor, *,
+                         token_type_ids: Optional[Tensor] = None) -> EncoderOutput:
+        """Encode ``[CLS] text [SEP]`` alone, with no image tokens (the text side of
+        :meth:`contrastive_loss`)."""
+        if not isinstance(text_attention_mask, Tensor) or text_attention_mask.dtype != torch.bool:
+            raise TypeError("text_attention_mask: expected a bool tensor [B, T] (True = real token)")
+        if not isinstance(input_ids, Tensor) or text_attention_mask.shape != input_ids.shape:
+            raise ValueError(f"text_attention_mask: expected the shape of input_ids, got {list(text_attention_mask.shape)}")
+        text = self.text_embeddings(input_ids, token_type_ids)
+        return self._run_encoder(text, ~text_attention_mask, text.new_zeros(text.shape), input_ids.shape[1], (0, 0))
+
     # ------------------------------------------------------------------ heads on the encoder
 
     def mlm_logits(self, encoded: EncoderOutput) -> Tensor:
         """``[B, T, vocab_size]`` token logits at the text positions."""
         return self.mlm_head(encoded.text_hidden)
+
+    def contrastive_embeddings(self, visual: VisualTokens, input_ids: Tensor,
+                               text_attention_mask: Tensor) -> Tuple[Tensor, Tensor]:
+        """Unit vectors ``[B, dim]`` of each image (its image-only encoder pass, mean-pooled) and of each
+        text (its text-only pass's [CLS]) in the contrastive space. Needs ``config.contrastive_loss_weight``
+        > 0."""
+        if self.contrastive_head is None:
+            raise ValueError("contrastive_loss_weight: the model has no contrastive head (the weight is 0)")
+        image = self.encode_image_only(None, None, visual_tokens=visual)
+        text = self.encode_text_only(input_ids, text_attention_mask)
+        text_embeddings, image_embeddings = self.contrastive_head(text.cls_hidden, masked_mean(image.memory, image.padding_mask))
+        return image_embeddings, text_embeddings
+
+    def contrastive_loss(self, visual: VisualTokens, input_ids: Tensor, text_attention_mask: Tensor,
+                         image_ids: Optional[Tensor] = None) -> Tensor:
+        """The in-batch image-text contrastive loss of the matched pairs (image row ``i`` of ``visual``,
+        text row ``i``); ``image_ids`` marks rows that repeat an image (see
+        :func:`fastvlp.models.contrastive.contrastive_loss`)."""
+        image_embeddings, text_embeddings = self.contrastive_embeddings(visual, input_ids, text_attention_mask)
+        return contrastive_loss(image_embeddings, text_embeddings, self.contrastive_head.logit_scale, image_ids)
 
     def itm_logits(self, encoded: EncoderOutput) -> Tensor:
         """``[B, 2]`` image-text matching logits on [CLS] (index 1 = matched)."""
@@ -386,6 +422,15 @@ class E2EVLP(nn.Module):
             caption_labels = batch.caption_ids[:, 1:].masked_fill(~batch.caption_attention_mask[:, 1:], IGNORE_INDEX)
             losses["loss_cap"] = token_cross_entropy(output.caption_logits, caption_labels)
             weighted.append(config.caption_loss_weight * losses["loss_cap"])
+            if self.contrastive_head is not None:
+                # each image against its own caption, the one text of every row that is unmasked and matched;
+                # a batch's two copies of one image (Visual Genome's of a COCO image) count as negatives here
+                text_only = self.encode_text_only(batch.caption_ids, batch.caption_attention_mask)
+                text_embeddings, image_embeddings = self.contrastive_head(
+                    text_only.cls_hidden, masked_mean(image_only.memory, image_only.padding_mask))
+                losses["loss_contrastive"] = contrastive_loss(image_embeddings, text_embeddings,
+                                                              self.contrastive_head.logit_scale)
+                weighted.append(config.contrastive_loss_weight * losses["loss_contrastive"])
         if weighted:
             output.loss = torch.stack(weighted).sum()
         return output

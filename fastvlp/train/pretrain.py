@@ -62,7 +62,7 @@ from fastvlp.train.schedule import build_scheduler, default_warmup_steps
 
 __all__ = ["PretrainOptions", "PretrainResult", "run_pretraining", "RunExistsError", "NonFiniteLossError", "LOSS_KEYS"]
 
-LOSS_KEYS = ("loss", "loss_mlm", "loss_itm", "loss_det", "loss_cap")
+LOSS_KEYS = ("loss", "loss_mlm", "loss_itm", "loss_det", "loss_cap", "loss_contrastive")
 PretrainResult = TrainingResult
 
 

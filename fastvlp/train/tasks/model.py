@@ -12,7 +12,7 @@ from fastvlp.models.e2e_vlp import E2EVLP
 # E2EVLP's parts by role; a task keeps what it runs.
 ENCODER_PARTS = ("backbone", "text_embeddings", "encoder")
 ALL_PARTS = ENCODER_PARTS + ("decoder", "query_embed", "query_anchors", "mlm_head", "itm_head", "detection_heads",
-                             "token_detection_head", "caption_head")
+                             "token_detection_head", "caption_head", "contrastive_head")
 
 
 class TaskModel(nn.Module):

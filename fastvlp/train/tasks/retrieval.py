@@ -20,7 +20,7 @@ from fastvlp.models.task_heads import RetrievalHead
 from fastvlp.models.task_losses import circle_loss, hard_negative_indices
 from fastvlp.train.tasks.base import EvaluationResult, Task, TrainingData, readable_samples
 from fastvlp.train.tasks.batch import TaskBatch, TaskOutput, images_and_mask
-from fastvlp.train.tasks.model import TaskModel
+from fastvlp.train.tasks.model import ENCODER_PARTS, TaskModel
 from fastvlp.train.tasks.text_batch import encode_texts
 
 DEFAULT_NUM_NEGATIVES = 3
@@ -62,6 +62,7 @@ class RetrievalModel(TaskModel):
     at most the batch size minus one)."""
 
     task_name = "retrieval"
+    kept_parts = ENCODER_PARTS + ("contrastive_head",)
 
     def __init__(self, config, task_state=None) -> None:
         super().__init__(config, task_state)
@@ -100,8 +101,11 @@ class RetrievalModel(TaskModel):
     def forward(self, batch: TaskBatch) -> TaskOutput:
         """One backbone pass; the ``B x B`` scores without gradients to mine ``K`` hard negatives per image
         and per caption; then the ``B`` positives and ``2BK`` negatives again with gradients, and the circle
-        loss on their sigmoid, the mean of the image-to-text and text-to-image directions. ``logits``: the
-        mined ``[B, B]`` score matrix."""
+        loss on their sigmoid, the mean of the image-to-text and text-to-image directions. With
+        ``config.contrastive_loss_weight`` > 0 the in-batch contrastive loss of the ``B`` pairs
+        (:meth:`E2EVLP.contrastive_loss`) is added with that weight: it trains the encoder to align what
+        the text says with what the image shows, which the [CLS] score then learns to compare
+        (docs/learning.md). ``logits``: the mined ``[B, B]`` score matrix."""
         self.clear_attention_paths()
         ids, mask = batch["input_ids"], batch["text_attention_mask"]
         size = ids.shape[0]
@@ -121,8 +125,13 @@ class RetrievalModel(TaskModel):
         positive = similarity[:size]
         image_to_text = circle_loss(positive, similarity[size:size * (1 + k)].view(size, k))
         text_to_image = circle_loss(positive, similarity[size * (1 + k):].view(size, k))
-        loss = (image_to_text + text_to_image) / 2
-        return TaskOutput(loss, {"loss_retrieval": loss}, grid)
+        retrieval = (image_to_text + text_to_image) / 2
+        losses = {"loss_retrieval": retrieval}
+        loss = retrieval
+        if self.vlp.contrastive_head is not None:
+            losses["loss_contrastive"] = self.vlp.contrastive_loss(visual, ids, mask, batch.get("image_ids"))
+            loss = loss + self.config.contrastive_loss_weight * losses["loss_contrastive"]
+        return TaskOutput(loss, losses, grid)
 
 
 class RetrievalSamples(ImageRecordView):
@@ -162,7 +171,7 @@ def _pad_tokens(tokens: List[Tensor], positions: List[Tensor]) -> VisualTokens:
 
 class RetrievalTask(Task):
     name = "retrieval"
-    loss_keys = ("loss", "loss_retrieval")
+    loss_keys = ("loss", "loss_retrieval", "loss_contrastive")
     model_class = RetrievalModel
     paper_lr = 5e-5
     decay_milestones = None
