@@ -73,16 +73,20 @@ def test_presets():
         get_preset("e2e-vlp-24-r50")
 
 
-def test_finetune_overrides_only_tiny_detection():
+def test_finetune_overrides_only_tiny_detection_and_retrieval():
     tiny_detection = finetune_overrides("tiny", "detection")
     assert tiny_detection == {"num_queries": 10, "match_cost_class": 2.0, "class_loss_weight": 2.0, "backbone_output": "dc5",
                               "anchor_queries": True, "token_detection_loss_weight": 1.0, "two_stage": True}
     get_preset("tiny", **tiny_detection)  # valid fields and values
     tiny_detection["num_queries"] = 3
     assert finetune_overrides("tiny", "detection")["num_queries"] == 10  # a copy each time
+    tiny_retrieval = finetune_overrides("tiny", "retrieval")
+    assert tiny_retrieval == {"contrastive_loss_weight": 1.0, "contrastive_dim": 64}
+    get_preset("tiny", **tiny_retrieval)
     for preset in PAPER_PRESETS + [None, "unknown"]:
-        assert finetune_overrides(preset, "detection") == {}
-    for task in ("vqa", "nlvr2", "caption", "retrieval"):
+        for task in ("detection", "retrieval"):
+            assert finetune_overrides(preset, task) == {}
+    for task in ("vqa", "nlvr2", "caption"):
         assert finetune_overrides("tiny", task) == {}
 
 

@@ -258,7 +258,11 @@ def test_short_finetuning_run_writes_a_checkpoint(data, tmp_path):
     assert saved["task"] == "retrieval" and saved["num_negatives"] == 2 and saved["preset"] == "tiny"
     records = read_metrics(result.metrics_path)
     assert [r["step"] for r in records] == [1, 2]
-    assert all(math.isfinite(r["loss_retrieval"]) and r["loss"] == r["loss_retrieval"] for r in records)
+    # tiny's retrieval adds the contrastive loss with weight 1
+    assert all(math.isfinite(r["loss_retrieval"]) and math.isfinite(r["loss_contrastive"]) for r in records)
+    assert all(r["loss"] == pytest.approx(r["loss_retrieval"] + r["loss_contrastive"], rel=1e-6) for r in records)
+    config = json.loads((result.checkpoint / "config.json").read_text())
+    assert config["contrastive_loss_weight"] == 1.0 and config["contrastive_dim"] == 64
     # linear warm-up and decay (no step decay) at the paper's 5e-5, x5 like tiny's pre-training rate
     assert records[0]["lr"] == pytest.approx(5 * 5e-5)
 

@@ -56,10 +56,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # below gave AP50 0.479, 0.407 and 0.527 over three seeds against 0.261, 0.212 and 0.278 with one, at no
 # measurable cost a step. Two-stage queries did better still: a one-to-many head on the image tokens (weight
 # 1), whose best-scored token boxes are the anchor boxes the decoder's queries start from, gave AP50
-# 0.582, 0.586 and 0.558, and AP75 0.474, 0.464 and 0.449 where the groups' was at most 0.035. (docs/learning.md has the runs.)
+# 0.582, 0.586 and 0.558, and AP75 0.474, 0.464 and 0.449 where the groups' was at most 0.035. The tiny
+# retriever: from random weights its [CLS] score did not learn to compare text with image in 400 steps (the
+# circle loss stayed at its no-information value; txt_r5 and img_r5 at chance, 0.05). ALBEF's contrastive
+# loss on text-only and image-only passes (weight 1, a 64-d space) aligns the two sides first, and the [CLS]
+# score then learns from them. (docs/learning.md has the runs.)
 FINETUNE_OVERRIDES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "tiny": {"detection": dict(num_queries=10, match_cost_class=2.0, class_loss_weight=2.0, backbone_output="dc5",
-                               anchor_queries=True, token_detection_loss_weight=1.0, two_stage=True)},
+                               anchor_queries=True, token_detection_loss_weight=1.0, two_stage=True),
+             "retrieval": dict(contrastive_loss_weight=1.0, contrastive_dim=64)},
 }
 
 # Where a preset's fine-tuning lowers the rate tenfold, as fractions of the run, in place of the task's
