@@ -153,10 +153,11 @@ def _instances_with_colours(synth_dir):
 
 
 def _background_tint(path: Path) -> str:
-    """The named tint nearest to the median of the image's outermost pixel ring (shapes keep off the edge)."""
+    """The named tint nearest to the median of all the image's pixels: the plain background is most of every
+    image. (Not of its outermost ring: a striped background can put a stripe on the whole top and bottom rows,
+    which are longer than the side columns, and the ring's median is then the stripe's colour.)"""
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-    ring = np.concatenate((pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]))
-    median = np.median(ring, axis=0)
+    median = np.median(pixels.reshape(-1, 3), axis=0)
     return min(BACKGROUNDS, key=lambda name: float(((median - np.array(BACKGROUNDS[name])) ** 2).sum()))
 
 
