@@ -44,6 +44,13 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def _check_text(input_ids: Tensor, text_attention_mask: Tensor) -> None:
+    if not isinstance(text_attention_mask, Tensor) or text_attention_mask.dtype != torch.bool:
+        raise TypeError("text_attention_mask: expected a bool tensor [B, T] (True = real token)")
+    if not isinstance(input_ids, Tensor) or text_attention_mask.shape != input_ids.shape:
+        raise ValueError(f"text_attention_mask: expected the shape of input_ids, got {list(text_attention_mask.shape)}")
+
+
 class E2EVLP(nn.Module):
     """The E2E-VLP model. Build it from an :class:`E2EVLPConfig` or :meth:`from_preset`.
 
@@ -167,10 +174,7 @@ class E2EVLP(nn.Module):
         ``text_attention_mask`` bool ``[B, T]`` (True = real token).
         """
         visual = self._visual(images, pixel_mask, visual_tokens)
-        if not isinstance(text_attention_mask, Tensor) or text_attention_mask.dtype != torch.bool:
-            raise TypeError("text_attention_mask: expected a bool tensor [B, T] (True = real token)")
-        if not isinstance(input_ids, Tensor) or text_attention_mask.shape != input_ids.shape:
-            raise ValueError(f"text_attention_mask: expected the shape of input_ids, got {list(text_attention_mask.shape)}")
+        _check_text(input_ids, text_attention_mask)
         if input_ids.shape[0] != visual.features.shape[0]:
             raise ValueError(f"input_ids: expected {visual.features.shape[0]} rows like the images, got {input_ids.shape[0]}")
         text = self.text_embeddings(input_ids, token_type_ids)
@@ -192,10 +196,7 @@ class E2EVLP(nn.Module):
                          token_type_ids: Optional[Tensor] = None) -> EncoderOutput:
         """Encode ``[CLS] text [SEP]`` alone, with no image tokens (the text side of
         :meth:`contrastive_loss`)."""
-        if not isinstance(text_attention_mask, Tensor) or text_attention_mask.dtype != torch.bool:
-            raise TypeError("text_attention_mask: expected a bool tensor [B, T] (True = real token)")
-        if not isinstance(input_ids, Tensor) or text_attention_mask.shape != input_ids.shape:
-            raise ValueError(f"text_attention_mask: expected the shape of input_ids, got {list(text_attention_mask.shape)}")
+        _check_text(input_ids, text_attention_mask)
         text = self.text_embeddings(input_ids, token_type_ids)
         return self._run_encoder(text, ~text_attention_mask, text.new_zeros(text.shape), input_ids.shape[1], (0, 0))
 
